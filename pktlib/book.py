@@ -1,0 +1,82 @@
+"""Building the book: execute every notebook listed in ``_toc.yml`` with papermill, then Sphinx.
+
+``_toc.yml`` lists executed notebooks as ``book/<name>``; their sources are
+``notebooks/<name>.ipynb``. An executed copy whose record is newer than its source is kept
+(so an interrupted ``make book`` resumes), unless ``force``.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pktlib.errors import PktError
+from pktlib.records import record_path, run_notebook
+
+__all__ = ["toc_entries", "notebook_chapters", "execute_all", "build_book"]
+
+
+def toc_entries(root: str | Path = ".") -> list[str]:
+    """Every ``file`` of ``_toc.yml`` (root first), in reading order."""
+    toc_file = Path(root) / "_toc.yml"
+    if not toc_file.is_file():
+        raise PktError(f"no _toc.yml in {Path(root).resolve()}")
+    toc = yaml.safe_load(toc_file.read_text())
+    out = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                out.append(node["file"])
+            for key in ("parts", "chapters", "sections"):
+                for child in node.get(key, []) or []:
+                    walk(child)
+
+    walk(toc)
+    return out
+
+
+def notebook_chapters(root: str | Path = ".") -> list[tuple[Path, Path]]:
+    """``(source notebook, executed copy)`` for each toc entry that has a source notebook."""
+    root = Path(root)
+    pairs = []
+    for entry in toc_entries(root):
+        name = Path(entry).name
+        src = root / "notebooks" / f"{name}.ipynb"
+        if src.is_file():
+            pairs.append((src, root / "book" / f"{name}.ipynb"))
+    return pairs
+
+
+def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] | None = None) -> None:
+    """Execute the book's notebooks in toc order (skipping up-to-date ones unless ``force``)."""
+    for src, out in notebook_chapters(root):
+        if only and src.stem not in only:
+            continue
+        rec = record_path(out)
+        if not force and out.is_file() and rec.is_file() and rec.stat().st_mtime >= src.stat().st_mtime:
+            print(f"[book] {src.stem}: up to date (record {rec}); --force to rerun", flush=True)
+            continue
+        t0 = time.perf_counter()
+        print(f"[book] executing {src} -> {out}", flush=True)
+        run_notebook(src, out, cwd=root)
+        print(f"[book] {src.stem}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def build_book(root: str | Path = ".", *, strict: bool = False) -> Path:
+    """Run ``jupyter-book build`` (notebooks are not executed by the build) -> ``_build/html``."""
+    root = Path(root)
+    missing = [e for e in toc_entries(root) if not any((root / f"{e}{ext}").is_file() for ext in ("", ".md", ".ipynb"))]
+    if missing:
+        raise PktError(f"_toc.yml lists pages that do not exist (execute the notebooks first?): {missing}")
+    jb = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(jb), "build", str(root)] + (["-W", "-n", "--keep-going"] if strict else [])
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise PktError(f"jupyter-book build failed (exit {proc.returncode})")
+    index = root / "_build" / "html" / "index.html"
+    print(f"[book] built {index}")
+    return index

@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+
+from pktlib import data
+from pktlib.errors import DataError, PktError
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = json.dumps({"id": "x1", "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"messages": [', "malformed JSON"),
+    ('{"text": "no messages"}', "missing 'messages'"),
+    (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}), "role 'robot'"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "last message has role 'user'"),
+    (json.dumps({"messages": []}), "non-empty list"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, bad, message):
+    path = _write(tmp_path / "d.jsonl", [GOOD, GOOD, bad])
+    with pytest.raises(DataError) as e:
+        data.load_examples(path)
+    assert isinstance(e.value, ValueError)
+    assert f"{path}:3:" in str(e.value) and message in str(e.value)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = _write(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(DataError, match="empty file"):
+        data.load_examples(path)
+
+
+def test_load_examples_keeps_meta(tmp_path):
+    ex = data.load_examples(_write(tmp_path / "d.jsonl", [GOOD]))[0]
+    assert ex.meta == {"id": "x1"} and ex.answer == "4" and ex.prompt_messages[0]["content"] == "2+2?"
+
+
+def test_local_jsonl_as_task(tmp_path):
+    path = _write(tmp_path / "mine.jsonl", [GOOD, GOOD])
+    assert len(data.load_task(str(path))) == 2
+
+
+def test_format_prompt_default_template():
+    msgs = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]
+    assert data.format_prompt(msgs) == "<|user|>\nQuestion?\n\n<|assistant|>\n"
+    # the answer is dropped; a prompt without an answer formats the same
+    assert data.format_prompt(msgs[:1]) == data.format_prompt(msgs)
+
+
+def test_format_prompt_chat_template_needs_template(tokenizer):
+    with pytest.raises(PktError, match="chat template"):
+        data.format_prompt([{"role": "user", "content": "hi"}], tokenizer=tokenizer, template="chat")
+
+
+@pytest.mark.parametrize("task, split, n", [
+    ("gsm", "extract", 20), ("gsm8k", "test", 1319), ("mmlu", "align", 80), ("mmlu", "test", 14042),
+    ("humaneval", "test", 164), ("mbpp", "test", 500), ("mbpp", "train", 300),
+])
+def test_real_task_sizes(task, split, n):
+    assert len(data.load_task(task, split)) == n
+
+
+def test_gold_answers_parsed():
+    gsm = data.load_task("gsm8k", "test", limit=3)
+    assert [e.meta["answer"] for e in gsm] == ["18", "3", "70000"]
+    assert gsm[0].answer.endswith("So the answer is 18.")
+    mmlu = data.load_task("mmlu", "extract")
+    assert all(e.meta["answer"] in "ABCD" for e in mmlu)
+    assert all(e.meta["answer"] == e.answer[-1] for e in mmlu)
+    mbpp = data.load_task("mbpp", "test")
+    assert mbpp[0].meta["task_id"] == 11 and mbpp[-1].meta["task_id"] == 510
+    assert mbpp[0].meta["tests"][0] in mbpp[0].messages[0]["content"]
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(PktError, match="unknown task 'nope'.*gsm8k"):
+        data.load_task("nope")
+    with pytest.raises(PktError, match="has no split 'dev'"):
+        data.load_task("gsm8k", "dev")
+
+
+def test_data_dir_env_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("PKT_DATA", str(tmp_path / "missing"))
+    with pytest.raises(PktError, match="PKT_DATA=.*not a directory"):
+        data.load_task("gsm8k", "test")
+
+
+def test_label_masking_and_truncation(tokenizer):
+    ex = data.Example([{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "So the answer is 7."}])
+    item = data.tokenize_example(tokenizer, ex)
+    n_prompt = len(tokenizer(data.format_prompt(ex.messages))["input_ids"])
+    assert item["labels"][:n_prompt] == [-100] * n_prompt
+    assert item["labels"][n_prompt:] == item["input_ids"][n_prompt:]
+    assert item["input_ids"][-1] == tokenizer.eos_token_id
+    full = data.tokenize_example(tokenizer, ex, train_on_inputs=True)
+    assert full["labels"] == full["input_ids"]
+    short = data.tokenize_example(tokenizer, ex, max_length=5)
+    assert short["truncated"] and len(short["input_ids"]) == 5
+    with pytest.warns(UserWarning, match="1 of 2 examples were truncated"):
+        batch = data.collate([item, short], tokenizer.pad_token_id)
+    assert batch.n_truncated == 1
+    assert batch.input_ids.shape == (2, len(item["input_ids"]))
+    assert batch.attention_mask[1].sum() == 5 and (batch.labels[1, 5:] == -100).all()
+
+
+def test_left_padding(tokenizer):
+    a = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    b = {"input_ids": [8], "labels": [-100]}
+    batch = data.collate([a, b], 0, padding_side="left")
+    assert batch.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert torch.equal(batch.labels[1], torch.tensor([-100, -100, -100]))

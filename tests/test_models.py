@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from conftest import make_model
+from gguf_writer import write_llama_gguf
+from pktlib.errors import PktError
+from pktlib.models import ARCHITECTURES, load_model, reference_spec, spec, weights_hash
+
+
+def test_spec_dimensions(tiny_model, arch):
+    s = spec(tiny_model)
+    cfg = tiny_model.config
+    assert s.arch == arch
+    assert (s.n_layers, s.hidden_size, s.intermediate_size) == (3, 64, 96)
+    assert s.n_heads == 4 and s.head_dim == 16 and s.attn_size == 64
+    assert s.n_kv_heads == cfg.num_key_value_heads
+    assert s.vocab_size == cfg.vocab_size
+
+
+def test_weight_accessors_shapes_and_identity(tiny_model):
+    s = spec(tiny_model)
+    sd = tiny_model.state_dict()
+    for l in range(s.n_layers):
+        assert s.weight(tiny_model, l, "up_proj").shape == (s.intermediate_size, s.hidden_size)
+        assert s.weight(tiny_model, l, "gate_proj").shape == (s.intermediate_size, s.hidden_size)
+        assert s.weight(tiny_model, l, "down_proj").shape == (s.hidden_size, s.intermediate_size)
+        assert s.weight(tiny_model, l, "q_proj").shape == (s.attn_size, s.hidden_size)
+        assert s.weight(tiny_model, l, "k_proj").shape == (s.kv_size, s.hidden_size)
+        assert s.weight(tiny_model, l, "v_proj").shape == (s.kv_size, s.hidden_size)
+        assert s.weight(tiny_model, l, "o_proj").shape == (s.hidden_size, s.attn_size)
+        for name in ("up_proj", "down_proj", "v_proj", "o_proj"):
+            # the accessor returns the very tensor the model computes with
+            assert s.weight(tiny_model, l, name).data_ptr() == sd[s.param_name(l, name)].data_ptr()
+    assert s.final_norm(tiny_model).weight.shape == (s.hidden_size,)
+    assert s.unembedding(tiny_model).weight.shape == (s.vocab_size, s.hidden_size)
+    assert s.embedding(tiny_model).weight.shape == (s.vocab_size, s.hidden_size)
+
+
+def test_qwen2_has_qkv_bias_and_gqa(tokenizer):
+    m = make_model("qwen2", tokenizer=tokenizer)
+    s = spec(m)
+    assert s.template.qkv_bias and s.module(m, 0, "q_proj").bias is not None
+    assert s.group_size == 2
+
+
+def test_v_row_grouped_query_rule(tokenizer):
+    s = spec(make_model("qwen2", tokenizer=tokenizer))  # 4 heads, 2 kv heads, head_dim 16
+    j = torch.arange(s.attn_size)
+    rows = s.v_row(j)
+    h, k = j // 16, j % 16
+    assert torch.equal(rows, (h // 2) * 16 + k)
+    assert rows.max() == s.kv_size - 1
+    # heads 0 and 1 share kv head 0
+    assert s.v_row(5) == s.v_row(16 + 5) == 5
+
+
+def test_v_row_without_gqa_is_identity(tokenizer):
+    s = spec(make_model("llama", tokenizer=tokenizer))
+    j = torch.arange(s.attn_size)
+    assert torch.equal(s.v_row(j), j)
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import GPT2Config
+
+    with pytest.raises(PktError) as e:
+        spec(GPT2Config())
+    msg = str(e.value)
+    assert "gpt2" in msg and all(a in msg for a in ARCHITECTURES)
+
+
+def test_layer_out_of_range_names_values(tiny_model):
+    with pytest.raises(IndexError, match="layer 7 out of range for a 3-layer"):
+        spec(tiny_model).weight(tiny_model, 7, "up_proj")
+
+
+def test_reference_specs_need_no_download():
+    s = reference_spec("Qwen2.5-1.5B-Instruct")
+    assert (s.n_layers, s.hidden_size, s.n_heads, s.n_kv_heads, s.head_dim) == (28, 1536, 12, 2, 128)
+    with pytest.raises(PktError, match="unknown reference model"):
+        reference_spec("gpt-5")
+
+
+def test_load_local_directory_roundtrip(tiny_dir, tokenizer):
+    model, tok = load_model(tiny_dir)
+    ref = make_model("llama", tokenizer=tokenizer)
+    ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits)
+    assert tok("hello").input_ids == tokenizer("hello").input_ids
+    assert weights_hash(tiny_dir) == weights_hash(tiny_dir) != "unknown"
+
+
+def test_load_gguf_file(tmp_path, tokenizer):
+    """A GGUF file written here with the gguf package loads with identical logits and tokens."""
+    ref = make_model("llama", tokenizer=tokenizer)
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, ref, tokenizer)
+    model, tok = load_model(path)
+    assert spec(model).n_layers == 3
+    text = "Tom has 12 apples, so he has 7."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert tok(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
+
+
+def test_missing_model_is_user_error(tmp_path):
+    with pytest.raises(PktError, match="model not found"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(PktError, match="GGUF file not found"):
+        load_model(tmp_path / "nope.gguf")
