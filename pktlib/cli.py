@@ -91,6 +91,41 @@ def book(
         build_book()
 
 
+# ---------------------------------------------------------------------------- zoo
+@zoo_app.command("build")
+def zoo_build(
+    seed: int = typer.Option(0, help="Training seed (model init and data order)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the checkpoints exist."),
+    preset: str = typer.Option("default", help="Preset: 'default' (the book's pair) or 'tiny'."),
+    score: bool = typer.Option(True, help="Score every checkpoint on the test splits (needs pktlib.evaluation)."),
+) -> None:
+    """Train the pocket pair's four checkpoints (progress bar with time left), then score them."""
+    from pktlib import zoo
+
+    pair = zoo.pocket_pair("chat", seed=seed, preset=preset, force=force)
+    if score:
+        scores = zoo.score_pair(pair)
+        for name, s in scores.items():
+            typer.echo(f"{name:>13}: " + "  ".join(f"{k} {v:5.1f}" for k, v in s.items()))
+    for name, path in pair.checkpoints().items():
+        typer.echo(f"{name:>13}: {path}")
+
+
+@zoo_app.command("path")
+def zoo_path(
+    seed: int = typer.Option(0, help="Training seed."),
+    preset: str = typer.Option("default", help="Preset name."),
+) -> None:
+    """Print where the pair's checkpoints live (built or not) and the task suite folder."""
+    from pktlib import zoo
+
+    root = zoo.pair_dir(preset, seed)
+    for name in zoo.CHECKPOINTS:
+        state = "" if (root / name / "card.json").is_file() else "  (not built)"
+        typer.echo(f"{name:>13}: {root / name}{state}")
+    typer.echo(f"{'suite':>13}: {zoo.suite_dir()}")
+
+
 # ---------------------------------------------------------------------------- attribution
 @app.command()
 def attribute(
@@ -174,6 +209,118 @@ def laten_apply(
     n = sum(len(e["indices"]) for e in res.record.entries)
     typer.echo(f"wrote {out}: {len(res.record.entries)} (layer, module) deltas over {n} rows/columns "
                f"from {res.record.meta['translator']}; record in {out / 'changes.json'}")
+
+
+# ---------------------------------------------------------------------------- baselines and Post-Align
+@baseline_app.command("unaligned")
+def baseline_unaligned(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model (dir, hub id or .gguf)."),
+    student: str = typer.Option(..., "--student", help="Student model (dir, hub id or .gguf)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the changed student (HF format) and record.json."),
+    layers: str = typer.Option("top", help="Teacher layers: top (Seeking sensitivity on --task's extract split), bottom, random."),
+    hidden: str = typer.Option("pca", help="Hidden-size reduction: pca, whitening, embedding."),
+    neurons: str = typer.Option("importance", help="Neuron-count reduction: random, importance."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task whose extract split ranks layers (needed by --layers top)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N extract examples."),
+    seed: int = typer.Option(0, help="Seed of the random choices."),
+) -> None:
+    """One cell of the unaligned Pre-Align grid: teacher weights mapped to the student's shapes and added."""
+    from pktlib.baselines import save_model, unaligned_transfer
+    from pktlib.data import load_task
+    from pktlib.models import load_model
+
+    extract = load_task(task, "extract", limit=limit) if task else None
+    t = load_model(teacher, dtype="float32")
+    s = load_model(student, dtype="float32")
+    model, rec = unaligned_transfer(t, s, layers=layers, hidden=hidden, neurons=neurons, extract=extract, seed=seed)
+    save_model(model, s[1], out, rec.to_dict())
+    typer.echo(f"wrote {out}: {rec.name}, teacher layers {rec.teacher_layers} -> student layers "
+               f"{rec.student_layers}, {len(rec.changed)} weights changed")
+
+
+@baseline_app.command("seeking")
+def baseline_seeking(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model (dir, hub id or .gguf)."),
+    student: str = typer.Option(..., "--student", help="Student model (dir, hub id or .gguf)."),
+    task: str = typer.Option(..., "--task", help="Task whose extract split gives the sensitivity."),
+    out: Path = typer.Option(..., "--out", help="Folder for the changed student (HF format) and record.json."),
+    rank: int = typer.Option(16, help="Rank of the added SVD product B A (0: the full sub-matrix)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N extract examples."),
+) -> None:
+    """Seeking without training: sensitivity-chosen teacher sub-matrices added to the student."""
+    from pktlib.baselines import save_model, seeking_transfer
+    from pktlib.data import load_task
+    from pktlib.models import load_model
+
+    pairs = load_task(task, "extract", limit=limit)
+    t = load_model(teacher, dtype="float32")
+    s = load_model(student, dtype="float32")
+    model, rec = seeking_transfer(t, s, pairs, rank=rank or None)
+    save_model(model, s[1], out, rec.to_dict())
+    typer.echo(f"wrote {out}: Seeking (rank {rank or 'full'}) from teacher layers {rec.teacher_layers}, "
+               f"{len(rec.changed)} weights changed")
+
+
+@app.command("postalign")
+def postalign_cmd(
+    student: str = typer.Option(..., "--student", help="Student model (dir, hub id or .gguf)."),
+    task: str = typer.Option(..., "--task", help="Task to fine-tune on (e.g. pocket-math, gsm8k)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: log.jsonl, checkpoint.pt (resumes), merged/ model."),
+    init: str = typer.Option("seeking", help="LoRA initialisation: random, pissa, seeking."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model (needed by --init seeking)."),
+    split: str = typer.Option("train", help="Training split: train (N=1000) or align (N<100)."),
+    n: Optional[int] = typer.Option(None, help="Use the first N training examples (default: all)."),
+    r: int = typer.Option(16, help="LoRA rank."),
+    alpha: int = typer.Option(16, help="LoRA alpha (scale alpha/r)."),
+    dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: paper Table 4 for the task)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: paper Table 4 for the task)."),
+    batch_size: int = typer.Option(64, help="Examples per optimiser step."),
+    micro_batch: int = typer.Option(8, help="Examples per forward pass (gradient accumulation)."),
+    seed: int = typer.Option(0, help="LoRA init and data order."),
+) -> None:
+    """Post-Align PKT: LoRA initialised from the teacher (Seeking), PiSSA or randomly, then fine-tuned."""
+    from pktlib.baselines import save_model
+    from pktlib.data import load_task
+    from pktlib.models import load_model
+    from pktlib.postalign import finetune, lora_model, merged_copy
+
+    s_model, tok = load_model(student, dtype="float32")
+    pairs = load_task(task, "extract") if init == "seeking" else None
+    t = load_model(teacher, dtype="float32") if (init == "seeking" and teacher) else None
+    pm = lora_model((s_model, tok), init=init, teacher=t, pairs=pairs, r=r, alpha=alpha, dropout=dropout, seed=seed)
+    res = finetune(pm, task, split=split, n=n, lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
+                   seed=seed, out_dir=out, tokenizer=tok, progress=True)
+    save_model(merged_copy(pm), tok, out / "merged", {"init": pm.pkt_init, "finetune": {
+        k: v for k, v in res.__dict__.items() if k != "log"}})
+    typer.echo(f"wrote {out}: {res.steps} steps ({res.epochs} epochs, lr {res.lr:g}) on {res.n_examples} examples, "
+               f"final loss {res.final_loss:.4f}; merged model in {out / 'merged'}")
+
+
+# ---------------------------------------------------------------------------- evaluation
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Model directory or hub id."),
+    task: str = typer.Option(..., "--task", "-t", help="Task name (gsm8k, mmlu, humaneval, mbpp, pocket-*) or .jsonl."),
+    split: str = typer.Option("test", help="Split of the task."),
+    backend: str = typer.Option("hf", help="Generation backend: hf or vllm."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N examples."),
+    batch_size: int = typer.Option(16, help="Prompts per generate call (hf backend)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Default: per task family."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result and per-example records (JSON)."),
+) -> None:
+    """Zero-shot greedy score of MODEL on a task (accuracy or pass@1, with a 95% interval)."""
+    from pktlib.evaluation import evaluate, free_engines
+    from pktlib.records import write_json
+
+    try:
+        res = evaluate(model, task, split, backend=backend, limit=limit, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, progress=True)
+    finally:
+        free_engines()
+    if out is not None:
+        write_json(out, res)
+    typer.echo(res.summary() + (f"; wrote {out}" if out is not None else ""))
 
 
 def main() -> None:
