@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -51,13 +52,31 @@ def notebook_chapters(root: str | Path = ".") -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _is_summary(src: Path) -> bool:
+    """A summary chapter (``metadata.pktlib.summary``) reads other chapters' records."""
+    import nbformat
+
+    return bool(nbformat.read(src, as_version=4).metadata.get("pktlib", {}).get("summary"))
+
+
+def _up_to_date(src: Path, out: Path, root: Path) -> bool:
+    rec = record_path(out)
+    if not (out.is_file() and rec.is_file()) or rec.stat().st_mtime < src.stat().st_mtime:
+        return False
+    if _is_summary(src):  # stale as soon as any other record is newer than its own
+        others = [p for p in (root / "book").glob("*.record.json") if p != rec]
+        return all(p.stat().st_mtime <= rec.stat().st_mtime for p in others)
+    return True
+
+
 def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] | None = None) -> None:
     """Execute the book's notebooks in toc order (skipping up-to-date ones unless ``force``)."""
+    root = Path(root)
     for src, out in notebook_chapters(root):
         if only and src.stem not in only:
             continue
         rec = record_path(out)
-        if not force and out.is_file() and rec.is_file() and rec.stat().st_mtime >= src.stat().st_mtime:
+        if not force and _up_to_date(src, out, root):
             print(f"[book] {src.stem}: up to date (record {rec}); --force to rerun", flush=True)
             continue
         t0 = time.perf_counter()
@@ -78,5 +97,8 @@ def build_book(root: str | Path = ".", *, strict: bool = False) -> Path:
     if proc.returncode != 0:
         raise PktError(f"jupyter-book build failed (exit {proc.returncode})")
     index = root / "_build" / "html" / "index.html"
+    # The records travel with the pages, so the scorecard's "record" links resolve.
+    for rec in (root / "book").glob("*.record.json"):
+        shutil.copy2(rec, root / "_build" / "html" / "book" / rec.name)
     print(f"[book] built {index}")
     return index

@@ -1,0 +1,190 @@
+"""The scorecard: the project's results, read from run records, beside the paper's numbers.
+
+Every executed chapter writes ``book/<name>.record.json`` (:mod:`pktlib.records`). A chapter
+that produces a score for the scorecard logs it under the metric ``scorecard`` as a list of
+rows (or a ``{method: {task: score}}`` dict)::
+
+    records.log_metrics(scorecard=[
+        {"method": "laten", "task": "pocket-math", "score": 31.5, "n": 200,
+         "pair": "pocket teacher-chat -> student-chat"},
+    ])
+
+:func:`collect_scores` finds those rows in every record; :func:`scorecard_tables` arranges
+them per task family (knowledge / math / code) beside the paper's Table 1 and Table 8
+(DESIGN.md section 5), each project cell linked to the chapter and the record it came from.
+Missing records leave empty cells; nothing is ever filled in by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from pktlib.errors import PktError
+
+__all__ = ["METHODS", "PAPER", "FAMILY_OF_TASK", "ScoreRow", "collect_scores", "scorecard_tables",
+           "to_markdown"]
+
+# Methods in the paper's row order: id -> label. Aliases map common spellings to the ids.
+METHODS: dict[str, str] = {
+    "student": "Student (small chat model)",
+    "teacher": "Teacher (large chat model)",
+    "postalign-random-n1000": "Post-Align, random LoRA, N=1000",
+    "postalign-seeking-n1000": "Post-Align, Seeking, N=1000",
+    "postalign-pissa-n1000": "Post-Align, PiSSA, N=1000",
+    "postalign-random-small": "Post-Align, random LoRA, N<100",
+    "postalign-seeking-small": "Post-Align, Seeking, N<100",
+    "unaligned-best": "Unaligned Pre-Align, best grid cell (Figure 2)",
+    "unaligned-worst": "Unaligned Pre-Align, worst grid cell (Figure 2)",
+    "seeking-unaligned": "Seeking without training (unaligned)",
+    "laten": "LaTen (Pre-Align)",
+}
+ALIASES: dict[str, str] = {
+    "student-chat": "student", "teacher-chat": "teacher", "seeking-no-train": "seeking-unaligned",
+    "seeking_unaligned": "seeking-unaligned", "LaTen": "laten",
+}
+
+# Paper numbers (DESIGN.md section 5): method -> paper task -> score. Llama-2 13B -> 7B chat.
+_T1_TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp")
+_T1 = {
+    "student": (44.20, 16.07, 14.05, 17.80),
+    "teacher": (52.90, 20.55, 18.75, 19.20),
+    "postalign-random-n1000": (49.73, 26.51, 14.22, 15.60),
+    "postalign-seeking-n1000": (49.60, 28.23, 15.44, 20.60),
+    "postalign-pissa-n1000": (49.77, 29.32, 16.26, 21.40),
+    "postalign-random-small": (44.20, 16.35, 14.02, 18.20),
+    "postalign-seeking-small": (44.20, 14.78, 14.63, 18.60),
+    "seeking-unaligned": (38.50, 7.28, 0.61, 0.00),
+    "laten": (44.40, 20.47, 14.63, 18.20),
+}
+PAPER: dict[str, dict[str, dict[str, float]]] = {
+    "Llama-2-13b-chat -> Llama-2-7b-chat (Table 1)": {
+        m: dict(zip(_T1_TASKS, v)) for m, v in _T1.items()},
+    "Qwen2.5-3B -> Qwen2.5-1.5B (Table 8)": {
+        "student": {"gsm8k": 62.02}, "teacher": {"gsm8k": 73.24}, "laten": {"gsm8k": 62.32}},
+}
+
+FAMILY_OF_TASK: dict[str, str] = {
+    "mmlu": "knowledge", "pocket-knowledge": "knowledge",
+    "gsm8k": "math", "gsm": "math", "pocket-math": "math",
+    "humaneval": "code", "mbpp": "code", "pocket-code": "code",
+}
+FAMILIES = ("knowledge", "math", "code")
+
+
+@dataclass
+class ScoreRow:
+    """One project score found in a record."""
+
+    method: str
+    task: str
+    score: float
+    record: str  # the record's stem (= the chapter's name)
+    pair: str = ""
+    n: int | None = None
+
+
+def _canonical(method: str) -> str:
+    return ALIASES.get(method, method)
+
+
+def _rows_of(stem: str, value: Any) -> list[ScoreRow]:
+    """Rows from a record's ``scorecard`` metric (list of dicts, or {method: {task: score}})."""
+    out = []
+    if isinstance(value, Mapping):
+        value = [{"method": m, "task": t, "score": s} for m, ts in value.items()
+                 if isinstance(ts, Mapping) for t, s in ts.items()]
+    if not isinstance(value, list):
+        return out
+    for row in value:
+        if not isinstance(row, Mapping) or not {"method", "task", "score"} <= set(row):
+            continue  # tolerate malformed rows: the table simply lacks them
+        try:
+            score = float(row["score"])
+        except (TypeError, ValueError):
+            continue
+        out.append(ScoreRow(method=_canonical(str(row["method"])), task=str(row["task"]), score=score,
+                            record=stem, pair=str(row.get("pair", "")),
+                            n=int(row["n"]) if isinstance(row.get("n"), (int, float)) else None))
+    return out
+
+
+def collect_scores(records: Mapping[str, Mapping[str, Any]]) -> list[ScoreRow]:
+    """Every scorecard row of ``records`` (as returned by ``pktlib.records.load_records``)."""
+    rows: list[ScoreRow] = []
+    for stem, rec in sorted(records.items()):
+        metrics = rec.get("metrics") if isinstance(rec, Mapping) else None
+        if isinstance(metrics, Mapping) and "scorecard" in metrics:
+            rows += _rows_of(stem, metrics["scorecard"])
+    return rows
+
+
+def _link(text: str, href: str) -> str:
+    return f"[{text}]({href})"
+
+
+def _record_link(href: str, style: str) -> str:
+    if style == "download":
+        return f"{{download}}`record <{href}>`"
+    if style == "link":
+        return _link("record", href)
+    raise PktError(f"unknown record_style {style!r}; expected 'download' or 'link'")
+
+
+def scorecard_tables(records: Mapping[str, Mapping[str, Any]], *,
+                     chapter_href: Callable[[str], str] = lambda stem: f"{stem}.ipynb",
+                     record_href: Callable[[str], str] = lambda stem: f"{stem}.record.json",
+                     record_style: str = "download",
+                     ) -> dict[str, "pandas.DataFrame"]:  # noqa: F821
+    """Per family, a table with one row per method: the paper's scores (each reference pair and
+    task of that family) beside the project's (task, model pair, score, links).
+
+    ``chapter_href``/``record_href`` turn a record stem into link targets (defaults: relative
+    links from a chapter in ``book/``). ``record_style="download"`` writes the record link as a
+    MyST ``{download}`` role, so the book build copies the JSON file into the site (a plain
+    link to a ``.record.json`` is broken in the rendered book: Sphinx does not copy it);
+    ``"link"`` writes a plain Markdown link. A method with several project scores on the family's
+    tasks gets one row per score; a method with none keeps its paper numbers and empty cells.
+    """
+    import pandas as pd
+
+    found = collect_scores(records)
+    tables = {}
+    for fam in FAMILIES:
+        fam_rows = []
+        methods = list(METHODS) + sorted({r.method for r in found} - set(METHODS))
+        for m in methods:
+            base: dict[str, Any] = {"method": METHODS.get(m, m)}
+            for ref, table in PAPER.items():
+                for task, score in table.get(m, {}).items():
+                    if FAMILY_OF_TASK.get(task) == fam:
+                        base[f"paper: {task} ({ref.split(' (')[0]})"] = score
+            mine = [r for r in found if r.method == m and FAMILY_OF_TASK.get(r.task) == fam]
+            if not mine:
+                fam_rows.append({**base, "project task": None, "model pair": None, "project score": None,
+                                 "n": None, "source": None})
+            for r in mine:
+                fam_rows.append({**base, "project task": r.task, "model pair": r.pair or None,
+                                 "project score": round(r.score, 2), "n": r.n,
+                                 "source": f"{_link(r.record, chapter_href(r.record))} · "
+                                           f"{_record_link(record_href(r.record), record_style)}"})
+        df = pd.DataFrame(fam_rows)
+        df["n"] = df["n"].astype("Int64")  # a count, even with empty cells
+        paper_cols = sorted(c for c in df.columns if c.startswith("paper:"))
+        tables[fam] = df[["method", *paper_cols, "project task", "model pair", "project score", "n", "source"]]
+    return tables
+
+
+def to_markdown(df) -> str:
+    """A pipe table (links stay clickable when rendered as Markdown; empty cells are blank)."""
+    import pandas as pd
+
+    if df is None or len(df.columns) == 0:
+        raise PktError("empty scorecard table")
+
+    def cell(v: Any) -> str:
+        if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+            return ""
+        return f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(df.columns) + " |\n| " + " | ".join("---" for _ in df.columns) + " |\n"
+    return head + "\n".join("| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)) + "\n"
