@@ -12,7 +12,6 @@ are warmed up on two prompts first. The vLLM engine runs in float32, as for the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

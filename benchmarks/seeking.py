@@ -18,7 +18,6 @@ Prints both times and their ratio; ``--json`` also writes them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time

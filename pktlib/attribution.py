@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -611,18 +610,13 @@ def save_attribution(attribution: Attribution, path: str | os.PathLike, metadata
     """Write ``attribution`` as safetensors, atomically (temporary file, then ``os.replace``)."""
     from safetensors.torch import save_file
 
+    from pktlib.records import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"normaliser": attribution.normaliser, **{k: str(v) for k, v in (metadata or {}).items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(attribution.tensors(), tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(attribution.tensors(), str(tmp), metadata=meta)
     return path
 
 

@@ -442,19 +442,15 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, rec
 
     Written through a temporary folder and a rename: ``out_dir`` is complete or absent.
     """
-    import shutil
     from pathlib import Path
 
-    from pktlib.records import write_json
+    from pktlib.records import atomic_dir, write_json
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if record is not None:
-        write_json(tmp / "record.json", record)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if record is not None:
+            write_json(tmp / "record.json", record)

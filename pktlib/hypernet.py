@@ -107,14 +107,13 @@ def save_translator(translator: Translator, directory: str | os.PathLike) -> Pat
     """Write ``translator.safetensors`` and ``translator.json`` into ``directory``."""
     from safetensors.torch import save_file
 
-    from pktlib.records import write_json
+    from pktlib.records import atomic_path, write_json
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in translator.state_dict().items()}
-    tmp = d / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, d / WEIGHTS_NAME)
+    with atomic_path(d / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp))
     write_json(d / CONFIG_NAME, translator.config.to_dict())
     return d
 

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +53,7 @@ from pktlib.extraction import LATEN_MODULES, NeuronSlice, slice_neurons
 from pktlib.hypernet import Translator, TranslatorConfig, load_translator, save_translator, translation_penalty
 from pktlib.injection import GQA_RULES, ChangeRecord, forward_injected, inject_, pair_deltas
 from pktlib.models import ModelSpec, load_model, spec, weights_hash
-from pktlib.records import atomic_write_text, read_json, write_json
+from pktlib.records import atomic_dir, atomic_write_text, read_json, write_json
 
 __all__ = [
     "TABLE5_STEPS", "FAMILY_STEPS", "default_steps", "LatenConfig", "check_pair", "Located", "locate",
@@ -345,15 +344,10 @@ def find_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path:
 def _save_checkpoint(out_dir: Path, step: int, translator: Translator, optimizer, scheduler) -> Path:
     """Write a complete checkpoint folder, then rename it into place (never a partial folder)."""
     final = _ckpt_dir(out_dir, step)
-    tmp = out_dir / f".checkpoint_{step}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_translator(translator, tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / STATE_NAME)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_translator(translator, tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / STATE_NAME)
     return final
 
 
@@ -585,15 +579,10 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
     })
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        tmp = out.with_name(f".{out.name}.partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        s_model.save_pretrained(tmp)
-        s_tok.save_pretrained(tmp)
-        write_json(tmp / "changes.json", record.to_dict())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            s_model.save_pretrained(tmp)
+            s_tok.save_pretrained(tmp)
+            write_json(tmp / "changes.json", record.to_dict())
     if bar is not None:
         bar.update(1)
         bar.close()

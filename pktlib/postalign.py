@@ -222,9 +222,10 @@ def _tokenizer_of(peft_model, tokenizer):
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from pktlib.records import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _trainable(peft_model) -> dict[str, torch.nn.Parameter]:

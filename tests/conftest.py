@@ -68,6 +68,20 @@ def make_model(arch: str = "llama", *, tokenizer=None, hidden_size: int = 64, in
     return model.eval()
 
 
+# (prompt, answer) pairs in the default chat format, for attribution/Seeking tests.
+PAIRS = [("<|user|>\nWhat is 3 + 4?\n\n<|assistant|>\n", "So the answer is 7."),
+         ("<|user|>\nCapital of France?\n\n<|assistant|>\n", "The answer is: Paris.")]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run fastest on one thread (and far faster on a shared, loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

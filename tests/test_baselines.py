@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
+from conftest import PAIRS, make_model, make_tokenizer
 from pktlib.baselines import (HIDDEN_REDUCTIONS, embedding_map, grid, map_weight, neuron_importance, pca_map,
                               seeking_transfer, unaligned_transfer, whitening_map)
 from pktlib.errors import PktError
@@ -12,17 +12,6 @@ from pktlib.extraction import sensitivity
 from pktlib.models import spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-PAIRS = [("<|user|>\nWhat is 3 + 4?\n\n<|assistant|>\n", "So the answer is 7."),
-         ("<|user|>\nCapital of France?\n\n<|assistant|>\n", "The answer is: Paris.")]
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,13 @@ import json
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import PAIRS, make_model
 from pktlib.errors import PktError
 from pktlib.extraction import sensitivity
 from pktlib.models import spec
 from pktlib.postalign import LORA_INITS, finetune, finetune_defaults, lora_model, merged_copy, seeking_lora_factors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-PAIRS = [("<|user|>\nWhat is 3 + 4?\n\n<|assistant|>\n", "So the answer is 7."),
-         ("<|user|>\nCapital of France?\n\n<|assistant|>\n", "The answer is: Paris.")]
 
 
 def _logits(model, tokenizer):

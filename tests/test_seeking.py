@@ -6,9 +6,9 @@ import itertools
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import PAIRS, make_model
 from pktlib.errors import PktError
-from pktlib.extraction import (Sensitivity, best_submatrix, choose_layers, seeking_extract, sensitivity,
+from pktlib.extraction import (best_submatrix, choose_layers, seeking_extract, sensitivity,
                                window_sums)
 from pktlib.models import spec
 
@@ -82,17 +82,6 @@ def test_choose_layers():
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-PAIRS = [("<|user|>\nWhat is 3 + 4?\n\n<|assistant|>\n", "So the answer is 7."),
-         ("<|user|>\nCapital of France?\n\n<|assistant|>\n", "The answer is: Paris.")]
 
 
 def test_sensitivity_equals_direct_theta_times_grad(tokenizer):
