@@ -1,0 +1,240 @@
+"""The pocket pair: task suite, tokenizer, deterministic training, cards, CLI."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pktlib import zoo
+from pktlib.data import format_prompt, load_task
+
+FAMILIES = ("knowledge", "math", "code")
+SPLITS = ("extract", "align", "train", "test")
+
+# Even smaller than the "tiny" preset: one optimiser step per stage on a sliver of the corpus.
+MICRO = replace(
+    zoo.PRESETS["tiny"],
+    teacher=zoo.ModelConfig(n_layers=2, hidden_size=128, intermediate_size=96),
+    student=zoo.ModelConfig(n_layers=1, hidden_size=64, intermediate_size=64),
+    base=zoo.TrainConfig(epochs=1.0, batch_size=4, lr=3e-3, log_every=1),
+    chat=zoo.TrainConfig(epochs=0.003, batch_size=4, lr=1e-3, log_every=1),
+    vocab_size=400,
+    corpus_share=0.0012,
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private cache folder, so tests never touch (or wait for) a user's pocket pair."""
+    mp = pytest.MonkeyPatch()
+    d = tmp_path_factory.mktemp("pkt-cache")
+    mp.setenv("PKT_CACHE", str(d))
+    yield d
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def suite(cache):
+    return {fam: {s: load_task(f"pocket-{fam}", s) for s in SPLITS} for fam in FAMILIES}
+
+
+def test_suite_lives_in_cache(cache):
+    path = zoo.suite_file("pocket-math", "test")
+    assert path.is_file() and cache in path.parents, path
+    with pytest.raises(zoo.PktError, match="no split"):
+        zoo.suite_file("pocket-math", "dev")
+    with pytest.raises(zoo.PktError, match="unknown pocket task"):
+        zoo.suite_file("pocket-poetry", "test")
+
+
+def test_split_sizes_and_meta(suite):
+    for fam in FAMILIES:
+        for split in SPLITS:
+            rows = suite[fam][split]
+            assert len(rows) == zoo.SPLIT_SIZES[split], (fam, split, len(rows))
+            ids = {ex.meta["id"] for ex in rows}
+            assert len(ids) == len(rows), f"duplicate ids in {fam}/{split}"
+            for ex in rows:
+                assert ex.meta["task"] == f"pocket-{fam}"
+                assert [m["role"] for m in ex.messages] == ["user", "assistant"]
+    assert zoo.SPLIT_SIZES["test"] >= 300
+    for ex in suite["knowledge"]["test"]:
+        assert ex.answer == f"The answer is: {ex.meta['answer']}"
+        assert ex.meta["answer"] in "ABCD"
+        # the gold letter names the stored value among the four choices
+        assert re.search(rf"^{ex.meta['answer']}\. {re.escape(ex.meta['value'])}$", ex.messages[0]["content"], re.M)
+    for ex in suite["code"]["test"]:
+        assert ex.answer.startswith("```python\n") and ex.answer.endswith("```")
+        assert f"def {ex.meta['entry_point']}(" in ex.meta["reference"]
+        assert len(ex.meta["tests"]) == 3 and all(t.startswith("assert ") for t in ex.meta["tests"])
+
+
+def test_splits_are_disjoint(suite):
+    for fam in FAMILIES:
+        seen: dict[str, str] = {}
+        for split in SPLITS:
+            for ex in suite[fam][split]:
+                prompt = ex.messages[0]["content"]
+                assert prompt not in seen, f"{fam}: prompt in both {seen[prompt]} and {split}: {prompt[:80]!r}"
+                seen[prompt] = split
+    # Knowledge test questions are about facts no other split (or corpus quiz) asks about.
+    kn = suite["knowledge"]
+    test_facts = {(ex.meta["entity"], ex.meta["attribute"]) for ex in kn["test"]}
+    other = {(ex.meta["entity"], ex.meta["attribute"]) for s in ("extract", "align", "train") for ex in kn[s]}
+    assert not test_facts & other
+
+
+def test_test_prompts_not_in_corpus(suite):
+    corpus = "\n".join(zoo.base_corpus())
+    for fam in FAMILIES:
+        for ex in suite[fam]["test"][:100]:
+            assert ex.messages[0]["content"] not in corpus, (fam, ex.meta["id"])
+    # ...but the facts the knowledge test asks about are stated there
+    for ex in suite["knowledge"]["test"][:20]:
+        assert ex.meta["entity"] in corpus and ex.meta["value"] in corpus
+
+
+def test_math_solutions_are_correct_and_multistep(suite):
+    step = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.")
+    for split in SPLITS:
+        for ex in suite["math"][split]:
+            steps = step.findall(ex.answer)
+            assert len(steps) >= 2, ex.answer
+            for a, op, b, c in steps:
+                assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) // int(b)}[op] == int(c), ex.answer
+            # each step uses the previous step's result: the steps form one chain
+            assert ex.answer.endswith(f"So the answer is {ex.meta['answer']}.")
+            assert steps[-1][3] == ex.meta["answer"]
+
+
+def _run_all(programs: list[str]) -> list[bool]:
+    """Run each program in its own namespace inside one subprocess; True where it raised nothing."""
+    driver = (
+        "import json, sys\nprogs = json.load(sys.stdin)\nout = []\n"
+        "for p in progs:\n    try:\n        exec(p, {})\n        out.append(True)\n"
+        "    except Exception:\n        out.append(False)\nprint(json.dumps(out))\n"
+    )
+    import json
+
+    res = subprocess.run([sys.executable, "-c", driver], input=json.dumps(programs), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout)
+
+
+def test_code_references_pass_their_asserts(suite):
+    rows = [ex for s in SPLITS for ex in suite["code"][s]]
+    ok = _run_all([ex.meta["reference"] + "\n" + "\n".join(ex.meta["tests"]) for ex in rows])
+    bad = [ex.meta["id"] for ex, k in zip(rows, ok) if not k]
+    assert not bad, f"{len(bad)} reference solutions fail their asserts: {bad[:5]}"
+    # The asserts discriminate: another problem's solution (renamed) fails most of them.
+    wrong = []
+    for a, b in zip(rows[:200], rows[1:201]):
+        code = b.meta["reference"].replace(f"def {b.meta['entry_point']}(", f"def {a.meta['entry_point']}(")
+        if code != a.meta["reference"]:
+            wrong.append(code + "\n" + "\n".join(a.meta["tests"]))
+    passed = sum(_run_all(wrong))
+    assert passed < 0.2 * len(wrong), f"{passed} of {len(wrong)} wrong solutions pass the asserts"
+
+
+def test_suite_is_deterministic():
+    a_splits, a_docs = zoo.generate_suite(zoo.SuiteConfig(seed=3))
+    b_splits, b_docs = zoo.generate_suite(zoo.SuiteConfig(seed=3))
+    c_splits, _ = zoo.generate_suite(zoo.SuiteConfig(seed=4))
+    assert a_docs == b_docs
+    for fam in FAMILIES:
+        assert [e.messages for e in a_splits[fam]["test"]] == [e.messages for e in b_splits[fam]["test"]]
+        assert [e.messages for e in a_splits[fam]["test"]] != [e.messages for e in c_splits[fam]["test"]]
+
+
+def test_tokenizer_round_trips_corpus(cache):
+    docs = zoo.base_corpus()
+    chat = zoo.chat_examples()
+    sample = docs[::50] + [format_prompt(ex.messages) + ex.answer for ex in chat[::30]]
+    vocab = zoo.PRESETS["default"].vocab_size
+    tok = zoo.train_tokenizer(sample, vocab)
+    assert len(tok) <= vocab
+    for text in sample:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    with_special = tok("x = 1")["input_ids"]
+    assert with_special[0] == tok.bos_token_id
+    assert {tok.bos_token, tok.eos_token, tok.pad_token} == {"<s>", "</s>", "<pad>"}
+    # every number below 100 is one token after a space, so arithmetic steps are single lookups
+    assert all(len(tok(f" {n}", add_special_tokens=False)["input_ids"]) == 1 for n in range(100))
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_build_is_deterministic(cache, tmp_path):
+    a = zoo.build_pair("micro", seed=5, config=MICRO, root=tmp_path / "a", progress=False)
+    b = zoo.build_pair("micro", seed=5, config=MICRO, root=tmp_path / "b", progress=False)
+    c = zoo.build_pair("micro", seed=6, config=MICRO, root=tmp_path / "c", progress=False, only=["student-base"])
+    for name, pa in a.checkpoints().items():
+        wa, wb = _weights(pa), _weights(b.checkpoints()[name])
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}/{k} differs between two builds with seed 5"
+    wa, wc = _weights(a.student_base), _weights(c.student_base)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa), "seeds 5 and 6 gave the same student-base weights"
+    assert not c.teacher_base.exists(), "only= built a checkpoint it was not asked for"
+    # chat checkpoints are fine-tuned from their base
+    tb, tc = _weights(a.teacher_base), _weights(a.teacher_chat)
+    assert any(not torch.equal(tb[k], tc[k]) for k in tb)
+    # a second call finds the finished pair and trains nothing
+    before = (a.teacher_chat / "model.safetensors").stat().st_mtime_ns
+    zoo.build_pair("micro", seed=5, config=MICRO, root=tmp_path / "a", progress=False)
+    assert (a.teacher_chat / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_checkpoints_load_as_llama_with_cards(cache, tmp_path):
+    from pktlib.models import load_model, spec
+
+    pair = zoo.build_pair("micro", seed=0, config=MICRO, root=tmp_path / "p", progress=False)
+    model, tok = load_model(pair.teacher_chat)
+    s = spec(model)
+    assert s.arch == "llama" and s.head_dim == 64 and s.n_layers == MICRO.teacher.n_layers
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None and tok.bos_token_id is not None
+    card = zoo.read_card(pair.student_chat)
+    assert card["parameters"] == sum(p.numel() for p in load_model(pair.student_chat)[0].parameters())
+    assert set(card["training"]) == {"base", "chat"}
+    assert card["training"]["chat"]["steps"] >= 1 and card["training"]["chat"]["loss_curve"]
+    assert (pair.student_chat / "CARD.md").read_text().startswith("| field | value |")
+
+
+def test_presets_teacher_larger_than_student():
+    for name, cfg in zoo.PRESETS.items():
+        t, s = cfg.teacher, cfg.student
+        assert t.n_layers > s.n_layers and t.hidden_size > s.hidden_size and t.intermediate_size > s.intermediate_size, name
+        assert t.head_dim == s.head_dim == 64, name
+    assert zoo.PRESETS["default"].key() != zoo.PRESETS["tiny"].key()
+    with pytest.raises(zoo.PktError, match="unknown pocket-pair preset"):
+        zoo.pocket_pair(preset="huge")
+    with pytest.raises(zoo.PktError, match="variant"):
+        zoo.pocket_pair("instruct", preset="tiny")
+
+
+def test_cli_zoo_path(cache):
+    from typer.testing import CliRunner
+
+    from pktlib.cli import app
+
+    res = CliRunner().invoke(app, ["zoo", "path", "--preset", "tiny", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    assert str(zoo.pair_dir("tiny", 2) / "teacher-chat") in res.output
+    assert "not built" in res.output
+
+
+def test_chat_stage_needs_its_base(cache, tmp_path):
+    with pytest.raises(zoo.PktError, match="needs student-base"):
+        zoo.build_pair("micro", config=MICRO, root=tmp_path / "p", progress=False, only=["student-chat"])
+    with pytest.raises(zoo.PktError, match="unknown checkpoints"):
+        zoo.build_pair("micro", config=MICRO, root=tmp_path / "p", progress=False, only=["teacher-instruct"])
