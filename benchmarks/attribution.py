@@ -275,11 +275,12 @@ def memory(args) -> dict:
     from conftest import make_tokenizer
 
     tok = make_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                      num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=32,
-                                      max_position_embeddings=4096, tie_word_embeddings=False)
+    from pktlib.models import reference_config
+
+    config = reference_config("Llama-2-7b-chat")  # public shape, no download
+    config.num_hidden_layers = 1
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()  # random weights (std 0.02), rotary buffers set
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()  # random weights (std 0.02), rotary buffers set
     n_params = sum(p.numel() for p in model.parameters())
     # the byte-level test tokenizer has 384 ids < 32000, so any text maps into the vocabulary
     pairs = [("<|user|>\nWhat is the capital of France?\n\n<|assistant|>\n", "The answer is: Paris.")]

@@ -27,8 +27,11 @@ import torch
 
 from pktlib.extraction import best_submatrix, window_sums
 
-R, C = 13824, 5120  # Llama-2-13B FFN: intermediate x hidden
-H, W = 11008, 4096  # Llama-2-7B
+from pktlib.models import reference_spec  # noqa: E402
+
+_T, _S = reference_spec("Llama-2-13b-chat"), reference_spec("Llama-2-7b-chat")
+R, C = _T.intermediate_size, _T.hidden_size  # Llama-2-13B FFN: intermediate x hidden
+H, W = _S.intermediate_size, _S.hidden_size  # Llama-2-7B
 
 
 def loop_sample(scores: torch.Tensor, shape: tuple[int, int], rows: list[int]

@@ -668,7 +668,7 @@ def memory_estimate(teacher: Any, student: Any, *, dtype: str = "bf16", batch: i
 # ======================================================================== sweeps (the chapter's tables)
 
 
-def scale_matched_lr(lr: float, d_teacher: int, reference_d_teacher: int = 5120) -> float:
+def scale_matched_lr(lr: float, d_teacher: int, reference_d_teacher: int | None = None) -> float:
     """``lr`` rescaled so the translator's output after a few steps has a comparable size at d_T.
 
     Why: the weights start at N(0, 1e-5^2), so after ``s`` AdamW steps each has moved by at most
@@ -676,8 +676,12 @@ def scale_matched_lr(lr: float, d_teacher: int, reference_d_teacher: int = 5120)
     directions the two-layer output can then grow like ``a^2 * d_T^2 * |w|`` (an upper bound), so
     the same lr allows far larger deltas at d_T = 5120 (Llama-2-13B) than at a pocket-pair width.
     Keeping ``lr * d_T`` fixed keeps that bound's ``a * d_T`` fixed. A heuristic for comparing
-    scales, not part of the paper's method.
+    scales, not part of the paper's method. ``reference_d_teacher`` defaults to Llama-2-13B's width.
     """
+    if reference_d_teacher is None:
+        from pktlib.models import reference_spec
+
+        reference_d_teacher = reference_spec("Llama-2-13b-chat").hidden_size
     return lr * reference_d_teacher / d_teacher
 
 
