@@ -620,12 +620,6 @@ class MemoryEstimate:
         return rows + [("total", self.total / 2**30)]
 
 
-def _n_weights(s: ModelSpec) -> int:
-    d, I, L, V = s.hidden_size, s.intermediate_size, s.n_layers, s.vocab_size
-    per_layer = d * s.attn_size * 2 + d * s.kv_size * 2 + 3 * d * I + 2 * d
-    return L * per_layer + V * d * (1 if s.tie_word_embeddings else 2) + d
-
-
 def memory_estimate(teacher: Any, student: Any, *, dtype: str = "bf16", batch: int = 16, seq_len: int = 512,
                     transfer_rate: float = 0.1, chunk_size: int = 4096) -> MemoryEstimate:
     """Estimate the memory of one LaTen alignment step (DESIGN.md 4.3) for a pair of configs/specs.
@@ -656,12 +650,12 @@ def memory_estimate(teacher: Any, student: Any, *, dtype: str = "bf16", batch: i
     extracted = n_neur * (dT + dS + dT) * 4
     attribution = 3 * max(ts.vocab_size, V) * min(chunk_size, max(ts.intermediate_size, ts.attn_size)) * 4
     return MemoryEstimate(
-        teacher_weights=_n_weights(ts) * b, student_weights=_n_weights(ss) * b,
+        teacher_weights=ts.n_parameters * b, student_weights=ss.n_parameters * b,
         injected_weight_copies=touched * b, activations=acts, translator=n_tr * 4, translator_grads=n_tr * 4,
         optimizer_state=n_tr * 8, extracted=extracted, attribution=attribution,
         detail={"dtype": dtype, "batch": batch, "seq_len": seq_len, "transfer_rate": transfer_rate,
                 "n_layers_selected": n_sel, "k_ffn": k_ffn, "k_attn": k_attn, "translator_params": n_tr,
-                "teacher_params": _n_weights(ts), "student_params": _n_weights(ss)},
+                "teacher_params": ts.n_parameters, "student_params": ss.n_parameters},
     )
 
 

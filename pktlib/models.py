@@ -115,6 +115,15 @@ class ModelSpec:
         """Query heads per key/value head (1 without grouped-query attention)."""
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def n_parameters(self) -> int:
+        """Parameter count implied by the dimensions (no weights needed)."""
+        d, I = self.hidden_size, self.intermediate_size
+        per_layer = 2 * d * self.attn_size + 2 * d * self.kv_size + 3 * d * I + 2 * d  # q,o,k,v, FFN, norms
+        if self.template.qkv_bias:
+            per_layer += self.attn_size + 2 * self.kv_size
+        return self.n_layers * per_layer + self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d
+
     def n_neurons(self, kind: str) -> int:
         """Neurons per layer of ``kind`` ("ffn" or "attn")."""
         if kind == "ffn":

@@ -110,3 +110,13 @@ def test_missing_model_is_user_error(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(PktError, match="GGUF file not found"):
         load_model(tmp_path / "nope.gguf")
+
+
+def test_n_parameters_matches_real_models(tiny_model):
+    assert spec(tiny_model).n_parameters == sum(p.numel() for p in tiny_model.parameters())
+
+
+def test_n_parameters_of_reference_models():
+    # the published Llama-2 parameter counts
+    assert reference_spec("Llama-2-7b-chat").n_parameters == 6_738_415_616
+    assert reference_spec("Llama-2-13b-chat").n_parameters == 13_015_864_320
