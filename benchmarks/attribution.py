@@ -63,6 +63,13 @@ def record_each(model, tokenizer, pairs):
     return [A._record(model, s, [ids], pad, dev) for ids in A._encode(tokenizer, pairs)]
 
 
+def _zero_scores(s) -> dict[str, torch.Tensor]:
+    """Accumulators shaped like an Attribution's four summed tensors."""
+    L = s.n_layers
+    return {"ffn": torch.zeros(L, s.intermediate_size), "attn": torch.zeros(L, s.attn_size),
+            "ffn_layers": torch.zeros(L), "attn_layers": torch.zeros(L)}
+
+
 @torch.no_grad()
 def per_layer_original(model, recs, normaliser="rms"):
     """The original code's structure: one example at a time, all neurons of a layer through the
@@ -72,8 +79,7 @@ def per_layer_original(model, recs, normaliser="rms"):
     lens = A.LogitLens.of(model, s)
     rho_fn = A.NORMALISERS[normaliser]
     L = s.n_layers
-    out = {"ffn": torch.zeros(L, s.intermediate_size), "attn": torch.zeros(L, s.attn_size),
-           "ffn_layers": torch.zeros(L), "attn_layers": torch.zeros(L)}
+    out = _zero_scores(s)
     for rec in recs:
         rho = rho_fn(rec.h_final, s.norm_eps)  # (1,)
         t = rec.target
@@ -106,8 +112,7 @@ def one_neuron(model, recs, normaliser="rms"):
     lens = A.LogitLens.of(model, s)
     rho_fn = A.NORMALISERS[normaliser]
     L = s.n_layers
-    out = {"ffn": torch.zeros(L, s.intermediate_size), "attn": torch.zeros(L, s.attn_size),
-           "ffn_layers": torch.zeros(L), "attn_layers": torch.zeros(L)}
+    out = _zero_scores(s)
 
     def logp(v, rho, t):
         return torch.log_softmax(lens.logits(v[None], rho), -1)[0, t]

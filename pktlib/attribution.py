@@ -147,22 +147,14 @@ class Attribution:
         _check_kind(kind)
         if example is None:
             return self.ffn if kind == "ffn" else self.attn
-        per = self.ffn_per_example if kind == "ffn" else self.attn_per_example
-        if per is None:
-            raise PktError("this Attribution has no per-example scores; run attribute(..., per_example=True)")
-        if not -per.shape[0] <= example < per.shape[0]:
-            raise PktError(f"example {example} out of range for {per.shape[0]} examples")
-        return per[example]
+        return _one_example(self.ffn_per_example if kind == "ffn" else self.attn_per_example, example)
 
     def layer_scores(self, kind: str, *, example: int | None = None) -> Tensor:
         """Layer scores of ``kind``: summed (L,), or of one example."""
         _check_kind(kind)
         if example is None:
             return self.ffn_layers if kind == "ffn" else self.attn_layers
-        per = self.ffn_layers_per_example if kind == "ffn" else self.attn_layers_per_example
-        if per is None:
-            raise PktError("this Attribution has no per-example scores; run attribute(..., per_example=True)")
-        return per[example]
+        return _one_example(self.ffn_layers_per_example if kind == "ffn" else self.attn_layers_per_example, example)
 
     def tensors(self) -> dict[str, Tensor]:
         """The non-empty tensors by field name (what :func:`save_attribution` writes)."""
@@ -186,6 +178,15 @@ class Selection:
         (:meth:`pktlib.models.ModelSpec.v_row`), so rows may repeat within a layer.
         """
         return model_spec.v_row(self.attn_neurons)
+
+
+def _one_example(per: Tensor | None, example: int) -> Tensor:
+    """Row ``example`` of a per-example tensor, with clear errors when absent or out of range."""
+    if per is None:
+        raise PktError("this Attribution has no per-example scores; run attribute(..., per_example=True)")
+    if not -per.shape[0] <= example < per.shape[0]:
+        raise PktError(f"example {example} out of range for {per.shape[0]} examples")
+    return per[example]
 
 
 def _check_kind(kind: str) -> None:
