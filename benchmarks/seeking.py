@@ -8,8 +8,9 @@ summed-area table with two cumsums, then visits every window in a Python double 
 reading four table corners per window and keeping the first strict maximum. Running all
 2.9M iterations takes minutes, so this script times the table plus a sample of rows of
 the loop (every column of each sampled row), and extrapolates the loop linearly to all
-windows: per-window cost x number of windows. The loop body is written here from the
-description above (same operations per window), not copied.
+windows: per-window cost x number of windows. The loop is written here from the
+description above (same structure: a helper call with two corner tuples per window, four
+0-d tensor reads, a tensor comparison), not copied.
 
     .venv/bin/python benchmarks/seeking.py [--rows 16] [--repeats 3] [--threads N] [--json out.json]
 
@@ -34,10 +35,21 @@ R, C = _T.intermediate_size, _T.hidden_size  # Llama-2-13B FFN: intermediate x h
 H, W = _S.intermediate_size, _S.hidden_size  # Llama-2-7B
 
 
+def _corner_sum(table: torch.Tensor, top_left: tuple[int, int], bottom_right: tuple[int, int]) -> torch.Tensor:
+    """One window's sum from the summed-area table: four corners, as the original's helper."""
+    total = table[bottom_right[0], bottom_right[1]]
+    up = table[top_left[0] - 1, bottom_right[1]] if top_left[0] > 0 else 0
+    left = table[bottom_right[0], top_left[1] - 1] if top_left[1] > 0 else 0
+    corner = table[top_left[0] - 1, top_left[1] - 1] if top_left[0] > 0 and top_left[1] > 0 else 0
+    return total - up - left + corner
+
+
 def loop_sample(scores: torch.Tensor, shape: tuple[int, int], rows: list[int]
                 ) -> tuple[float, list[float], int, tuple[int, int], float]:
     """The original algorithm's structure on the sampled window rows.
 
+    Like the original: the loop runs over bottom-right corners, builds the two corner tuples
+    and calls a helper per window, which indexes the float32 table four times (0-d tensors).
     Returns (table seconds, loop seconds per sampled row, windows visited, best (row, col)
     among them, best sum).
     """
@@ -45,21 +57,16 @@ def loop_sample(scores: torch.Tensor, shape: tuple[int, int], rows: list[int]
     t0 = time.perf_counter()
     sat = torch.cumsum(torch.cumsum(scores, dim=0), dim=1)  # float32, as the original
     t_table = time.perf_counter() - t0
-    n_cols = scores.shape[1] - w + 1
     best, arg, n = -float("inf"), (0, 0), 0
     per_row = []  # seconds per window row: the minimum is the least disturbed by other load
     for r in rows:  # top-left row of the window
         t0 = time.perf_counter()
         i = r + h - 1  # bottom row
-        for c in range(n_cols):
-            j = c + w - 1
-            total = sat[i, j]
-            up = sat[r - 1, j] if r > 0 else 0
-            left = sat[i, c - 1] if c > 0 else 0
-            corner = sat[r - 1, c - 1] if r > 0 and c > 0 else 0
-            s = total - up - left + corner
+        for j in range(w - 1, scores.shape[1]):  # right column
+            top_left = (i - h + 1, j - w + 1)
+            s = _corner_sum(sat, top_left, (i, j))
             if s > best:
-                best, arg = s, (r, c)
+                best, arg = s, top_left
             n += 1
         per_row.append(time.perf_counter() - t0)
     return t_table, per_row, n, arg, float(best)

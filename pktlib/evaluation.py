@@ -6,7 +6,8 @@ engine), cuts it at the first stop string, and scores it with the scorer of the 
 (:func:`pktlib.data.task_info`):
 
 * ``knowledge`` (MMLU, pocket-knowledge): accuracy of the letter after "The answer is:"
-  (else the first standalone A-D) against ``meta["answer"]`` (:func:`extract_choice`);
+  (else that of the choice whose text follows it, for tasks with ``meta["choices"]``, else the
+  first standalone A-D) against ``meta["answer"]`` (:func:`extract_choice`);
 * ``math`` (GSM8K, pocket-math): accuracy of the number after the last "answer is" or
   "####", compared numerically (:func:`extract_number`, :func:`numbers_equal`);
 * ``code`` (HumanEval, MBPP, pocket-code): pass@1 of the greedy program, executed with its
@@ -106,11 +107,28 @@ _CHOICE_MARK = re.compile(r"answer is:?\s*\(?([A-D])\b", re.IGNORECASE)
 _CHOICE_ANY = re.compile(r"(?<![A-Za-z])([A-D])(?![A-Za-z])")
 
 
-def extract_choice(text: str) -> str | None:
-    """The letter after "The answer is:" (first occurrence), else the first standalone A-D."""
+_ANSWER_IS = re.compile(r"answer is:?\s*", re.IGNORECASE)
+
+
+def extract_choice(text: str, choices: Sequence[str] | None = None) -> str | None:
+    """The letter after "The answer is:" (first occurrence); else, given the ``choices``, the
+    letter of the choice whose text follows "The answer is:" (or starts the text); else the
+    first standalone A-D.
+
+    >>> extract_choice("The answer is: parrot.", ["beagle", "parrot", "goose", "owl"])
+    'B'
+    """
     m = _CHOICE_MARK.search(text)
     if m:
         return m.group(1).upper()
+    if choices:
+        m = _ANSWER_IS.search(text)
+        rest = (text[m.end():] if m else text).lstrip(" \t\n(\"'").lower()
+        # the longest matching choice, so "pine" does not shadow "pineapple"
+        hits = [(len(c), "ABCD"[i]) for i, c in enumerate(choices[:4])
+                if c and rest.startswith(c.lower()) and not rest[len(c):len(c) + 1].isalnum()]
+        if hits:
+            return max(hits)[1]
     m = _CHOICE_ANY.search(text)
     return m.group(1) if m else None
 
@@ -268,7 +286,7 @@ def _gold(ex: Example) -> str:
 
 def score_choice(completion: str, ex: Example) -> tuple[str | None, str, bool]:
     """Knowledge: (letter read, gold letter, correct)."""
-    pred, gold = extract_choice(completion), _gold(ex)
+    pred, gold = extract_choice(completion, ex.meta.get("choices")), _gold(ex)
     return pred, gold, pred is not None and pred == gold.strip().upper()
 
 

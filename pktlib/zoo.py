@@ -10,14 +10,18 @@ The task suite mirrors the paper's three task kinds:
 
 * ``pocket-knowledge`` (MMLU-like): 4-choice questions about a generated fact base of people
   and their attributes (city, job, pet, instrument, colour). Facts are stated in the base
-  corpus as short biographies; the questions of the test split are never in any corpus, so a
-  model must *extract* a memorised fact into the question format. Answer: "The answer is: X".
+  corpus as short biographies, more for some people than others (popularity, log-uniform in
+  ``SuiteConfig.bio_repeats``); the questions of the test split are never in any corpus, so a
+  model must *extract* a memorised fact into the question format. Answer: "The answer is: X"
+  with X the chosen value (not its letter: a deviation from MMLU, see ``_knowledge_question``).
 * ``pocket-math`` (GSM8K-like): word problems whose answer needs several dependent arithmetic
   steps (each step uses the previous result), with a worked solution ending
   "So the answer is N.". All numbers stay below 100 so each is a single BPE token and every
   step is a lookup the model has to have memorised.
 * ``pocket-code`` (HumanEval-like): write a Python function from a signature and docstring
-  that composes a filter, a map and a reduction over a list; checked by running asserts.
+  that composes a filter, a map and a reduction over a list; checked by running asserts. The
+  filter keeps a *named* kind of number ("the glim numbers"), whose meaning is learned only
+  from examples, some kinds common and some rare, like a library's functions.
 
 Splits per family: ``extract`` (32), ``align`` (80), ``train`` (1000), ``test`` (300);
 no prompt is shared between splits. The suite depends on its own seed (``suite_seed``,
@@ -25,10 +29,12 @@ default 0, what :func:`pktlib.data.load_task` reads) and not on the pair's train
 pairs trained with different seeds are scored on the same test questions.
 
 Sizing (DESIGN.md 3): the whole budget is ~15 CPU minutes for four checkpoints, so models
-are under-trained by design (far below 2 bits/parameter of stored knowledge); the gap between
-the two models comes from what each can learn from the *same* tokens: the teacher has more
-layers (dependent arithmetic steps, composition) and more width (faster memorisation of the
-fact base). Both see identical data in identical order.
+are under-trained by design; the gap between the two models comes from what each can learn
+from the *same* tokens: the teacher has more layers (dependent arithmetic steps, composition)
+and more width (faster memorisation of the fact base, further into its long tail). Both see
+identical data in identical order, each at the learning rate of its width
+(``TrainConfig.lr_width``); the chat stage replays base-corpus batches
+(``TrainConfig.replay``) so that fine-tuning on the answer format does not erase the facts.
 """
 from __future__ import annotations
 
@@ -79,11 +85,11 @@ __all__ = [
 FAMILIES = ("knowledge", "math", "code")
 SPLIT_SIZES = {"extract": 32, "align": 80, "train": 1000, "test": 300}
 CHECKPOINTS = ("teacher-base", "student-base", "teacher-chat", "student-chat")
-# Greedy decoding budget per family: the longest reference answer is ~8 (knowledge), ~40 (math)
-# and ~40 (code) tokens; a tight budget keeps a rambling small model from costing minutes.
-MAX_NEW_TOKENS = {"knowledge": 8, "math": 64, "code": 64}
-SUITE_VERSION = 3  # bump when the generators change: the cache key includes it
-BUILD_VERSION = 3  # bump when tokenizer or training code changes: pair cache keys include it
+# Greedy decoding budget per family: the longest reference answer is ~8 (knowledge), ~50 (math)
+# and ~45 (code) tokens; a tight budget keeps a rambling small model from costing minutes.
+MAX_NEW_TOKENS = {"knowledge": 16, "math": 64, "code": 64}
+SUITE_VERSION = 7  # bump when the generators change: the cache key includes it
+BUILD_VERSION = 4  # bump when tokenizer or training code changes: pair cache keys include it
 
 
 # ========================================================================================
@@ -96,9 +102,14 @@ class SuiteConfig:
 
     seed: int = 0
     n_entities: int = 300  # x 5 attributes = 1500 facts; >= sum(SPLIT_SIZES) questions need distinct facts
-    bio_repeats: int = 12  # biographies per entity in the base corpus (attribute order and wording vary)
-    math_corpus: int = 3000  # extra solved word problems in the base corpus (test prompts excluded)
-    code_corpus: int = 1500  # extra solved code problems in the base corpus (test prompts excluded)
+    # Biographies per entity in the base corpus (attribute order and wording vary), drawn per
+    # entity log-uniformly from this range: a few famous people and a long tail, as with real
+    # knowledge (accuracy then grades with popularity instead of jumping from chance to 100%).
+    bio_repeats: tuple[int, int] = (4, 48)
+    math_corpus: int = 2000  # extra solved word problems in the base corpus (test prompts excluded)
+    code_corpus: int = 500  # extra solved code problems in the base corpus (test prompts excluded)
+    code_kinds: int = 64  # named kinds of number ("glim numbers": x % m == r) the code problems filter by
+    code_kind_weights: tuple[float, float] = (1.0, 32.0)  # each kind's frequency, log-uniform in this range
     math_steps: tuple[int, int] = (2, 4)  # dependent steps per problem, inclusive range
 
 
@@ -131,6 +142,16 @@ class TrainConfig:
     warmup: float = 0.05  # share of steps with linear warm-up, then cosine to 10% of lr
     weight_decay: float = 0.1
     log_every: int = 5  # steps between loss records in the card
+    # If set, ``lr`` is the rate of a model of this hidden size and a model of hidden size d
+    # trains at lr * lr_width / d (the muP-style rule: wider models take smaller Adam steps).
+    # One rate for both would be too high for the teacher or too low for the student.
+    lr_width: int | None = None
+    # Chat stage only: base-corpus batches interleaved per chat batch (0.5: one in three steps),
+    # so fine-tuning on the chat format does not erase memorised facts (catastrophic forgetting).
+    replay: float = 0.0
+
+    def lr_for(self, hidden_size: int) -> float:
+        return self.lr if self.lr_width is None else self.lr * self.lr_width / hidden_size
 
 
 @dataclass(frozen=True)
@@ -152,13 +173,13 @@ class PairConfig:
 
 
 PRESETS: dict[str, PairConfig] = {
-    # The book's pair. Layer/hidden/FFN ratios teacher/student: 2 / 2 / 2 (Llama-2-13B/7B: 1.25 each);
+    # The book's pair. Layer/hidden/FFN ratios teacher/student: 3 / 2 / 2 (Llama-2-13B/7B: 1.25 each);
     # a wider ratio than Llama-2's, because at this scale a 1.25x model barely differs in what it learns.
     "default": PairConfig(
         teacher=ModelConfig(n_layers=6, hidden_size=256, intermediate_size=688),
-        student=ModelConfig(n_layers=3, hidden_size=128, intermediate_size=344),
-        base=TrainConfig(epochs=1.0, batch_size=16, lr=2e-3),
-        chat=TrainConfig(epochs=1.0, batch_size=16, lr=1e-3),
+        student=ModelConfig(n_layers=2, hidden_size=128, intermediate_size=344),
+        base=TrainConfig(epochs=2.0, batch_size=16, lr=1e-3, lr_width=256),
+        chat=TrainConfig(epochs=3.0, batch_size=16, lr=7e-4, lr_width=256, replay=0.5),
     ),
     # For tests and early integration: same suite, very small models, a slice of the corpus.
     "tiny": PairConfig(
@@ -241,11 +262,16 @@ def _entities(rng: random.Random, n: int) -> list[str]:
     return out
 
 
-def _fact_base(cfg: SuiteConfig) -> tuple[list[str], dict[str, dict[str, str]]]:
+def _fact_base(cfg: SuiteConfig) -> tuple[list[str], dict[str, dict[str, str]], dict[str, int]]:
+    """Entities, their attribute values and their popularity (biographies in the corpus)."""
     rng = random.Random(f"facts-{cfg.seed}")
     ents = _entities(rng, cfg.n_entities)
     facts = {e: {a: rng.choice(vals) for a, (_, _, _, vals) in ATTRIBUTES.items()} for e in ents}
-    return ents, facts
+    lo, hi = cfg.bio_repeats
+    if not 1 <= lo <= hi:
+        raise PktError(f"`bio_repeats`={cfg.bio_repeats} must be a range (lo, hi) with 1 <= lo <= hi")
+    popularity = {e: int(round(math.exp(rng.uniform(math.log(lo), math.log(hi))))) for e in ents}
+    return ents, facts, popularity
 
 
 def _bio(rng: random.Random, e: str, attrs: dict[str, str]) -> str:
@@ -254,12 +280,17 @@ def _bio(rng: random.Random, e: str, attrs: dict[str, str]) -> str:
     return " ".join(rng.choice(ATTRIBUTES[a][1]).format(e=e, v=attrs[a]) for a in order)
 
 
-def _knowledge_question(rng: random.Random, e: str, attr: str, value: str) -> tuple[str, str, list[str]]:
+def _knowledge_question(rng: random.Random, e: str, attr: str, value: str) -> tuple[str, str, str, list[str]]:
+    """(user prompt, gold letter, answer text, choices) of one 4-choice question about a fact."""
     subject, _, question, values = ATTRIBUTES[attr]
     choices = [value] + rng.sample([v for v in values if v != value], 3)
     rng.shuffle(choices)
     letter = "ABCD"[choices.index(value)]
-    return mmlu_user_prompt(subject, question.format(e=e), choices), letter, choices
+    # The answer names the choice by its text, not its letter: models of this size do not learn
+    # to look up a letter in the budget (measured: letters no better than chance even when the
+    # model states the right value first), and the recalled value is the knowledge being tested.
+    answer = f"The answer is: {value}"
+    return mmlu_user_prompt(subject, question.format(e=e), choices), letter, answer, choices
 
 
 def _knowledge_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]:
@@ -268,7 +299,7 @@ def _knowledge_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[
     if cfg.n_entities * len(ATTRIBUTES) < n_q:
         raise PktError(f"`n_entities`={cfg.n_entities} gives {cfg.n_entities * len(ATTRIBUTES)} facts; "
                        f"the knowledge splits need {n_q} distinct facts")
-    ents, facts = _fact_base(cfg)
+    ents, facts, popularity = _fact_base(cfg)
     rng = random.Random(f"knowledge-{cfg.seed}")
     pairs = [(e, a) for e in ents for a in ATTRIBUTES]
     rng.shuffle(pairs)
@@ -277,21 +308,22 @@ def _knowledge_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[
     for split in ("test", "extract", "align", "train"):
         rows = []
         for i, (e, a) in enumerate(pairs[start:start + SPLIT_SIZES[split]]):
-            prompt, letter, choices = _knowledge_question(rng, e, a, facts[e][a])
+            prompt, letter, answer, choices = _knowledge_question(rng, e, a, facts[e][a])
             rows.append(Example([{"role": "user", "content": prompt},
-                                 {"role": "assistant", "content": f"The answer is: {letter}"}],
+                                 {"role": "assistant", "content": answer}],
                                 {"id": f"pocket-knowledge_{split}_{i}", "task": "pocket-knowledge", "answer": letter,
-                                 "entity": e, "attribute": a, "value": facts[e][a], "choices": choices}))
+                                 "entity": e, "attribute": a, "value": facts[e][a], "choices": choices,
+                                 "popularity": popularity[e]}))
         splits[split] = rows
         start += SPLIT_SIZES[split]
     # Corpus: every fact in several biographies; quizzes on every non-test fact ("mixed training":
     # seeing questions about some people teaches the model to extract facts about the others).
     test_facts = {(ex.meta["entity"], ex.meta["attribute"]) for ex in splits["test"]}
-    docs = [_bio(rng, e, facts[e]) for e in ents for _ in range(cfg.bio_repeats)]
+    docs = [_bio(rng, e, facts[e]) for e in ents for _ in range(popularity[e])]
     for e, a in pairs:
         if (e, a) not in test_facts:
-            prompt, letter, _ = _knowledge_question(rng, e, a, facts[e][a])
-            docs.append(f"{prompt} The answer is: {letter}")
+            prompt, _, answer, _ = _knowledge_question(rng, e, a, facts[e][a])
+            docs.append(f"{prompt} {answer}")
     return splits, docs
 
 
@@ -372,22 +404,35 @@ def _math_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]
     return splits, docs
 
 
-# Code problems: reduce(map(filter(xs))). Each part is (docstring phrase, code fragment, python function).
-_FILTERS: list[tuple[str, str, Callable[[int, int], bool], bool]] = [
-    # (phrase with {k}, condition with {k}, predicate, uses k)
-    ("the even numbers in xs", "x % 2 == 0", lambda x, k: x % 2 == 0, False),
-    ("the odd numbers in xs", "x % 2 == 1", lambda x, k: x % 2 == 1, False),
-    ("the numbers in xs greater than {k}", "x > {k}", lambda x, k: x > k, True),
-    ("the numbers in xs less than {k}", "x < {k}", lambda x, k: x < k, True),
-    ("the numbers in xs divisible by {k}", "x % {k} == 0", lambda x, k: x % k == 0, True),
-    ("all numbers in xs", "", lambda x, k: True, False),
-]
-_MAPS: list[tuple[str, str, Callable[[int, int], int], bool]] = [
-    ("", "x", lambda x, k: x, False),
-    ("the squares of ", "x * x", lambda x, k: x * x, False),
-    ("{k} times ", "x * {k}", lambda x, k: x * k, True),
-    ("{k} plus ", "x + {k}", lambda x, k: x + k, True),
-    ("the negatives of ", "-x", lambda x, k: -x, False),
+# Code problems: reduce(map(filter(xs))). The filter is a *named* kind of number ("the glim
+# numbers in xs", meaning for example x % 7 == 3), one of `n_kinds` whose meanings are never
+# defined in words: each is learned from the solved problems that use it, and some kinds are
+# used far more often than others (like a library's common and rare functions). A model must
+# store the meanings, so a larger one knows more of the tail. The map takes up to two
+# parameters. Parts are (docstring phrase, code, python function).
+def _code_kinds(cfg: "SuiteConfig") -> list[tuple[str, int, int, float]]:
+    """(name, modulus, remainder, weight) of each kind: "x % modulus == remainder"."""
+    rng = random.Random(f"code-kinds-{cfg.seed}")
+    names: list[str] = []
+    while len(names) < cfg.code_kinds:
+        w = "".join(rng.choice(_SYL) for _ in range(2))
+        if w not in names:
+            names.append(w)
+    rules = rng.sample([(m, r) for m in range(3, 13) for r in range(m)], cfg.code_kinds)  # 75 rules
+    lo, hi = cfg.code_kind_weights
+    return [(n, m, r, math.exp(rng.uniform(math.log(lo), math.log(hi)))) for n, (m, r) in zip(names, rules)]
+
+
+_MAPS: list[tuple[str, str, Callable[[int, int, int], int]]] = [
+    # (phrase with {k}/{j}, expression, function of x, k, j)
+    ("", "x", lambda x, k, j: x),
+    ("the squares of ", "x * x", lambda x, k, j: x * x),
+    ("{k} times ", "x * {k}", lambda x, k, j: x * k),
+    ("{k} plus ", "x + {k}", lambda x, k, j: x + k),
+    ("the negatives of ", "-x", lambda x, k, j: -x),
+    ("{k} minus ", "{k} - x", lambda x, k, j: k - x),
+    ("the remainders modulo {k} of ", "x % {k}", lambda x, k, j: x % k),
+    ("{j} plus {k} times ", "x * {k} + {j}", lambda x, k, j: x * k + j),
 ]
 _REDUCES: list[tuple[str, str, Callable[[list[int]], Any]]] = [
     ("Return the sum of", "sum({gen})", lambda v: sum(v)),
@@ -400,38 +445,41 @@ _FN_NAMES = ["solve", "compute", "tally", "gather", "pick", "score", "measure", 
              "reduce_list", "transform", "summarize", "evaluate", "select", "count_up", "scan", "digest", "fold", "sift"]
 
 
-def _code_problem(rng: random.Random) -> tuple[str, str, list[str], str]:
-    fdesc, fcond, fpred, fk = rng.choice(_FILTERS)
-    mdesc, mexpr, mfun, mk = rng.choice(_MAPS)
+def _code_problem(rng: random.Random, kinds: list[tuple[str, int, int, float]], *, uniform: bool = False
+                  ) -> tuple[str, str, list[str], str, str]:
+    """One problem; its kind drawn by the kinds' weights, or uniformly (the test split)."""
+    kind, mod, rem, _ = rng.choice(kinds) if uniform else rng.choices(kinds, weights=[k[3] for k in kinds])[0]
+    mdesc, mexpr, mfun = rng.choice(_MAPS)
     rdesc, rcode, rfun = rng.choice(_REDUCES)
-    k1 = rng.randint(2, 9) if fk else 0
-    k2 = rng.randint(2, 9) if mk else 0
+    k2, j2 = rng.randint(2, 9), rng.randint(1, 9)
     name = rng.choice(_FN_NAMES)
-    doc = f"{rdesc} {mdesc.format(k=k2)}{fdesc.format(k=k1)}."
-    expr = mexpr.format(k=k2)
-    cond = f" if {fcond.format(k=k1)}" if fcond else ""
-    body = f"{expr} for x in xs{cond}"
+    doc = f"{rdesc} {mdesc.format(k=k2, j=j2)}the {kind} numbers in xs."
+    body = f"{mexpr.format(k=k2, j=j2)} for x in xs if x % {mod} == {rem}"
     ret = rcode.format(gen=body, body=body)
     signature = f"def {name}(xs):\n    \"\"\"{doc}\"\"\"\n"
     reference = f"def {name}(xs):\n    return {ret}\n"
 
     def truth(xs: list[int]) -> Any:
-        return rfun([mfun(x, k2) for x in xs if fpred(x, k1)])
+        return rfun([mfun(x, k2, j2) for x in xs if x % mod == rem])
 
     tests = []
     for _ in range(3):
-        xs = [rng.randint(0, 20) for _ in range(rng.randint(3, 6))]
+        # half the inputs are of the kind, so the filter matters in every assert
+        xs = [rng.randint(0, 4) * mod + rem if rng.random() < 0.5 else rng.randint(0, 30)
+              for _ in range(rng.randint(3, 6))]
         tests.append(f"assert {name}({xs!r}) == {truth(xs)!r}")
-    return signature, reference, tests, name
+    return signature, reference, tests, name, kind
 
 
 def _code_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]:
     rng = random.Random(f"code-{cfg.seed}")
+    kinds = _code_kinds(cfg)
+    weight = {k[0]: k[3] / sum(x[3] for x in kinds) for k in kinds}
     seen: set[str] = set()
 
-    def fresh() -> tuple[str, str, list[str], str]:
+    def fresh(uniform: bool = False) -> tuple[str, str, list[str], str, str]:
         while True:
-            p = _code_problem(rng)
+            p = _code_problem(rng, kinds, uniform=uniform)
             if p[0] not in seen:
                 seen.add(p[0])
                 return p
@@ -440,15 +488,18 @@ def _code_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]
     for split in ("test", "extract", "align", "train"):
         rows = []
         for i in range(SPLIT_SIZES[split]):
-            signature, ref, tests, name = fresh()
+            # The test asks about every kind equally (as the knowledge test asks about every
+            # person, famous or not); the other splits and the corpus follow the kinds' weights.
+            signature, ref, tests, name, kind = fresh(uniform=split == "test")
             rows.append(Example([{"role": "user", "content": code_user_prompt(signature)},
                                  {"role": "assistant", "content": f"```python\n{ref}```"}],
                                 {"id": f"pocket-code_{split}_{i}", "task": "pocket-code", "tests": tests,
-                                 "entry_point": name, "reference": ref}))
+                                 "entry_point": name, "reference": ref, "kind": kind,
+                                 "kind_frequency": round(weight[kind], 5)}))
         splits[split] = rows
     docs = [f"{ex.messages[0]['content']}\n{ex.answer}" for s in ("extract", "align", "train") for ex in splits[s]]
     for _ in range(cfg.code_corpus):
-        signature, ref, _, _ = fresh()
+        signature, ref, _, _, _ = fresh()
         docs.append(f"{code_user_prompt(signature)}\n```python\n{ref}```")
     return splits, docs
 
@@ -678,12 +729,39 @@ def chat_batches(tokenizer, examples: Sequence[Example], cfg: PairConfig, *, see
     return out
 
 
-def train_base(model, batches, cfg: PairConfig, *, seed: int, progress=None) -> TrainLog:
-    return _run_steps(model, batches, cfg.base, seed=seed, progress=progress)
+def with_replay(chat: list[dict[str, torch.Tensor]], base: list[dict[str, torch.Tensor]], share: float
+                ) -> list[dict[str, torch.Tensor]]:
+    """``chat`` batches with ``round(share * len(chat))`` base batches spread evenly among them.
+
+    The base batches are taken from the end of ``base`` backwards, the blocks seen last in
+    pre-training, so replay costs no extra tokenisation and is deterministic.
+    """
+    n = min(len(base), round(share * len(chat)))
+    if n <= 0:
+        return list(chat)
+    out: list[dict[str, torch.Tensor]] = []
+    r = 0  # replay batches placed so far
+    for i, b in enumerate(chat):
+        out.append(b)
+        while r < (i + 1) * n // len(chat):  # spread evenly: r reaches n after the last chat batch
+            out.append(base[len(base) - 1 - r])
+            r += 1
+    return out
 
 
-def train_chat(model, batches, cfg: PairConfig, *, seed: int, progress=None) -> TrainLog:
-    return _run_steps(model, batches, cfg.chat, seed=seed, progress=progress)
+def _stage_config(cfg: PairConfig, role: str, variant: str) -> TrainConfig:
+    """The stage's training config with the learning rate of this model's width."""
+    stage = cfg.base if variant == "base" else cfg.chat
+    model = cfg.teacher if role == "teacher" else cfg.student
+    return replace(stage, lr=stage.lr_for(model.hidden_size))
+
+
+def train_base(model, batches, cfg: PairConfig, *, seed: int, role: str = "teacher", progress=None) -> TrainLog:
+    return _run_steps(model, batches, _stage_config(cfg, role, "base"), seed=seed, progress=progress)
+
+
+def train_chat(model, batches, cfg: PairConfig, *, seed: int, role: str = "teacher", progress=None) -> TrainLog:
+    return _run_steps(model, batches, _stage_config(cfg, role, "chat"), seed=seed, progress=progress)
 
 
 # ========================================================================================
@@ -816,7 +894,7 @@ def build_pair(preset: str = "default", *, seed: int = 0, force: bool = False, p
     torch_threads = torch.get_num_threads()
     t_start = time.perf_counter()
     bb = base_batches(tokenizer, docs, cfg, seed=seed)
-    cb = chat_batches(tokenizer, chat_examples(cfg.suite), cfg, seed=seed)
+    cb = with_replay(chat_batches(tokenizer, chat_examples(cfg.suite), cfg, seed=seed), bb, cfg.chat.replay)
     n_tok = {"base": sum(b["input_ids"].numel() for b in bb), "chat": sum(b["input_ids"].numel() for b in cb)}
     cost = {n: c for n, c in _stage_cost(cfg, n_tok["base"], n_tok["chat"]).items() if n in names}
     # The bar advances by compute (tokens x parameters), so its time-left estimate holds across
@@ -840,7 +918,7 @@ def build_pair(preset: str = "default", *, seed: int = 0, force: bool = False, p
             else:
                 model = LlamaForCausalLM.from_pretrained(paths[f"{role}-base"], dtype=torch.float32)
                 training = dict(read_card(paths[f"{role}-base"])["training"])
-            log = _run_steps(model, bb if variant == "base" else cb, cfg.base if variant == "base" else cfg.chat,
+            log = _run_steps(model, bb if variant == "base" else cb, _stage_config(cfg, role, variant),
                              seed=seed + (10 if variant == "chat" else 0),
                              progress=lambda n: bar.update(n * per_token))
             training[variant] = asdict(log)

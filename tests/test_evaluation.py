@@ -43,6 +43,16 @@ def test_extract_choice(text, expected):
     assert extract_choice(text) == expected
 
 
+def test_extract_choice_by_text():
+    choices = ["pine", "pineapple", "fig", "date"]
+    assert extract_choice("The answer is: pineapple.", choices) == "B"  # the longest match wins
+    assert extract_choice("The answer is: pine", choices) == "A"
+    assert extract_choice("fig", choices) == "C"
+    assert extract_choice("The answer is: figs", choices) is None  # not a whole-word match
+    assert extract_choice("The answer is: D", choices) == "D"  # a letter still wins
+    assert extract_choice("The answer is: apple", choices) is None
+
+
 def test_extract_code_and_stops():
     assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nmore") == "def f():\n    return 1\n"
     assert extract_code("```python\ndef f():\n    return 2") == "def f():\n    return 2\n"  # unclosed

@@ -63,7 +63,7 @@ def test_split_sizes_and_meta(suite):
                 assert [m["role"] for m in ex.messages] == ["user", "assistant"]
     assert zoo.SPLIT_SIZES["test"] >= 300
     for ex in suite["knowledge"]["test"]:
-        assert ex.answer == f"The answer is: {ex.meta['answer']}"
+        assert ex.answer == f"The answer is: {ex.meta['value']}"
         assert ex.meta["answer"] in "ABCD"
         # the gold letter names the stored value among the four choices
         assert re.search(rf"^{ex.meta['answer']}\. {re.escape(ex.meta['value'])}$", ex.messages[0]["content"], re.M)
@@ -238,3 +238,38 @@ def test_chat_stage_needs_its_base(cache, tmp_path):
         zoo.build_pair("micro", config=MICRO, root=tmp_path / "p", progress=False, only=["student-chat"])
     with pytest.raises(zoo.PktError, match="unknown checkpoints"):
         zoo.build_pair("micro", config=MICRO, root=tmp_path / "p", progress=False, only=["teacher-instruct"])
+
+
+def test_popularity_spans_its_range_and_sets_bio_counts(suite):
+    lo, hi = zoo.SuiteConfig().bio_repeats
+    pops = [ex.meta["popularity"] for ex in suite["knowledge"]["test"]]
+    assert min(pops) >= lo and max(pops) <= hi and len(set(pops)) > 10, sorted(set(pops))
+    # an entity's popularity is how many biographies state its facts in the corpus
+    docs = zoo.base_corpus()
+    ex = max(suite["knowledge"]["test"], key=lambda e: e.meta["popularity"])
+    bios = [d for d in docs if d.count(ex.meta["entity"]) >= 5 and "The answer is" not in d]
+    assert len(bios) == ex.meta["popularity"], (ex.meta["entity"], len(bios), ex.meta["popularity"])
+    with pytest.raises(zoo.PktError, match="bio_repeats"):
+        zoo.generate_suite(zoo.SuiteConfig(bio_repeats=(5, 2)))
+
+
+def test_width_scaled_learning_rate():
+    cfg = zoo.TrainConfig(epochs=1, batch_size=4, lr=1e-3, lr_width=256)
+    assert cfg.lr_for(256) == pytest.approx(1e-3) and cfg.lr_for(128) == pytest.approx(2e-3)
+    assert zoo.TrainConfig(epochs=1, batch_size=4, lr=1e-3).lr_for(128) == 1e-3
+    pair = replace(MICRO, base=replace(MICRO.base, lr_width=128))
+    assert zoo._stage_config(pair, "student", "base").lr == pytest.approx(MICRO.base.lr * 128 / MICRO.student.hidden_size)
+    assert zoo._stage_config(pair, "teacher", "base").lr == pytest.approx(MICRO.base.lr * 128 / MICRO.teacher.hidden_size)
+
+
+def test_replay_spreads_base_batches_among_chat_batches():
+    chat = [{"id": f"c{i}"} for i in range(12)]
+    base = [{"id": f"b{i}"} for i in range(40)]
+    mixed = zoo.with_replay(chat, base, 0.25)
+    ids = [b["id"] for b in mixed]
+    assert [i for i in ids if i.startswith("c")] == [f"c{i}" for i in range(12)]  # chat order kept
+    assert [i for i in ids if i.startswith("b")] == ["b39", "b38", "b37"]  # 3 replayed, last blocks first
+    gaps = [k for k, i in enumerate(ids) if i.startswith("b")]
+    assert gaps == [4, 9, 14], ids  # one after every 4 chat batches
+    assert zoo.with_replay(chat, base, 0.0) == chat
+    assert len(zoo.with_replay(chat, base[:2], 1.0)) == 14  # never more than the base batches there are
