@@ -408,7 +408,9 @@ def _math_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]
 # numbers in xs", meaning for example x % 7 == 3), one of `n_kinds` whose meanings are never
 # defined in words: each is learned from the solved problems that use it, and some kinds are
 # used far more often than others (like a library's common and rare functions). A model must
-# store the meanings, so a larger one knows more of the tail. The map takes up to two
+# store the meanings; how far into the tail it knows them measures how fast it memorises (in the
+# default pair the student, at twice the teacher's learning rate, gets further: see the chapter
+# "The pocket pair"). The map takes up to two
 # parameters. Parts are (docstring phrase, code, python function).
 def _code_kinds(cfg: "SuiteConfig") -> list[tuple[str, int, int, float]]:
     """(name, modulus, remainder, weight) of each kind: "x % modulus == remainder"."""
