@@ -477,7 +477,8 @@ def _code_problem(rng: random.Random, kinds: list[tuple[str, int, int, float]], 
 def _code_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]:
     rng = random.Random(f"code-{cfg.seed}")
     kinds = _code_kinds(cfg)
-    weight = {k[0]: k[3] / sum(x[3] for x in kinds) for k in kinds}
+    total = sum(k[3] for k in kinds)
+    weight = {k[0]: k[3] / total for k in kinds}
     seen: set[str] = set()
 
     def fresh(uniform: bool = False) -> tuple[str, str, list[str], str, str]:
