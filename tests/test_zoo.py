@@ -11,6 +11,7 @@ import torch
 
 from pktlib import zoo
 from pktlib.data import format_prompt, load_task
+from pktlib.hooks import hooked
 
 FAMILIES = ("knowledge", "math", "code")
 SPLITS = ("extract", "align", "train", "test")
@@ -20,7 +21,8 @@ MICRO = replace(
     zoo.PRESETS["tiny"],
     teacher=zoo.ModelConfig(n_layers=2, hidden_size=128, intermediate_size=96),
     student=zoo.ModelConfig(n_layers=1, hidden_size=64, intermediate_size=64),
-    base=zoo.TrainConfig(epochs=1.0, batch_size=4, lr=3e-3, log_every=1),
+    # bf16 autocast in the base stage as in the default preset (float32 in the chat stage)
+    base=zoo.TrainConfig(epochs=1.0, batch_size=4, lr=3e-3, log_every=1, autocast="bfloat16"),
     chat=zoo.TrainConfig(epochs=0.003, batch_size=4, lr=1e-3, log_every=1),
     vocab_size=400,
     corpus_share=0.0012,
@@ -273,3 +275,35 @@ def test_replay_spreads_base_batches_among_chat_batches():
     assert gaps == [4, 9, 14], ids  # one after every 4 chat batches
     assert zoo.with_replay(chat, base, 0.0) == chat
     assert len(zoo.with_replay(chat, base[:2], 1.0)) == 14  # never more than the base batches there are
+
+
+def test_autocast_trains_in_bf16_and_keeps_float32_weights():
+    tok = zoo.train_tokenizer(["hello world, the answer is: 42."] * 20, 300)
+    x = torch.randint(3, len(tok), (2, 16))
+    batches = [{"input_ids": x, "labels": x.clone()}] * 2
+    after = {}
+    for dtype in (None, "bfloat16"):
+        model = zoo.build_model(MICRO.student, tok, seed=0)
+        cfg = zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2, autocast=dtype)
+        seen = []
+        # the MLP's matmul runs in the autocast dtype (float32 without it)
+        with hooked({model.model.layers[0].mlp.down_proj: lambda m, i, o: seen.append(o.dtype)}):
+            zoo._run_steps(model, batches, cfg, seed=0)
+        assert seen == [torch.bfloat16 if dtype else torch.float32] * 2, (dtype, seen)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        after[dtype] = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    # both trained, to nearby but not identical weights
+    assert not torch.equal(after[None], after["bfloat16"])
+    assert torch.allclose(after[None], after["bfloat16"], atol=5e-2)
+    with pytest.raises(zoo.PktError, match="bfloat17"):
+        zoo._run_steps(zoo.build_model(MICRO.student, tok, seed=0), batches,
+                       zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2, autocast="bfloat17"), seed=0)
+
+
+def test_code_kinds_use_distinct_rules_within_their_moduli():
+    cfg = zoo.SuiteConfig(code_kinds=12, code_moduli=(3, 5))  # 3 + 4 + 5 = 12 rules: all of them
+    kinds = zoo._code_kinds(cfg)
+    assert sorted((m, r) for _, m, r, _ in kinds) == [(m, r) for m in (3, 4, 5) for r in range(m)]
+    assert len({name for name, *_ in kinds}) == 12
+    with pytest.raises(zoo.PktError, match=r"`code_kinds`=13 exceeds the 12 rules"):
+        zoo._code_kinds(zoo.SuiteConfig(code_kinds=13, code_moduli=(3, 5)))
