@@ -679,10 +679,11 @@ def _run_steps(model, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig, 
     t0 = time.perf_counter()
     acc, acc_n = 0.0, 0
     total = len(batches)
+    amp = _autocast(cfg.autocast)  # checked once; the context is re-entered every step
     for step, b in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, cfg)
-        with _autocast(cfg.autocast):
+        with amp:
             out = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"])
         loss = out.loss.float()
         if not torch.isfinite(loss):
@@ -956,9 +957,9 @@ def build_pair(preset: str = "default", *, seed: int = 0, force: bool = False, p
             else:
                 model = LlamaForCausalLM.from_pretrained(paths[f"{role}-base"], dtype=torch.float32)
                 training = dict(read_card(paths[f"{role}-base"])["training"])
-            log = _run_steps(model, bb if variant == "base" else cb, _stage_config(cfg, role, variant),
-                             seed=seed + (10 if variant == "chat" else 0),
-                             progress=lambda n: bar.update(n * per_token))
+            train = train_base if variant == "base" else train_chat
+            log = train(model, bb if variant == "base" else cb, cfg, role=role,
+                        seed=seed + (10 if variant == "chat" else 0), progress=lambda n: bar.update(n * per_token))
             training[variant] = asdict(log)
             card = {"name": name, "preset": preset, "seed": seed, "config_key": cfg.key(),
                     "architecture": spec(model.config).to_dict(), "parameters": _n_params(model),
