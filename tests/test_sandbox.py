@@ -32,7 +32,14 @@ def test_passing_failing_and_crashing_programs():
     r = run_code("def f(x):\n    return x\nassert f(1) == 2")
     assert r.status == "failed" and not r.passed and "AssertionError" in r.stderr
     assert run_code("1 / 0").status == "error"
-    assert run_code("def f(:\n  pass").status == "error"  # a syntax error is no pass
+    # a syntax error is no pass, and is found without starting a process
+    bad = run_code("def f(:\n  pass")
+    assert (bad.status, bad.returncode, bad.wall_s) == ("error", None, 0.0), bad
+    assert "SyntaxError" in bad.stderr, bad.stderr
+    assert run_code("x = 1\0").status == "error"  # a null byte: ValueError or SyntaxError by version
+    # an error the compiler cannot see still runs in the child and fails there
+    late = run_code("import no_such_module_here")
+    assert late.status == "error" and late.returncode is not None and "ModuleNotFoundError" in late.stderr, late
 
 
 def test_exiting_early_is_not_a_pass():

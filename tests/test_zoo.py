@@ -19,10 +19,10 @@ SPLITS = ("extract", "align", "train", "test")
 # Even smaller than the "tiny" preset: one optimiser step per stage on a sliver of the corpus.
 MICRO = replace(
     zoo.PRESETS["tiny"],
-    teacher=zoo.ModelConfig(n_layers=2, hidden_size=128, intermediate_size=96),
+    # a bf16 teacher and a float32 student, as in the default preset
+    teacher=zoo.ModelConfig(n_layers=2, hidden_size=128, intermediate_size=96, autocast="bfloat16"),
     student=zoo.ModelConfig(n_layers=1, hidden_size=64, intermediate_size=64),
-    # bf16 autocast in the base stage as in the default preset (float32 in the chat stage)
-    base=zoo.TrainConfig(epochs=1.0, batch_size=4, lr=3e-3, log_every=1, autocast="bfloat16"),
+    base=zoo.TrainConfig(epochs=1.0, batch_size=4, lr=3e-3, log_every=1),
     chat=zoo.TrainConfig(epochs=0.003, batch_size=4, lr=1e-3, log_every=1),
     vocab_size=400,
     corpus_share=0.0012,
@@ -284,11 +284,11 @@ def test_autocast_trains_in_bf16_and_keeps_float32_weights():
     after = {}
     for dtype in (None, "bfloat16"):
         model = zoo.build_model(MICRO.student, tok, seed=0)
-        cfg = zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2, autocast=dtype)
+        cfg = zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2)
         seen = []
         # the MLP's matmul runs in the autocast dtype (float32 without it)
         with hooked({model.model.layers[0].mlp.down_proj: lambda m, i, o: seen.append(o.dtype)}):
-            zoo._run_steps(model, batches, cfg, seed=0)
+            zoo._run_steps(model, batches, cfg, seed=0, autocast=dtype)
         assert seen == [torch.bfloat16 if dtype else torch.float32] * 2, (dtype, seen)
         assert {p.dtype for p in model.parameters()} == {torch.float32}
         after[dtype] = model.model.layers[0].mlp.down_proj.weight.detach().clone()
@@ -297,7 +297,21 @@ def test_autocast_trains_in_bf16_and_keeps_float32_weights():
     assert torch.allclose(after[None], after["bfloat16"], atol=5e-2)
     with pytest.raises(zoo.PktError, match="bfloat17"):
         zoo._run_steps(zoo.build_model(MICRO.student, tok, seed=0), batches,
-                       zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2, autocast="bfloat17"), seed=0)
+                       zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2), seed=0, autocast="bfloat17")
+
+
+def test_each_role_trains_with_its_own_autocast():
+    tok = zoo.train_tokenizer(["hello world, the answer is: 42."] * 20, 300)
+    x = torch.randint(3, len(tok), (2, 16))
+    batches = [{"input_ids": x, "labels": x.clone()}]
+    assert (MICRO.teacher.autocast, MICRO.student.autocast) == ("bfloat16", None)
+    for role, want in (("teacher", torch.bfloat16), ("student", torch.float32)):
+        for train in (zoo.train_base, zoo.train_chat):
+            model = zoo.build_model(getattr(MICRO, role), tok, seed=0)
+            seen = []
+            with hooked({model.model.layers[0].mlp.down_proj: lambda m, i, o: seen.append(o.dtype)}):
+                train(model, batches, MICRO, seed=0, role=role)
+            assert seen == [want], (role, train.__name__, seen)
 
 
 def test_code_kinds_use_distinct_rules_within_their_moduli():
