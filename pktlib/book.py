@@ -2,10 +2,13 @@
 
 ``_toc.yml`` lists executed notebooks as ``book/<name>``; their sources are
 ``notebooks/<name>.ipynb``. An executed copy whose record is newer than its source is kept
-(so an interrupted ``make book`` resumes), unless ``force``.
+(so an interrupted ``make book`` resumes), unless ``force`` or :func:`stale_reason` finds it
+stale for another reason (it ran on a pocket pair the code no longer builds, or it is a summary
+older than the records it reads).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -16,8 +19,9 @@ import yaml
 
 from pktlib.errors import PktError
 from pktlib.records import record_path, run_notebook
+from pktlib.zoo import pair_is_current
 
-__all__ = ["toc_entries", "notebook_chapters", "execute_all", "build_book"]
+__all__ = ["toc_entries", "notebook_chapters", "stale_reason", "execute_all", "build_book"]
 
 
 def toc_entries(root: str | Path = ".") -> list[str]:
@@ -59,14 +63,24 @@ def _is_summary(src: Path) -> bool:
     return bool(nbformat.read(src, as_version=4).metadata.get("pktlib", {}).get("summary"))
 
 
-def _up_to_date(src: Path, out: Path, root: Path) -> bool:
+def stale_reason(src: Path, out: Path, root: Path) -> str | None:
+    """Why the executed copy ``out`` of ``src`` must be executed again, or None if it is up to date."""
     rec = record_path(out)
-    if not (out.is_file() and rec.is_file()) or rec.stat().st_mtime < src.stat().st_mtime:
-        return False
+    if not (out.is_file() and rec.is_file()):
+        return "not executed yet"
+    if rec.stat().st_mtime < src.stat().st_mtime:
+        return "the notebook changed"
     if _is_summary(src):  # stale as soon as any other record is newer than its own
         others = [p for p in (root / "book").glob("*.record.json") if p != rec]
-        return all(p.stat().st_mtime <= rec.stat().st_mtime for p in others)
-    return True
+        newer = sorted(p.name for p in others if p.stat().st_mtime > rec.stat().st_mtime)
+        return f"newer records: {', '.join(newer)}" if newer else None
+    try:
+        models = json.loads(rec.read_text(encoding="utf-8")).get("models") or {}
+    except ValueError:
+        return f"unreadable record {rec}"
+    # A chapter run on a pocket pair the code no longer builds (a preset or training change).
+    old = sorted(role for role, m in models.items() if pair_is_current(m.get("source", "")) is False)
+    return f"its pocket pair changed (the {', '.join(old)} it logged)" if old else None
 
 
 def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] | None = None) -> None:
@@ -76,11 +90,12 @@ def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] 
         if only and src.stem not in only:
             continue
         rec = record_path(out)
-        if not force and _up_to_date(src, out, root):
+        reason = "forced" if force else stale_reason(src, out, root)
+        if reason is None:
             print(f"[book] {src.stem}: up to date (record {rec}); --force to rerun", flush=True)
             continue
         t0 = time.perf_counter()
-        print(f"[book] executing {src} -> {out}", flush=True)
+        print(f"[book] executing {src} -> {out} ({reason})", flush=True)
         run_notebook(src, out, cwd=root)
         print(f"[book] {src.stem}: {time.perf_counter() - t0:.0f} s", flush=True)
 

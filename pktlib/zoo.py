@@ -45,6 +45,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -76,6 +77,7 @@ __all__ = [
     "train_base",
     "train_chat",
     "pair_dir",
+    "pair_is_current",
     "build_pair",
     "pocket_pair",
     "score_pair",
@@ -847,6 +849,25 @@ class PocketPair:
 def pair_dir(preset: str = "default", seed: int = 0) -> Path:
     cfg = get_preset(preset)
     return cache_dir() / f"pair-{preset}-s{seed}-{cfg.key()}"
+
+
+_PAIR_NAME = re.compile(r"pair-(?P<preset>.+)-s(?P<seed>\d+)-(?P<key>[0-9a-f]{10})")
+
+
+def pair_is_current(path: str | os.PathLike) -> bool | None:
+    """Whether ``path`` (a pair folder or a checkpoint in one) is what its preset builds today.
+
+    None if ``path`` is not in a pocket-pair folder; False if the preset's configuration or the
+    suite/build version changed since (the folder name holds the key it was built with), or the
+    preset is gone. Records of notebooks name their models, so a chapter run on an older pair
+    can be found stale (:mod:`pktlib.book`).
+    """
+    p = Path(path)
+    for folder in (p, p.parent):
+        m = _PAIR_NAME.fullmatch(folder.name)
+        if m:
+            return m["preset"] in PRESETS and PRESETS[m["preset"]].key() == m["key"]
+    return None
 
 
 def _pair(root: Path, variant: str) -> PocketPair:

@@ -321,3 +321,15 @@ def test_code_kinds_use_distinct_rules_within_their_moduli():
     assert len({name for name, *_ in kinds}) == 12
     with pytest.raises(zoo.PktError, match=r"`code_kinds`=13 exceeds the 12 rules"):
         zoo._code_kinds(zoo.SuiteConfig(code_kinds=13, code_moduli=(3, 5)))
+
+
+def test_pair_is_current_tells_old_pairs_from_current_ones(cache):
+    current = zoo.pair_dir("tiny", 3)
+    assert zoo.pair_is_current(current) is True
+    assert zoo.pair_is_current(current / "teacher-chat") is True
+    assert zoo.pair_is_current(current.with_name("pair-tiny-s3-0123456789") / "student-base") is False
+    assert zoo.pair_is_current(current.with_name(current.name.replace("tiny", "retired"))) is False
+    # after a change to the preset, the folder of the old configuration is no longer current
+    assert zoo.pair_is_current(current.with_name(f"pair-tiny-s3-{replace(zoo.PRESETS['tiny'], seq_len=64).key()}")) is False
+    for other in ("/tmp/some-model", "meta-llama/Llama-2-7b-chat-hf", ""):
+        assert zoo.pair_is_current(other) is None, other

@@ -1,0 +1,57 @@
+"""When `pkt book` re-executes a chapter: records older than their notebook or their pocket pair."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+
+from pktlib import zoo
+from pktlib.book import stale_reason
+from pktlib.records import record_path
+
+
+def _chapter(root: Path, name: str, models: dict, *, summary: bool = False) -> tuple[Path, Path]:
+    src, out = root / "notebooks" / f"{name}.ipynb", root / "book" / f"{name}.ipynb"
+    for p in (src, out):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        nb = nbformat.v4.new_notebook()
+        if summary:
+            nb.metadata["pktlib"] = {"summary": True}
+        nbformat.write(nb, p)
+    record_path(out).write_text(json.dumps({"models": models}))
+    return src, out
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = path.stat().st_mtime - seconds
+    os.utime(path, (t, t))
+
+
+def test_stale_when_missing_or_older_than_its_notebook(tmp_path):
+    src, out = _chapter(tmp_path, "a", {})
+    assert stale_reason(src, out, tmp_path) is None
+    _age(record_path(out), 100)
+    assert stale_reason(src, out, tmp_path) == "the notebook changed"
+    record_path(out).unlink()
+    assert stale_reason(src, out, tmp_path) == "not executed yet"
+
+
+def test_stale_when_run_on_a_pocket_pair_the_code_no_longer_builds(tmp_path):
+    current = zoo.pair_dir("tiny", 0)
+    old = current.with_name("pair-tiny-s0-0123456789")
+    src, out = _chapter(tmp_path, "a", {"teacher": {"source": str(current / "teacher-chat")},
+                                         "hub": {"source": "meta-llama/Llama-2-7b-chat-hf"}})
+    assert stale_reason(src, out, tmp_path) is None
+    src, out = _chapter(tmp_path, "b", {"teacher": {"source": str(current / "teacher-chat")},
+                                         "student": {"source": str(old / "student-chat")}})
+    assert stale_reason(src, out, tmp_path) == "its pocket pair changed (the student it logged)"
+
+
+def test_summary_stale_when_another_record_is_newer(tmp_path):
+    _chapter(tmp_path, "a", {})
+    src, out = _chapter(tmp_path, "summary", {}, summary=True)
+    _age(record_path(out), 100)
+    _age(src, 200)
+    assert stale_reason(src, out, tmp_path) == "newer records: a.record.json"
