@@ -9,8 +9,8 @@ import pytest
 from pktlib.data import Example, data_dir, format_prompt, load_task
 from pktlib.errors import PktError
 from pktlib.evaluation import (EvalResult, build_program, evaluate, extract_choice, extract_code, extract_number,
-                               group_scores, make_generator, numbers_equal, score_completions, stop_strings,
-                               truncate_at_stop, wilson_interval)
+                               group_scores, make_generator, numbers_equal, paired_test, score_completions,
+                               stop_strings, truncate_at_stop, wilson_interval)
 
 from conftest import make_model, make_tokenizer
 
@@ -67,6 +67,22 @@ def test_wilson_interval():
     lo, hi = wilson_interval(0, 10)
     assert lo == 0 and abs(hi - 27.75) < 0.02
     assert wilson_interval(0, 0) == (0.0, 100.0)
+
+
+def test_paired_test_is_exact_mcnemar():
+    # 7 questions only a gets right, 3 only b, 90 both or neither: p = 2 P(Bin(10, 1/2) <= 3) = 352/1024
+    a = [True] * 7 + [False] * 3 + [True] * 40 + [False] * 50
+    b = [False] * 7 + [True] * 3 + [True] * 40 + [False] * 50
+    t = paired_test(a, b)
+    assert (t.n, t.a_only, t.b_only) == (100, 7, 3)
+    assert t.p_value == pytest.approx(352 / 1024)
+    assert paired_test(b, a).p_value == pytest.approx(352 / 1024)  # symmetric
+    assert paired_test([True] * 10, [False] * 10).p_value == pytest.approx(2 / 2 ** 10)
+    assert paired_test([True] * 5, [False] * 5).p_value == pytest.approx(2 / 32)  # 5 vs 0 is not significant
+    assert paired_test([True, False], [True, False]).p_value == 1.0  # no discordant question
+    assert paired_test([True, False], [False, True]).p_value == 1.0  # capped, not 1.5
+    with pytest.raises(PktError, match="same questions"):
+        paired_test([True], [True, False])
 
 
 # ---------------------------------------------------------------------------- real benchmarks
