@@ -136,9 +136,8 @@ class ModelConfig:
     # Mixed precision while training this model: matmuls under torch.autocast in this dtype
     # ("bfloat16"); weights, optimiser state and saved checkpoints stay float32. A per-model
     # choice because the gain grows with the matrices: on this machine's CPU (AVX512-BF16) a
-    # default-teacher step takes 0.36 s instead of 0.48 s (base batches) and 0.27 instead of
-    # 0.32 s (chat batches), the student's 0.061 instead of 0.070 s and 0.052 instead of 0.050 s.
-    # None trains in float32 throughout.
+    # default-teacher step is 1.3x faster, a student step 1.05-1.15x
+    # (benchmarks/pocket_autocast.py). None trains in float32 throughout.
     autocast: str | None = None
 
     def __post_init__(self):
@@ -195,10 +194,11 @@ PRESETS: dict[str, PairConfig] = {
     # a wider ratio than Llama-2's, because at this scale a 1.25x model barely differs in what it learns.
     "default": PairConfig(
         # Depth carries the dependent arithmetic steps: a 5-layer teacher scored 35% on math where
-        # this one scores ~49% (the student 33%), with knowledge and code unchanged.
+        # this one scores 46-49% (the student 33%), with knowledge and code unchanged.
         # The teacher trains with bf16 matmuls, the student in float32: the teacher's stages are
         # 85% of the training time and bf16 makes them ~1.35x faster (252 + 341 s instead of
-        # 344 + 457 s); the student's small matrices gain ~5%, and float32 keeps its scores.
+        # 344 + 457 s). The student would save ~10 s; it stays float32 because the bf16 student
+        # scored 83.0 on code where the float32 one scores 78.3, less than 10 points behind the teacher.
         # Training takes 11.8 minutes, the whole `pkt zoo build` with scoring 12.7. All-float32
         # trained in 14.7-15.1 minutes (16.1-16.4 with scoring); all-bf16 left a code gap of 7.7.
         teacher=ModelConfig(n_layers=6, hidden_size=256, intermediate_size=688, autocast="bfloat16"),
