@@ -19,7 +19,6 @@ import yaml
 
 from pktlib.errors import PktError
 from pktlib.records import record_path, run_notebook
-from pktlib.zoo import pair_is_current
 
 __all__ = ["toc_entries", "notebook_chapters", "stale_reason", "execute_all", "build_book"]
 
@@ -79,6 +78,9 @@ def stale_reason(src: Path, out: Path, root: Path) -> str | None:
     except ValueError:
         return f"unreadable record {rec}"
     # A chapter run on a pocket pair the code no longer builds (a preset or training change).
+    # Imported here: building the HTML alone should not load torch.
+    from pktlib.zoo import pair_is_current
+
     old = sorted(role for role, m in models.items() if pair_is_current(m.get("source", "")) is False)
     return f"its pocket pair changed (the {', '.join(old)} it logged)" if old else None
 

@@ -808,14 +808,18 @@ def _stage_config(cfg: PairConfig, role: str, variant: str) -> TrainConfig:
     return replace(stage, lr=stage.lr_for(_role_model(cfg, role).hidden_size))
 
 
-def train_base(model, batches, cfg: PairConfig, *, seed: int, role: str = "teacher", progress=None) -> TrainLog:
-    return _run_steps(model, batches, _stage_config(cfg, role, "base"), seed=seed,
+def _train(model, batches, cfg: PairConfig, variant: str, *, seed: int, role: str, progress=None) -> TrainLog:
+    """One stage of ``role``'s training: the stage's config at this width, the model's autocast."""
+    return _run_steps(model, batches, _stage_config(cfg, role, variant), seed=seed,
                       autocast=_role_model(cfg, role).autocast, progress=progress)
+
+
+def train_base(model, batches, cfg: PairConfig, *, seed: int, role: str = "teacher", progress=None) -> TrainLog:
+    return _train(model, batches, cfg, "base", seed=seed, role=role, progress=progress)
 
 
 def train_chat(model, batches, cfg: PairConfig, *, seed: int, role: str = "teacher", progress=None) -> TrainLog:
-    return _run_steps(model, batches, _stage_config(cfg, role, "chat"), seed=seed,
-                      autocast=_role_model(cfg, role).autocast, progress=progress)
+    return _train(model, batches, cfg, "chat", seed=seed, role=role, progress=progress)
 
 
 # ========================================================================================
@@ -851,7 +855,7 @@ def pair_dir(preset: str = "default", seed: int = 0) -> Path:
     return cache_dir() / f"pair-{preset}-s{seed}-{cfg.key()}"
 
 
-_PAIR_NAME = re.compile(r"pair-(?P<preset>.+)-s(?P<seed>\d+)-(?P<key>[0-9a-f]{10})")
+_PAIR_NAME = re.compile(r"pair-(?P<preset>.+)-s(?P<seed>\d+)-[0-9a-f]{10}")  # as `pair_dir` writes it
 
 
 def pair_is_current(path: str | os.PathLike) -> bool | None:
@@ -865,8 +869,8 @@ def pair_is_current(path: str | os.PathLike) -> bool | None:
     p = Path(path)
     for folder in (p, p.parent):
         m = _PAIR_NAME.fullmatch(folder.name)
-        if m:
-            return m["preset"] in PRESETS and PRESETS[m["preset"]].key() == m["key"]
+        if m:  # `pair_dir` names the folder the current code would build
+            return m["preset"] in PRESETS and folder.name == pair_dir(m["preset"], int(m["seed"])).name
     return None
 
 
@@ -991,9 +995,8 @@ def build_pair(preset: str = "default", *, seed: int = 0, force: bool = False, p
             else:
                 model = LlamaForCausalLM.from_pretrained(paths[f"{role}-base"], dtype=torch.float32)
                 training = dict(read_card(paths[f"{role}-base"])["training"])
-            train = train_base if variant == "base" else train_chat
-            log = train(model, bb if variant == "base" else cb, cfg, role=role,
-                        seed=seed + (10 if variant == "chat" else 0), progress=lambda n: bar.update(n * per_token))
+            log = _train(model, bb if variant == "base" else cb, cfg, variant, role=role,
+                         seed=seed + (10 if variant == "chat" else 0), progress=lambda n: bar.update(n * per_token))
             training[variant] = asdict(log)
             card = {"name": name, "preset": preset, "seed": seed, "config_key": cfg.key(),
                     "architecture": spec(model.config).to_dict(), "parameters": _n_params(model),
