@@ -10,6 +10,15 @@ Vocabulary (DESIGN.md 4.1): for decoder layer ``l``
 * FFN neuron ``i`` is row ``i`` of ``up_proj`` / ``gate_proj`` and column ``i`` of ``down_proj``;
 * attention neuron ``j = h * head_dim + k`` is column ``j`` of ``o_proj``; its value row is row
   ``v_row(j)`` of ``v_proj`` (see :meth:`ModelSpec.v_row` for the grouped-query rule).
+
+:data:`MODULES` is the one table of that vocabulary: for each linear module, the block holding
+it, which axis of its ``(out, in)`` weight counts neurons (the other is the hidden axis), what
+that axis counts, and which neuron kind addresses it. Extraction, injection, the translator,
+the baselines, Post-Align and the analyses read it instead of keeping their own copies.
+
+Model arguments: every entry point that takes "a model" accepts a loaded model, a
+``(model, tokenizer)`` pair or a path / hub id, resolved in one place (:func:`resolve_model`);
+pairs of models are checked in one place too (:func:`check_pair`).
 """
 from __future__ import annotations
 
@@ -17,10 +26,11 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pktlib.errors import PktError
 
@@ -28,8 +38,15 @@ __all__ = [
     "ArchTemplate",
     "ARCHITECTURES",
     "ModelSpec",
+    "ModuleRole",
     "MODULES",
+    "NEURON_MODULES",
+    "TRANSFERRED_MODULES",
+    "VALUE_MODULES",
+    "module_role",
     "load_model",
+    "resolve_model",
+    "check_pair",
     "reference_config",
     "reference_spec",
     "REFERENCE_CONFIGS",
@@ -38,16 +55,47 @@ __all__ = [
     "weights_hash",
 ]
 
-# Module short names, in the paper's vocabulary, and which block holds them.
-MODULES: dict[str, str] = {
-    "up_proj": "mlp",
-    "gate_proj": "mlp",
-    "down_proj": "mlp",
-    "q_proj": "attn",
-    "k_proj": "attn",
-    "v_proj": "attn",
-    "o_proj": "attn",
+
+@dataclass(frozen=True)
+class ModuleRole:
+    """What one linear module of a decoder layer is, in the paper's vocabulary (DESIGN.md 4.1)."""
+
+    block: str  # "mlp" or "attn": the layer attribute holding it (ArchTemplate.mlp / .attn)
+    neuron_axis: int  # axis of the (out, in) weight that counts neurons: 0 = a neuron is a row, 1 = a column
+    axis_kind: str  # what that axis counts: "ffn" (intermediate_size), "attn" (n_heads*head_dim), "kv" (n_kv_heads*head_dim)
+    neuron: str | None  # the neuron kind addressing it: "ffn", "attn" (v_proj through ModelSpec.v_row), or None
+
+    @property
+    def hidden_axis(self) -> int:
+        """The other axis: the model's hidden size."""
+        return 1 - self.neuron_axis
+
+
+# The one table of module vocabulary. up/gate/q/k/v read the hidden state (a neuron is a row),
+# down/o write it (a neuron is a column). q and k rows are not neurons of DESIGN.md 4.1.
+MODULES: dict[str, ModuleRole] = {
+    "up_proj": ModuleRole("mlp", 0, "ffn", "ffn"),
+    "gate_proj": ModuleRole("mlp", 0, "ffn", "ffn"),
+    "down_proj": ModuleRole("mlp", 1, "ffn", "ffn"),
+    "q_proj": ModuleRole("attn", 0, "attn", None),
+    "k_proj": ModuleRole("attn", 0, "kv", None),
+    "v_proj": ModuleRole("attn", 0, "kv", "attn"),
+    "o_proj": ModuleRole("attn", 1, "attn", "attn"),
 }
+# Modules a neuron selection can slice and inject into (they have a neuron kind).
+NEURON_MODULES: tuple[str, ...] = tuple(m for m, r in MODULES.items() if r.neuron is not None)
+# The modules the paper transfers (DESIGN.md 4.3-4.5): LaTen, the baselines, Seeking, LoRA, the analyses.
+TRANSFERRED_MODULES: tuple[str, ...] = ("up_proj", "down_proj", "v_proj", "o_proj")
+# Whose column ``i`` is neuron ``i``'s value vector, the direction it writes into the hidden state.
+VALUE_MODULES: dict[str, str] = {"ffn": "down_proj", "attn": "o_proj"}
+
+
+def module_role(name: str, among: Sequence[str] | None = None) -> ModuleRole:
+    """The :class:`ModuleRole` of module ``name``; a clear error if it is not one of ``among`` (default: all)."""
+    allowed = MODULES if among is None else among
+    if name not in MODULES or name not in allowed:
+        raise PktError(f"unknown module {name!r}; expected one of {sorted(allowed)}")
+    return MODULES[name]
 
 
 @dataclass(frozen=True)
@@ -125,12 +173,12 @@ class ModelSpec:
         return self.n_layers * per_layer + self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d
 
     def n_neurons(self, kind: str) -> int:
-        """Neurons per layer of ``kind`` ("ffn" or "attn")."""
-        if kind == "ffn":
-            return self.intermediate_size
-        if kind == "attn":
-            return self.attn_size
-        raise ValueError(f"unknown neuron kind {kind!r}; expected 'ffn' or 'attn'")
+        """Entries per layer along a neuron axis of ``kind`` (:attr:`ModuleRole.axis_kind`): "ffn"
+        (FFN neurons), "attn" (attention neurons) or "kv" (key/value rows)."""
+        sizes = {"ffn": self.intermediate_size, "attn": self.attn_size, "kv": self.kv_size}
+        if kind not in sizes:
+            raise ValueError(f"unknown neuron kind {kind!r}; expected one of {sorted(sizes)}")
+        return sizes[kind]
 
     def v_row(self, j: torch.Tensor | int) -> torch.Tensor | int:
         """Row of ``v_proj`` holding the value of attention neuron ``j`` (DESIGN.md 4.1).
@@ -155,7 +203,7 @@ class ModelSpec:
         """Dotted path of module ``name`` (e.g. "up_proj") in layer ``l``."""
         if name not in MODULES:
             raise ValueError(f"unknown module {name!r}; expected one of {sorted(MODULES)}")
-        block = self.template.mlp if MODULES[name] == "mlp" else self.template.attn
+        block = self.template.mlp if MODULES[name].block == "mlp" else self.template.attn
         return f"{self.template.layers}.{l}.{block}.{name}"
 
     def param_name(self, l: int, name: str) -> str:
@@ -247,8 +295,6 @@ def _split_gguf(source: str) -> tuple[str, str | None]:
 
 def load_tokenizer(source: str | os.PathLike):
     """Tokenizer of ``source`` (hub id, local directory or ``.gguf`` file)."""
-    from transformers import AutoTokenizer
-
     path, gguf = _split_gguf(str(source))
     try:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
@@ -267,8 +313,6 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = N
     (dequantised by transformers through the ``gguf`` package). ``dtype`` defaults to the
     checkpoint's own (float32 for GGUF).
     """
-    from transformers import AutoModelForCausalLM
-
     source = str(source)
     path, gguf = _split_gguf(source)
     if not gguf and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
@@ -283,6 +327,76 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = N
     spec(model)  # fail early, with the list of supported architectures
     tok = load_tokenizer(source)
     return model.to(device).eval(), tok
+
+
+def resolve_model(model: Any, *, dtype: str | torch.dtype | None = "float32", device: str | torch.device | None = None,
+                  need_tokenizer: bool = False) -> tuple[nn.Module, Any, str]:
+    """``(model, tokenizer or None, source)`` from a model argument, by one rule for every entry point.
+
+    ``model`` is a loaded ``nn.Module`` (no tokenizer), a ``(model, tokenizer)`` pair, or a path /
+    hub id / ``.gguf`` file. A path is loaded by :func:`load_model` in ``dtype`` (float32 unless
+    asked otherwise: the CPU default, and what scoring and the analyses compare); a loaded model
+    keeps its own dtype. ``device``, if given, moves the model there. ``source`` is the path, or
+    the loaded model's ``_name_or_path`` ("<in memory>" if it has none). ``need_tokenizer``: a bare
+    module (no tokenizer) is an error.
+    """
+    if isinstance(model, (tuple, list)):
+        if len(model) != 2 or not isinstance(model[0], nn.Module):
+            raise PktError(f"an in-memory model is a (model, tokenizer) pair, got {len(model)} items "
+                           f"starting with {type(model[0]).__name__ if model else 'nothing'}")
+        m, tok = model
+    elif isinstance(model, nn.Module):
+        if need_tokenizer:
+            raise PktError("the model's tokenizer is needed here: pass a (model, tokenizer) pair or a model path")
+        m, tok = model, None
+    elif isinstance(model, (str, os.PathLike)):
+        m, tok = load_model(model, dtype=dtype, device=str(device or "cpu"))
+        return m, tok, str(model)
+    else:
+        raise PktError(f"expected a model, a (model, tokenizer) pair or a model path, got {type(model).__name__}")
+    source = getattr(getattr(m, "config", None), "_name_or_path", "") or "<in memory>"
+    return (m.to(device) if device is not None else m), tok, source
+
+
+def check_pair(teacher: nn.Module | ModelSpec, student: nn.Module | ModelSpec, *, method: str,
+               larger: Sequence[str] = ("hidden_size", "intermediate_size", "attn_size"),
+               same: Sequence[str] = (), tokenizers: tuple[Any, Any] = (None, None),
+               modules: Sequence[str] = ()) -> tuple[ModelSpec, ModelSpec]:
+    """Specs of a teacher/student pair ``method`` can work with; a :class:`PktError` naming what is wrong.
+
+    ``larger``: :class:`ModelSpec` sizes in which the teacher must be at least the student's
+    (every method here maps a larger model into a smaller one). ``same``: sizes both must share
+    (LaTen pairs attention neurons inside heads: ``head_dim``; the unaligned baselines add
+    teacher rows to student rows of the same tokens: ``vocab_size``, and then ``tokenizers``, if
+    both are given, must have the same vocabulary). ``modules``: modules both models must have
+    (checked on loaded models, in layer 0).
+    """
+    ts = teacher if isinstance(teacher, ModelSpec) else spec(teacher)
+    ss = student if isinstance(student, ModelSpec) else spec(student)
+    for size in same:
+        a, b = getattr(ts, size), getattr(ss, size)
+        if a != b:
+            raise PktError(f"teacher {size} {a} != student {size} {b}: both must be equal for {method}"
+                           + (" (a shared vocabulary)" if size == "vocab_size" else ""))
+    t_tok, s_tok = tokenizers
+    if "vocab_size" in same and t_tok is not None and s_tok is not None and t_tok.get_vocab() != s_tok.get_vocab():
+        raise PktError(f"teacher and student tokenizers have different vocabularies; {method} needs a shared one")
+    smaller = [f"{size} {getattr(ts, size)} < {getattr(ss, size)}" for size in larger
+               if getattr(ts, size) < getattr(ss, size)]
+    if smaller:
+        raise PktError(f"the teacher is smaller than the student ({', '.join(smaller)}); for {method} it must be at "
+                       "least as large (swap teacher and student?)")
+    for role, m, s in (("teacher", teacher, ts), ("student", student, ss)):
+        if isinstance(m, nn.Module):
+            for name in modules:
+                try:
+                    w = s.weight(m, 0, name)
+                except AttributeError:
+                    raise PktError(f"the {role} ({s.arch}) has no module {name!r} at {s.module_path(0, name)}; "
+                                   f"{method} uses {list(modules)}") from None
+                if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                    raise PktError(f"the {role}'s {s.module_path(0, name)} has no 2-D weight")
+    return ts, ss
 
 
 def weights_hash(model_or_dir: nn.Module | str | os.PathLike, n: int = 16) -> str:
@@ -324,8 +438,6 @@ REFERENCE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def reference_config(name: str):
     """A transformers config (no weights, no download) of a model in :data:`REFERENCE_CONFIGS`."""
-    from transformers import AutoConfig
-
     if name not in REFERENCE_CONFIGS:
         raise PktError(f"unknown reference model {name!r}; known: {', '.join(REFERENCE_CONFIGS)}")
     model_type, kwargs = REFERENCE_CONFIGS[name]

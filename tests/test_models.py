@@ -4,7 +4,8 @@ import torch
 from conftest import make_model
 from gguf_writer import write_llama_gguf
 from pktlib.errors import PktError
-from pktlib.models import ARCHITECTURES, load_model, reference_spec, spec, weights_hash
+from pktlib.models import (ARCHITECTURES, MODULES, NEURON_MODULES, check_pair, load_model, reference_spec,
+                           resolve_model, spec, weights_hash)
 
 
 def test_spec_dimensions(tiny_model, arch):
@@ -120,3 +121,53 @@ def test_n_parameters_of_reference_models():
     # the published Llama-2 parameter counts
     assert reference_spec("Llama-2-7b-chat").n_parameters == 6_738_415_616
     assert reference_spec("Llama-2-13b-chat").n_parameters == 13_015_864_320
+
+
+def test_module_table_matches_real_weights(tiny_model):
+    """MODULES says which axis of each weight counts which neurons; the weights agree in every architecture."""
+    s = spec(tiny_model)
+    for name, role in MODULES.items():
+        w = s.weight(tiny_model, 1, name)  # (out, in)
+        assert w.shape[role.neuron_axis] == s.n_neurons(role.axis_kind), (s.arch, name)
+        assert w.shape[role.hidden_axis] == s.hidden_size, (s.arch, name)
+        assert s.module_path(1, name).split(".")[-2] == (s.template.mlp if role.block == "mlp" else s.template.attn)
+        if role.neuron == "attn":  # o_proj columns are attention neurons; v_proj rows are reached through v_row
+            rows = s.v_row(torch.arange(s.attn_size))
+            assert int(rows.max()) + 1 == w.shape[role.neuron_axis] or name == "o_proj"
+    assert all(MODULES[m].neuron for m in NEURON_MODULES) and "q_proj" not in NEURON_MODULES
+
+
+def test_resolve_model_one_rule(tiny_dir, tokenizer):
+    m, tok, src = resolve_model(tiny_dir)
+    assert next(m.parameters()).dtype == torch.float32 and tok is not None and src == str(tiny_dir)
+    m16, _, _ = resolve_model(tiny_dir, dtype="bfloat16")
+    assert next(m16.parameters()).dtype == torch.bfloat16
+    same, tok2, _ = resolve_model((m16, tokenizer))  # a loaded model keeps its dtype
+    assert same is m16 and tok2 is tokenizer
+    bare, none, src = resolve_model(m)
+    assert bare is m and none is None and src == str(tiny_dir)
+    with pytest.raises(PktError, match="tokenizer is needed"):
+        resolve_model(m, need_tokenizer=True)
+    with pytest.raises(PktError, match="got int"):
+        resolve_model(3)
+    with pytest.raises(PktError, match="pair, got 3 items"):
+        resolve_model((m, tokenizer, tokenizer))
+
+
+def test_check_pair_names_what_differs(tokenizer):
+    big = make_model("llama", tokenizer=tokenizer, hidden_size=128, intermediate_size=192, n_layers=4, n_heads=8)
+    small = make_model("llama", tokenizer=tokenizer, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4)
+    ts, ss = check_pair(big, small, method="M", same=("head_dim",), modules=("up_proj",))
+    assert (ts.n_layers, ss.n_layers) == (4, 2)
+    with pytest.raises(PktError, match=r"smaller than the student \(hidden_size 64 < 128, intermediate_size 96 < 192, "
+                                       r"attn_size 64 < 128\); for M"):
+        check_pair(small, big, method="M")
+    with pytest.raises(PktError, match="teacher head_dim 32 != student head_dim 16: both must be equal for M"):
+        check_pair(make_model("llama", tokenizer=tokenizer, hidden_size=128, n_heads=4), small, method="M",
+                   same=("head_dim",))
+    with pytest.raises(PktError, match="n_layers 2 < 4"):
+        check_pair(small, big, method="M", larger=("n_layers",))
+    del big.model.layers[0].mlp.up_proj
+    with pytest.raises(PktError, match="the teacher .* has no module 'up_proj'"):
+        check_pair(big, small, method="M", modules=("up_proj",))
+
