@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
@@ -46,8 +45,8 @@ def _batches(cfg: zoo.PairConfig, kind: str, n: int, seed: int) -> list[dict[str
 def _step_seconds(model_cfg: zoo.ModelConfig, tokenizer, batches, autocast: str | None, seed: int) -> float:
     model = zoo.build_model(model_cfg, tokenizer, seed=seed)
     train = zoo.TrainConfig(epochs=1.0, batch_size=len(batches[0]["input_ids"]), lr=1e-4)
-    zoo._run_steps(model, batches[:1], train, seed=seed, autocast=autocast)  # warm-up
-    log = zoo._run_steps(model, batches, train, seed=seed, autocast=autocast)
+    zoo.train_stage(model, batches[:1], train, seed=seed, autocast=autocast)  # warm-up
+    log = zoo.train_stage(model, batches, train, seed=seed, autocast=autocast)
     return log.seconds / len(batches)
 
 
