@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pktlib import attribution as A  # noqa: E402
+from pktlib.lens import LogitLens  # noqa: E402
 from pktlib.models import spec  # noqa: E402
 
 KEYS = ("ffn", "attn", "ffn_layers", "attn_layers")
@@ -76,7 +77,7 @@ def per_layer_original(model, recs, normaliser="rms"):
     unembedding together as an (N, d) batch, then Python bookkeeping per neuron (a list of
     ``("layer_neuron", score)`` entries, sorted, parsed back and accumulated one by one)."""
     s = spec(model)
-    lens = A.LogitLens.of(model, s)
+    lens = LogitLens.of(model, s)
     rho_fn = A.NORMALISERS[normaliser]
     L = s.n_layers
     out = _zero_scores(s)
@@ -109,7 +110,7 @@ def per_layer_original(model, recs, normaliser="rms"):
 def one_neuron(model, recs, normaliser="rms"):
     """One neuron at a time, a full softmax over the vocabulary each time."""
     s = spec(model)
-    lens = A.LogitLens.of(model, s)
+    lens = LogitLens.of(model, s)
     rho_fn = A.NORMALISERS[normaliser]
     L = s.n_layers
     out = _zero_scores(s)
@@ -138,7 +139,7 @@ def vectorised_scoring(model, recs, normaliser="rms", chunk_size=4096):
     s = spec(model)
     rec = A._Recorded.cat(recs)
     rho = A.NORMALISERS[normaliser](rec.h_final, s.norm_eps)
-    per = A._score_group(model, s, A.LogitLens.of(model, s), rec, rho, chunk_size, None)
+    per = A._score_group(model, s, LogitLens.of(model, s), rec, rho, chunk_size, None)
     return {k: v.sum(0) for k, v in per.items()}
 
 

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from pktlib.extraction import best_submatrix, window_sums
+from pktlib.seeking import best_submatrix, window_sums
 
 from pktlib.models import reference_spec  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Logit-lens neuron attribution (FFN and attention), layer/neuron selection, neuron inspection.
+"""Logit-lens neuron attribution (FFN and attention) and layer/neuron selection.
 
 Definitions (DESIGN.md 4.1-4.2; Yu and Ananiadou 2024, "Neuron-level knowledge attribution in
 large language models", as used by Tan et al. 2025, "Neural Incompatibility"):
@@ -52,11 +52,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from pktlib.errors import PktError
 from pktlib.hooks import hooked
-from pktlib.models import ModelSpec, spec
+from pktlib.lens import LogitLens, lens_scores
+from pktlib.models import VALUE_MODULES, ModelSpec, spec
+from pktlib.records import atomic_path
 
 __all__ = [
     "Attribution",
@@ -65,15 +70,10 @@ __all__ = [
     "STRIP_CHARS",
     "attribute",
     "scored_text",
-    "LogitLens",
-    "lens_scores",
     "top_layers",
     "top_neurons",
     "select",
     "layer_budget",
-    "top_tokens",
-    "carriers",
-    "carrier_table",
     "save_attribution",
     "load_attribution",
 ]
@@ -81,9 +81,6 @@ __all__ = [
 # Trailing answer characters dropped before choosing the target token (the original code's list).
 STRIP_CHARS = '."), ]\n'
 KINDS = ("ffn", "attn")
-
-_LOG2E, _LN2 = 1.0 / math.log(2.0), math.log(2.0)
-_SAFE_EXP2 = 100.0  # largest |a U| (base 2) evaluated without a max shift: 2^100 << float32 max 2^128
 
 # Recorded vectors of one group of examples share each U chunk; this bounds their memory.
 _GROUP_BYTES = 512 * 2**20
@@ -144,14 +141,14 @@ class Attribution:
 
     def scores(self, kind: str, *, example: int | None = None) -> Tensor:
         """Neuron scores of ``kind`` ("ffn"/"attn"): summed (L, N), or of one example."""
-        _check_kind(kind)
+        check_kind(kind)
         if example is None:
             return self.ffn if kind == "ffn" else self.attn
         return _one_example(self.ffn_per_example if kind == "ffn" else self.attn_per_example, example)
 
     def layer_scores(self, kind: str, *, example: int | None = None) -> Tensor:
         """Layer scores of ``kind``: summed (L,), or of one example."""
-        _check_kind(kind)
+        check_kind(kind)
         if example is None:
             return self.ffn_layers if kind == "ffn" else self.attn_layers
         return _one_example(self.ffn_layers_per_example if kind == "ffn" else self.attn_layers_per_example, example)
@@ -189,101 +186,10 @@ def _one_example(per: Tensor | None, example: int) -> Tensor:
     return per[example]
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
+    """A clear error unless ``kind`` is a neuron kind of the attribution ("ffn" or "attn")."""
     if kind not in KINDS:
         raise PktError(f"unknown neuron kind {kind!r}; expected 'ffn' or 'attn'")
-
-
-# ======================================================================== the logit lens
-
-
-@dataclass
-class LogitLens:
-    """``z(v) = E (g * v) / rho + bias`` with the final norm's weight ``g`` and unembedding ``E``."""
-
-    E: Tensor  # (V, d) float32
-    g: Tensor  # (d,) float32
-    bias: Tensor | None = None  # (V,)
-
-    @classmethod
-    def of(cls, model: nn.Module, s: ModelSpec | None = None, device: torch.device | None = None) -> "LogitLens":
-        s = s or spec(model)
-        head = s.unembedding(model)
-        dev = device or head.weight.device
-        bias = getattr(head, "bias", None)
-        return cls(E=head.weight.detach().to(dev, torch.float32),
-                   g=s.final_norm(model).weight.detach().to(dev, torch.float32),
-                   bias=None if bias is None else bias.detach().to(dev, torch.float32))
-
-    def logits(self, v: Tensor, rho: Tensor) -> Tensor:
-        """(B, d), (B,) -> (B, V)."""
-        z = (v * self.g / rho[:, None]) @ self.E.T
-        return z if self.bias is None else z + self.bias
-
-    def logprob(self, v: Tensor, rho: Tensor, target: Tensor) -> Tensor:
-        """log p(t | v) for each row: (B, d), (B,), (B,) -> (B,)."""
-        z = self.logits(v, rho)
-        return z.gather(1, target[:, None])[:, 0] - torch.logsumexp(z, -1)
-
-    def directions(self, W: Tensor) -> Tensor:
-        """``U = E diag(g) W``: the vocabulary direction of each column of ``W`` (d, C) -> (V, C)."""
-        return self.E @ (self.g[:, None] * W.to(self.E.dtype))
-
-    def directions_t(self, W: Tensor) -> Tensor:
-        """``U.T``, computed in that layout: (d, C) -> (C, V), contiguous."""
-        return (W.T.to(self.E.dtype) * self.g) @ self.E.T
-
-
-def lens_scores(lens: LogitLens, base: Tensor, coeffs: Tensor, W: Tensor, rho: Tensor, target: Tensor,
-                *, chunk_size: int = 4096) -> Tensor:
-    """Score of every neuron: ``log p(t | base + c_i W[:, i]) - log p(t | base)``.
-
-    ``base`` (B, d), ``coeffs`` (B, N), ``W`` (d, N), ``rho`` (B,), ``target`` (B,) -> (B, N).
-    Exact, with no loop over neurons: ``U = E diag(g) W`` is computed once per chunk of
-    ``chunk_size`` columns and shared by the B examples; only the log-sum-exp of
-    ``z0 + (c_i / rho) U[:, i]`` over the vocabulary is per neuron and example, evaluated in
-    blocks of at most ``chunk_size`` x vocab elements.
-    """
-    B, d = base.shape
-    N = W.shape[1]
-    assert coeffs.shape == (B, N), f"coeffs {tuple(coeffs.shape)} != (B, N) = {(B, N)}"
-    assert W.shape[0] == d, f"W has {W.shape[0]} rows, base has d = {d}"
-    z0 = lens.logits(base, rho)  # (B, V)
-    m0 = z0.amax(-1)  # (B,)
-    lse0 = torch.logsumexp(z0, -1)  # (B,)
-    # Work in base 2 (exp2 is several times cheaper than exp on CPUs) and relative to each
-    # example's largest base logit, so that z = z0 - m0 + a U needs no max pass of its own
-    # unless a neuron moves some logit by a lot (the `unsafe` pairs below, redone exactly).
-    z0s = (z0 - m0[:, None]).mul_(_LOG2E)  # (B, V), <= 0
-    a = coeffs / rho[:, None]  # (B, N): the neuron's step along U[:, i] in logit space
-    out = torch.empty(B, N, dtype=torch.float32, device=base.device)
-    buf = torch.empty(0, dtype=torch.float32, device=base.device)
-    for s in range(0, N, chunk_size):
-        e = min(N, s + chunk_size)
-        C = e - s
-        UT2 = lens.directions_t(W[:, s:e]).mul_(_LOG2E)  # (C, V) in base 2, vocabulary last
-        a_c = a[:, s:e]  # (B, C)
-        target_gain = a_c * UT2[:, target].T * _LN2  # (B, C): the target logit moves by a * U[t]
-        # |a U| <= bound: 2^(z) can neither overflow nor leave only underflowed terms below 2^100
-        unsafe = a_c.abs() * UT2.abs().amax(-1) > _SAFE_EXP2  # (B, C)
-        nb = max(1, chunk_size // C)  # examples per block: a block is <= chunk_size * V elements
-        for b0 in range(0, B, nb):
-            b1 = min(B, b0 + nb)
-            n = (b1 - b0) * C * UT2.shape[1]
-            if buf.numel() < n:
-                buf = torch.empty(n, dtype=torch.float32, device=base.device)
-            z = buf[:n].view(b1 - b0, C, -1)  # (nb, C, V), reused: no page faults per block
-            torch.addcmul(z0s[b0:b1, None, :], a_c[b0:b1, :, None], UT2[None], out=z)
-            lse = z.exp2_().sum(-1).log2_().mul_(_LN2).add_(m0[b0:b1, None])  # (nb, C)
-            out[b0:b1, s:e] = target_gain[b0:b1] - lse + lse0[b0:b1, None]
-        if unsafe.any():  # rare: redo those (example, neuron) pairs with an exact max shift
-            bi, ci = unsafe.nonzero(as_tuple=True)
-            for k0 in range(0, bi.numel(), max(1, chunk_size)):
-                b_, c_ = bi[k0:k0 + chunk_size], ci[k0:k0 + chunk_size]
-                zz = z0[b_] + (a_c[b_, c_, None] * UT2[c_]) * _LN2  # (K, V)
-                out[b_, s + c_] = target_gain[b_, c_] - torch.logsumexp(zz, -1) + lse0[b_]
-    del buf
-    return out
 
 
 # ======================================================================== text and targets
@@ -411,8 +317,8 @@ def _score_group(model: nn.Module, s: ModelSpec, lens: LogitLens, rec: _Recorded
     t = rec.target
     for l in range(L):
         x, r = rec.x[:, l], rec.x[:, l] + rec.attn_out[:, l]  # (B, d)
-        W_o = s.weight(model, l, "o_proj").detach()  # (d, A)
-        W_down = s.weight(model, l, "down_proj").detach()  # (d, N)
+        W_o = s.weight(model, l, VALUE_MODULES["attn"]).detach()  # (d, A)
+        W_down = s.weight(model, l, VALUE_MODULES["ffn"]).detach()  # (d, N)
         attn[:, l] = lens_scores(lens, x, rec.attn_coef[:, l], W_o, rho, t, chunk_size=chunk_size).cpu()
         ffn[:, l] = lens_scores(lens, r, rec.ffn_coef[:, l], W_down, rho, t, chunk_size=chunk_size).cpu()
         lp_x, lp_r = lens.logprob(x, rho, t), lens.logprob(r, rho, t)
@@ -451,12 +357,8 @@ def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, 
     was_training = model.training
     model.eval()
     per: dict[str, list[Tensor]] = {"ffn": [], "attn": [], "ffn_layers": [], "attn_layers": []}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        # each example counts twice: once for its forward pass, once for its scoring
-        bar = tqdm(total=2 * len(seqs), desc="attribution (forward + scoring)", unit="step")
+    # each example counts twice: once for its forward pass, once for its scoring
+    bar = tqdm(total=2 * len(seqs), desc="attribution (forward + scoring)", unit="step") if progress else None
     try:
         for g0 in range(0, len(order), group):
             idx = order[g0:g0 + group]
@@ -551,68 +453,11 @@ def layer_budget(teacher_spec: ModelSpec, student_spec: ModelSpec, transfer_rate
     return n_layers, k_ffn, k_attn
 
 
-# ======================================================================== inspection
-
-
-@torch.no_grad()
-def top_tokens(model: nn.Module, tokenizer, layer: int, kind: str, index: int | Sequence[int], k: int = 10,
-               ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
-    """Tokens a neuron's value vector promotes through the logit lens (paper Figure 5).
-
-    The value vector is column ``index`` of ``down_proj`` (``kind="ffn"``) or of ``o_proj``
-    (``kind="attn"``), scaled by the final norm's weight and unembedded: ``E (g * w)``. Returns
-    ``[(token, logit), ...]`` by descending logit, or one such list per index if ``index`` is a
-    sequence.
-    """
-    _check_kind(kind)
-    s = spec(model)
-    n = s.n_neurons(kind)
-    idx = [index] if isinstance(index, int) else list(index)
-    bad = [i for i in idx if not 0 <= int(i) < n]
-    if bad:
-        raise PktError(f"{kind} neuron index {bad[:5]} out of range: layer {layer} has {n} {kind} neurons")
-    lens = LogitLens.of(model, s)
-    W = s.weight(model, layer, "down_proj" if kind == "ffn" else "o_proj").detach()  # (d, N)
-    U = lens.directions(W[:, torch.tensor(idx, dtype=torch.long, device=W.device)])  # (V, n_idx)
-    k = min(k, U.shape[0])
-    vals, ids = U.topk(k, dim=0)  # (k, n_idx)
-    out = [[(tokenizer.decode([int(ids[r, c])]), float(vals[r, c])) for r in range(k)] for c in range(len(idx))]
-    return out[0] if isinstance(index, int) else out
-
-
-def carriers(attribution: Attribution, example: int | None = None, *, kind: str = "ffn", k: int = 10,
-             layers: Sequence[int] | None = None) -> list[tuple[int, int, float]]:
-    """Which neurons carried an answer: the ``k`` best ``(layer, neuron, score)`` over all layers
-    (or ``layers``), for one example's scores (``per_example=True``) or the summed scores."""
-    S = attribution.scores(kind, example=example)  # (L, N)
-    ls = list(range(S.shape[0])) if layers is None else [int(l) for l in layers]
-    sub = S[ls]
-    k = min(k, sub.numel())
-    vals, flat = sub.flatten().topk(k)
-    N = sub.shape[1]
-    return [(ls[int(f) // N], int(f) % N, float(v)) for f, v in zip(flat, vals)]
-
-
-def carrier_table(model: nn.Module, tokenizer, attribution: Attribution, example: int | None = None, *,
-                  kind: str = "ffn", k: int = 10, n_tokens: int = 5,
-                  layers: Sequence[int] | None = None) -> list[dict[str, object]]:
-    """:func:`carriers` with each neuron's top tokens: rows of layer, neuron, score, tokens."""
-    rows = []
-    for l, j, sc in carriers(attribution, example, kind=kind, k=k, layers=layers):
-        toks = top_tokens(model, tokenizer, l, kind, j, k=n_tokens)
-        rows.append({"layer": l, "neuron": j, "score": sc, "tokens": " | ".join(repr(t)[1:-1] for t, _ in toks)})
-    return rows
-
-
 # ======================================================================== files
 
 
 def save_attribution(attribution: Attribution, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write ``attribution`` as safetensors, atomically (temporary file, then ``os.replace``)."""
-    from safetensors.torch import save_file
-
-    from pktlib.records import atomic_path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"normaliser": attribution.normaliser, **{k: str(v) for k, v in (metadata or {}).items()}}
@@ -623,8 +468,6 @@ def save_attribution(attribution: Attribution, path: str | os.PathLike, metadata
 
 def load_attribution(path: str | os.PathLike) -> Attribution:
     """Read a file written by :func:`save_attribution` (or ``pkt attribute``)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise PktError(f"attribution file not found: {path}")

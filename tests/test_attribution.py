@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import pytest
 import torch
 
 from conftest import make_model
 from pktlib import attribution as A
+from pktlib import lens as L
+from pktlib.analysis import inspection
 from pktlib.errors import PktError
 from pktlib.hooks import capture
 from pktlib.models import spec
@@ -180,30 +181,30 @@ def test_lens_scores_large_steps_and_safe_path(monkeypatch):
     """Neurons that move logits by hundreds take the exact max-shift path; results still exact."""
     torch.manual_seed(1)
     V, d, N, B = 40, 6, 17, 3
-    lens = A.LogitLens(E=torch.randn(V, d), g=torch.rand(d) + 0.5)
+    lens = L.LogitLens(E=torch.randn(V, d), g=torch.rand(d) + 0.5)
     base, W = torch.randn(B, d), torch.randn(d, N)
     coeffs = torch.randn(B, N) * torch.logspace(-2, 3, N)  # up to |a U| of several hundred
     rho, t = torch.rand(B) + 0.5, torch.randint(0, V, (B,))
     expect = _lens_scores_direct(lens, base, coeffs, W, rho, t).float()
-    got = A.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=8)
+    got = L.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=8)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4 * expect.abs().max().item())
-    monkeypatch.setattr(A, "_SAFE_EXP2", 0.0)  # every pair through the exact path
-    torch.testing.assert_close(A.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=8), got,
+    monkeypatch.setattr(L, "_SAFE_EXP2", 0.0)  # every pair through the exact path
+    torch.testing.assert_close(L.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=8), got,
                                rtol=1e-5, atol=1e-5 * expect.abs().max().item())
-    monkeypatch.setattr(A, "_SAFE_EXP2", float("inf"))  # none: large steps would overflow 2^x
-    assert not torch.isfinite(A.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=8)).all()
+    monkeypatch.setattr(L, "_SAFE_EXP2", float("inf"))  # none: large steps would overflow 2^x
+    assert not torch.isfinite(L.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=8)).all()
 
 
 def test_lens_scores_chunking_invariant():
     torch.manual_seed(0)
     V, d, N, B = 50, 8, 23, 4
-    lens = A.LogitLens(E=torch.randn(V, d), g=torch.rand(d) + 0.5)
+    lens = L.LogitLens(E=torch.randn(V, d), g=torch.rand(d) + 0.5)
     base, coeffs, W = torch.randn(B, d), torch.randn(B, N) * 3, torch.randn(d, N)
     rho, t = torch.rand(B) + 0.5, torch.randint(0, V, (B,))
-    full = A.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=1000)
+    full = L.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=1000)
     for cs in (1, 5, 23):
-        torch.testing.assert_close(A.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=cs), full)
+        torch.testing.assert_close(L.lens_scores(lens, base, coeffs, W, rho, t, chunk_size=cs), full)
     # direct check of one entry
     z0 = (base[2] * lens.g / rho[2]) @ lens.E.T
     z1 = ((base[2] + coeffs[2, 7] * W[:, 7]) * lens.g / rho[2]) @ lens.E.T
@@ -274,32 +275,32 @@ def test_layer_budget(tokenizer):
 
 def test_top_tokens(models, tokenizer):
     m = models["qwen2"]
-    got = A.top_tokens(m, tokenizer, 1, "ffn", 5, k=4)
+    got = inspection.top_tokens(m, tokenizer, 1, "ffn", 5, k=4)
     v = m.lm_head.weight @ (m.model.norm.weight * m.model.layers[1].mlp.down_proj.weight[:, 5])
     vals, ids = v.topk(4)
     assert [t for t, _ in got] == [tokenizer.decode([int(i)]) for i in ids]
     assert [x for _, x in got] == pytest.approx(vals.tolist(), rel=1e-5)
-    many = A.top_tokens(m, tokenizer, 2, "attn", [0, 17], k=3)
+    many = inspection.top_tokens(m, tokenizer, 2, "attn", [0, 17], k=3)
     w = m.lm_head.weight @ (m.model.norm.weight * m.model.layers[2].self_attn.o_proj.weight[:, 17])
     assert [x for _, x in many[1]] == pytest.approx(w.topk(3).values.tolist(), rel=1e-5)
     with pytest.raises(PktError, match="out of range"):
-        A.top_tokens(m, tokenizer, 0, "attn", 64)
+        inspection.top_tokens(m, tokenizer, 0, "attn", 64)
     with pytest.raises(PktError, match="kind"):
-        A.top_tokens(m, tokenizer, 0, "mlp", 0)
+        inspection.top_tokens(m, tokenizer, 0, "mlp", 0)
 
 
 def test_carriers(models, tokenizer):
     a = A.attribute(models["llama"], tokenizer, PAIRS[:3], per_example=True)
-    top = A.carriers(a, 1, kind="attn", k=5)
+    top = inspection.carriers(a, 1, kind="attn", k=5)
     per = a.attn_per_example[1]
     assert [s for *_, s in top] == pytest.approx(per.flatten().topk(5).values.tolist())
     for l, j, sc in top:
         assert per[l, j].item() == pytest.approx(sc)
-    only = A.carriers(a, kind="ffn", k=3, layers=[2])
+    only = inspection.carriers(a, kind="ffn", k=3, layers=[2])
     assert all(l == 2 for l, _, _ in only)
     summed_only = A.Attribution(a.ffn, a.attn, a.ffn_layers, a.attn_layers)
     with pytest.raises(PktError, match="per-example"):
-        A.carriers(summed_only, 0)
+        inspection.carriers(summed_only, 0)
 
 
 def test_save_load_roundtrip(models, tokenizer, tmp_path):
@@ -311,34 +312,20 @@ def test_save_load_roundtrip(models, tokenizer, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """``pkt ARGS`` in this process (a subprocess would spend most of its time importing)."""
-    from pktlib import cli
-
-    monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr().err
-
-
-def test_cli_attribute(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_cli_attribute(tiny_dir, tmp_path, pkt):
     task = tmp_path / "task.jsonl"
     rows = [{"messages": [{"role": "user", "content": p.strip()}, {"role": "assistant", "content": a}]}
             for p, a in PAIRS]
     task.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "scores.safetensors"
-    code, err = run_cli(monkeypatch, capsys, "attribute", tiny_dir, "--task", task, "--limit", 3, "--out", out,
-                        "--per-example")
+    code, _, err = pkt("attribute", tiny_dir, "--task", task, "--limit", 3, "--out", out, "--per-example")
     assert code == 0, err
     a = A.load_attribution(out)
     assert a.ffn.shape == (3, 96) and a.attn.shape == (3, 64) and a.n_examples == 3
     assert a.ffn_per_example.shape == (3, 3, 96)
     torch.testing.assert_close(a.ffn, a.ffn_per_example.sum(0), rtol=1e-5, atol=1e-5)
-    code, err = run_cli(monkeypatch, capsys, "attribute", tiny_dir, "--task", task, "--normaliser", "x")
-    assert code == 1 and "normaliser" in err and "Traceback" not in err
+    code, _, err = pkt("attribute", tiny_dir, "--task", task, "--normaliser", "x")
+    assert code == 1 and "normaliser" in err
 
 
 def test_bfloat16_model_runs_in_float32(models, tokenizer):

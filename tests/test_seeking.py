@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import PAIRS, make_model
+from pktlib.attribution import top_layers
 from pktlib.errors import PktError
-from pktlib.extraction import (best_submatrix, choose_layers, seeking_extract, sensitivity,
-                               window_sums)
 from pktlib.models import spec
+from pktlib.seeking import best_submatrix, seeking_extract, sensitivity, window_sums
 
 
 def brute_force(scores: torch.Tensor, shape: tuple[int, int]) -> tuple[int, int]:
@@ -75,12 +75,6 @@ def test_best_submatrix_negative_and_large_offsets():
     assert best_submatrix(scores + 1e4, (13, 9)) == brute_force(scores + 1e4, (13, 9))
 
 
-def test_choose_layers():
-    assert choose_layers(torch.tensor([1.0, 5.0, 3.0, 4.0]), 2) == [1, 3]
-    assert choose_layers(torch.tensor([2.0, 2.0, 2.0]), 2) == [0, 1]  # ties: lower index
-    assert choose_layers(torch.tensor([1.0, 2.0]), 5) == [0, 1]
-
-
 
 
 
@@ -131,7 +125,7 @@ def test_seeking_extract_cuts_student_shapes(tokenizer):
     sens = sensitivity(teacher, tokenizer, PAIRS, progress=False)
     ex = seeking_extract(teacher, sens, student, progress=False)
     ts, ss = spec(teacher), spec(student)
-    assert ex.teacher_layers == choose_layers(sens.layer_totals, 2)
+    assert ex.teacher_layers == top_layers(sens.layer_totals, 2)  # the layer choice of attribution, ties included
     for (j, m), mat in ex.matrices.items():
         assert mat.shape == ss.weight(student, j, m).shape
         r, c = ex.windows[(j, m)]
