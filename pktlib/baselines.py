@@ -26,30 +26,31 @@ up/gate, columns of down); attention neurons (rows of q, columns of o); key/valu
 and are chosen on their own otherwise.
 
 ``seeking_transfer`` is the paper's "Seeking without training": Seeking's extraction
-(:mod:`pktlib.extraction`), as a rank-r product ``B A`` by default, added to the student.
+(:mod:`pktlib.seeking`), as a rank-r product ``B A`` by default, added to the student.
 
 Variants are string values dispatched through the registries :data:`LAYER_CHOICES`,
 :data:`HIDDEN_REDUCTIONS` and :data:`NEURON_REDUCTIONS`.
 """
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from pktlib.errors import PktError
-from pktlib.extraction import Sensitivity, seeking_extract, sensitivity, svd_factors
-from pktlib.models import ModelSpec, spec
+from pktlib.injection import apply_deltas
+from pktlib.models import MODULES, TRANSFERRED_MODULES, ModelSpec, check_pair, resolve_model
+from pktlib.records import atomic_dir, to_jsonable, write_json
+from pktlib.seeking import Sensitivity, as_examples, seeking_extract, sensitivity, svd_factors
 
 __all__ = [
     "LAYER_CHOICES",
     "HIDDEN_REDUCTIONS",
     "NEURON_REDUCTIONS",
-    "BASELINE_MODULES",
     "TransferRecord",
     "pca_map",
     "whitening_map",
@@ -61,15 +62,8 @@ __all__ = [
     "save_model",
 ]
 
-# The modules the paper transfers (up, down, v, o).
-BASELINE_MODULES: tuple[str, ...] = ("up_proj", "down_proj", "v_proj", "o_proj")
-
-# Which axis of a module's (out, in) weight is the hidden size; the other one counts neurons.
-HIDDEN_AXIS: dict[str, int] = {"up_proj": 1, "gate_proj": 1, "q_proj": 1, "k_proj": 1, "v_proj": 1,
-                               "down_proj": 0, "o_proj": 0}
-# Neuron group of each module (see the module docstring); "kv" merges into "attn" without GQA.
-NEURON_GROUP: dict[str, str] = {"up_proj": "ffn", "gate_proj": "ffn", "down_proj": "ffn",
-                                "q_proj": "attn", "o_proj": "attn", "k_proj": "kv", "v_proj": "kv"}
+# A module's neuron group is what its neuron axis counts (``pktlib.models.MODULES[m].axis_kind``:
+# ffn, attn or kv); "kv" merges into "attn" without grouped-query attention (module docstring).
 
 
 # ------------------------------------------------------------------------------ registries
@@ -221,59 +215,20 @@ def _random_layers(p: _Pair) -> list[int]:
 
 
 # ------------------------------------------------------------------------------- helpers
-def resolve_model(model_or_dir: Any) -> tuple[nn.Module, Any, str]:
-    """``(model, tokenizer or None, source)`` from a module, a (model, tok) pair or a path."""
-    if isinstance(model_or_dir, nn.Module):
-        return model_or_dir, None, getattr(getattr(model_or_dir, "config", None), "_name_or_path", "") or "<in memory>"
-    if isinstance(model_or_dir, (tuple, list)) and len(model_or_dir) == 2 and isinstance(model_or_dir[0], nn.Module):
-        m, tok = model_or_dir
-        return m, tok, getattr(m.config, "_name_or_path", "") or "<in memory>"
-    if isinstance(model_or_dir, (str, os.PathLike)):
-        from pktlib.models import load_model
-
-        m, tok = load_model(model_or_dir, dtype="float32")
-        return m, tok, str(model_or_dir)
-    raise PktError(f"expected a model, a (model, tokenizer) pair or a model path, got {type(model_or_dir).__name__}")
+# The sizes in which the teacher must be at least the student (these baselines only reduce).
+_LARGER = ("n_layers", "hidden_size", "intermediate_size", "attn_size", "kv_size")
 
 
 def _check_pair(teacher: nn.Module, student: nn.Module, t_tok: Any, s_tok: Any) -> tuple[ModelSpec, ModelSpec]:
-    ts, ss = spec(teacher), spec(student)
-    if ts.vocab_size != ss.vocab_size:
-        raise PktError(f"teacher and student vocabularies differ ({ts.vocab_size} vs {ss.vocab_size} tokens): "
-                       "the unaligned baselines need a shared vocabulary")
-    if t_tok is not None and s_tok is not None and t_tok.get_vocab() != s_tok.get_vocab():
-        raise PktError("teacher and student tokenizers have different vocabularies: "
-                       "the unaligned baselines need a shared vocabulary")
-    dims = {"layers": (ts.n_layers, ss.n_layers), "hidden_size": (ts.hidden_size, ss.hidden_size),
-            "intermediate_size": (ts.intermediate_size, ss.intermediate_size),
-            "attention size": (ts.attn_size, ss.attn_size), "key/value size": (ts.kv_size, ss.kv_size)}
-    small = {k: v for k, v in dims.items() if v[0] < v[1]}
-    if small:
-        what = ", ".join(f"{k} {t} < {s}" for k, (t, s) in small.items())
-        raise PktError(f"the teacher is smaller than the student ({what}): these baselines only reduce")
-    return ts, ss
-
-
-def as_examples(extract: Any) -> list | None:
-    """Extract examples from a task name (its ``extract`` split), Examples or (prompt, answer) pairs."""
-    if extract is None or isinstance(extract, Sensitivity):
-        return extract
-    if isinstance(extract, str):
-        from pktlib.data import load_task
-
-        return load_task(extract, "extract")
-    return list(extract)
+    return check_pair(teacher, student, method="the unaligned baselines", larger=_LARGER, same=("vocab_size",),
+                      tokenizers=(t_tok, s_tok))
 
 
 def _group(module: str, ts: ModelSpec, ss: ModelSpec) -> str:
-    g = NEURON_GROUP[module]
+    g = MODULES[module].axis_kind
     if g == "kv" and ts.n_kv_heads == ts.n_heads and ss.n_kv_heads == ss.n_heads:
         return "attn"
     return g
-
-
-def _n_neurons(group: str, s: ModelSpec) -> int:
-    return {"ffn": s.intermediate_size, "attn": s.attn_size, "kv": s.kv_size}[group]
 
 
 def map_weight(w: torch.Tensor, module: str, neurons: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
@@ -283,7 +238,7 @@ def map_weight(w: torch.Tensor, module: str, neurons: torch.Tensor, P: torch.Ten
     ``P^T @ W[:, neurons]`` (d_S, N_S).
     """
     w = w.detach().to(torch.float32)
-    if HIDDEN_AXIS[module] == 1:
+    if MODULES[module].hidden_axis == 1:
         return w.index_select(0, neurons) @ P  # (N_S, d_T) @ (d_T, d_S)
     return P.T @ w.index_select(1, neurons)  # (d_S, d_T) @ (d_T, N_S)
 
@@ -315,34 +270,22 @@ class TransferRecord:
         return f"{self.layers}/{self.hidden}/{self.neurons}"
 
     def to_dict(self) -> dict[str, Any]:
-        from pktlib.records import to_jsonable
-
         return {"name": self.name, **to_jsonable(self)}
 
 
 def _apply(student: nn.Module, ss: ModelSpec, deltas: dict[tuple[int, str], torch.Tensor]
            ) -> tuple[nn.Module, list[str], dict[str, float], dict[str, float]]:
-    """A copy of ``student`` with ``deltas[(layer, module)]`` added to those weights."""
-    model = copy.deepcopy(student)
-    changed, dn, wn = [], {}, {}
-    with torch.no_grad():
-        for (l, m), d in deltas.items():
-            w = ss.weight(model, l, m)
-            if tuple(d.shape) != tuple(w.shape):
-                raise PktError(f"delta for layer {l} {m} has shape {tuple(d.shape)}; the student's weight is "
-                               f"{tuple(w.shape)}")
-            key = ss.param_name(l, m)
-            wn[key] = float(w.float().norm())
-            w.add_(d.to(device=w.device, dtype=w.dtype))
-            changed.append(key)
-            dn[key] = float(d.float().norm())
-    return model, changed, dn, wn
+    """``(student + deltas, changed keys, ||delta|| per key, ||theta_S|| per key before)``."""
+    model = apply_deltas(student, deltas)
+    keys = {ss.param_name(l, m): (l, m) for l, m in deltas}
+    return (model, list(keys), {k: float(deltas[lm].float().norm()) for k, lm in keys.items()},
+            {k: float(ss.weight(student, *lm).detach().float().norm()) for k, lm in keys.items()})
 
 
 # ------------------------------------------------------------------------------- methods
 def unaligned_transfer(teacher: Any, student: Any, *, layers: str = "top", hidden: str = "pca",
                        neurons: str = "importance", extract: Any = None, seed: int = 0,
-                       modules: Sequence[str] = BASELINE_MODULES, progress: bool = True
+                       modules: Sequence[str] = TRANSFERRED_MODULES, progress: bool = True
                        ) -> tuple[nn.Module, TransferRecord]:
     """One cell of the unaligned Pre-Align grid: ``(student + delta, record)``, no training.
 
@@ -350,15 +293,15 @@ def unaligned_transfer(teacher: Any, student: Any, *, layers: str = "top", hidde
     is copied, never modified). ``layers``: "top" | "bottom" | "random"; ``hidden``: "pca" |
     "whitening" | "embedding"; ``neurons``: "random" | "importance" (see the module
     docstring). ``extract`` (examples, (prompt, answer) pairs, a task name, or a
-    precomputed teacher :class:`~pktlib.extraction.Sensitivity` to reuse across cells) is
+    precomputed teacher :class:`~pktlib.seeking.Sensitivity` to reuse across cells) is
     needed by ``layers="top"``. ``seed`` drives the random choices.
     """
     choose_layers_fn = _get(LAYER_CHOICES, "layer choice", layers)
     hidden_fn = _get(HIDDEN_REDUCTIONS, "hidden-size reduction", hidden)
     neuron_fn = _get(NEURON_REDUCTIONS, "neuron reduction", neurons)
-    bad = [m for m in modules if m not in HIDDEN_AXIS]
+    bad = [m for m in modules if m not in MODULES]
     if bad:
-        raise PktError(f"unknown modules {bad}; expected some of {sorted(HIDDEN_AXIS)}")
+        raise PktError(f"unknown modules {bad}; expected some of {sorted(MODULES)}")
     t_model, t_tok, t_src = resolve_model(teacher)
     s_model, s_tok, s_src = resolve_model(student)
     ts, ss = _check_pair(t_model, s_model, t_tok, s_tok)
@@ -379,8 +322,8 @@ def unaligned_transfer(teacher: Any, student: Any, *, layers: str = "top", hidde
         for m in modules:
             groups.setdefault(_group(m, ts, ss), []).append(m)
         for g, ms in groups.items():
-            imp = neuron_importance([(ts.weight(t_model, lt, m), 1 - HIDDEN_AXIS[m]) for m in ms])  # (N_T,)
-            idx = neuron_fn(imp, _n_neurons(g, ss), gen)  # (N_S,) ascending
+            imp = neuron_importance([(ts.weight(t_model, lt, m), MODULES[m].neuron_axis) for m in ms])  # (N_T,)
+            idx = neuron_fn(imp, ss.n_neurons(g), gen)  # (N_S,) ascending
             chosen.setdefault(g, []).append(idx.tolist())
             for m in ms:
                 deltas[(j, m)] = map_weight(ts.weight(t_model, lt, m), m, idx, P)
@@ -393,12 +336,12 @@ def unaligned_transfer(teacher: Any, student: Any, *, layers: str = "top", hidde
 
 
 def seeking_transfer(teacher: Any, student: Any, pairs: Any, *, rank: int | None = 16,
-                     modules: Sequence[str] = BASELINE_MODULES, max_length: int | None = None,
+                     modules: Sequence[str] = TRANSFERRED_MODULES, max_length: int | None = None,
                      progress: bool = True) -> tuple[nn.Module, TransferRecord]:
     """Seeking without training: the extracted teacher matrices added to the student.
 
     Sensitivity on ``pairs`` (examples, (prompt, answer) pairs, a task name for its extract
-    split, or a precomputed teacher :class:`~pktlib.extraction.Sensitivity`), the top-L_S teacher layers, the best sub-matrix per module (DESIGN.md 4.5). As in
+    split, or a precomputed teacher :class:`~pktlib.seeking.Sensitivity`), the top-L_S teacher layers, the best sub-matrix per module (DESIGN.md 4.5). As in
     the original code the extracted matrix enters as the rank-``rank`` product ``B A`` of its
     SVD (LoRA scale alpha/r = 1); ``rank=None`` adds the full sub-matrix.
     """
@@ -442,10 +385,6 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, rec
 
     Written through a temporary folder and a rename: ``out_dir`` is complete or absent.
     """
-    from pathlib import Path
-
-    from pktlib.records import atomic_dir, write_json
-
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:

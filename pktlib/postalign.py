@@ -10,15 +10,16 @@ outputs unchanged at step 0:
 * ``pissa``: peft's ``init_lora_weights="pissa"`` (Meng et al. 2024): ``B A`` = the top-r
   singular part of the student's own weight, the base weight keeps the residual;
 * ``seeking``: Seeking (Zhong et al. 2023): the teacher matrix cut out by sensitivity
-  (:func:`pktlib.extraction.seeking_extract`), factorised by SVD, ``B = U_r S_r``,
+  (:func:`pktlib.seeking.seeking_extract`), factorised by SVD, ``B = U_r S_r``,
   ``A = V_r^T``; the base weight becomes ``W - scale * B A`` (``scale = alpha / r``).
 
 :func:`finetune` trains the LoRA parameters with the paper's Table 4 settings per task family
-(AdamW, batch 64 by gradient accumulation), writing a JSON-lines log and resumable checkpoints.
+(AdamW, batch 64 by gradient accumulation) in the loop of :mod:`pktlib.training`, writing a
+JSON-lines log and resumable checkpoints.
 """
 from __future__ import annotations
 
-import json
+import copy
 import math
 import os
 import time
@@ -27,23 +28,27 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pktlib.data import collate, load_task, task_info, tokenize_example
 from pktlib.errors import PktError
-from pktlib.models import spec
+from pktlib.models import MODULES, TRANSFERRED_MODULES, check_pair, load_tokenizer, resolve_model, spec
+from pktlib.records import write_json
+from pktlib.seeking import Sensitivity, as_examples, seeking_extract, sensitivity, svd_factors
+from pktlib.training import Checkpointed, RunDir, Schedule, train_steps
 
 __all__ = [
     "LORA_INITS",
-    "LORA_MODULES",
     "TABLE4",
     "lora_model",
     "seeking_lora_factors",
     "finetune_defaults",
     "FinetuneResult",
     "finetune",
+    "merged_copy",
 ]
-
-LORA_MODULES: tuple[str, ...] = ("up_proj", "down_proj", "v_proj", "o_proj")
 
 # Paper Table 4: (learning rate, epochs) by task; batch size 64 throughout.
 TABLE4: dict[str, tuple[float, int]] = {
@@ -76,8 +81,6 @@ def seeking_lora_factors(mat: torch.Tensor, r: int) -> tuple[torch.Tensor, torch
 
     Zero-padded to exactly ``r`` columns/rows when ``mat`` has lower rank than ``r``.
     """
-    from pktlib.extraction import svd_factors
-
     B, A = svd_factors(mat, r)
     k = B.shape[1]
     if k < r:
@@ -90,16 +93,11 @@ def seeking_lora_factors(mat: torch.Tensor, r: int) -> tuple[torch.Tensor, torch
 def _seeking_init(peft_model, *, teacher, pairs, modules: Sequence[str], r: int, progress: bool,
                   adapter: str = "default") -> dict[str, Any]:
     """Overwrite peft's random A/B by Seeking's factors and subtract ``scale * B A`` from the base."""
-    from pktlib.baselines import as_examples, resolve_model
-    from pktlib.extraction import Sensitivity, seeking_extract, sensitivity
-
     if teacher is None or pairs is None:
         raise PktError("init='seeking' needs teacher= and pairs= (extract examples)")
     t_model, t_tok, _ = resolve_model(teacher)
     base = peft_model.get_base_model()
-    ss, ts = spec(base), spec(t_model)
-    if ts.vocab_size != ss.vocab_size:
-        raise PktError(f"teacher and student vocabularies differ ({ts.vocab_size} vs {ss.vocab_size} tokens)")
+    ts, ss = check_pair(t_model, base, method="a Seeking initialisation", larger=(), same=("vocab_size",))
     examples = as_examples(pairs)
     if isinstance(examples, Sensitivity):
         sens = examples
@@ -122,29 +120,25 @@ def _seeking_init(peft_model, *, teacher, pairs, modules: Sequence[str], r: int,
 
 
 def lora_model(student: Any, *, init: str = "random", teacher: Any = None, pairs: Any = None, r: int = 16,
-               alpha: int = 16, dropout: float = 0.05, modules: Sequence[str] = LORA_MODULES, seed: int = 0,
+               alpha: int = 16, dropout: float = 0.05, modules: Sequence[str] = TRANSFERRED_MODULES, seed: int = 0,
                progress: bool = True):
     """The student wrapped in peft LoRA modules, initialised by ``init``.
 
     ``student``: a model (wrapped in place, as peft does), a ``(model, tokenizer)`` pair or a
     model path. ``init``: "random" | "pissa" | "seeking" (the latter needs ``teacher`` and
     ``pairs``: extract examples, (prompt, answer) pairs, a task name or a precomputed teacher
-    :class:`~pktlib.extraction.Sensitivity`). The result's outputs equal the student's at
+    :class:`~pktlib.seeking.Sensitivity`). The result's outputs equal the student's at
     initialisation for every ``init``. ``peft_model.pkt_init`` records what was done.
     """
-    from peft import LoraConfig, get_peft_model
-
-    from pktlib.baselines import resolve_model
-
     if init not in LORA_INITS:
         raise PktError(f"unknown LoRA init {init!r}; expected one of {', '.join(LORA_INITS)}")
     if r <= 0:
         raise PktError(f"LoRA rank r must be positive, got {r}")
     model, tok, source = resolve_model(student)
     s = spec(model)
-    bad = [m for m in modules if m not in ("up_proj", "gate_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")]
+    bad = [m for m in modules if m not in MODULES]
     if bad:
-        raise PktError(f"unknown LoRA target modules {bad}")
+        raise PktError(f"unknown LoRA target modules {bad}; expected some of {sorted(MODULES)}")
     peft_value, post = LORA_INITS[init]
     # Target exactly the decoder layers' modules, by full path (never the lm_head etc.).
     targets = [s.module_path(l, m) for l in range(s.n_layers) for m in modules]
@@ -165,8 +159,6 @@ def lora_model(student: Any, *, init: str = "random", teacher: Any = None, pairs
 # ------------------------------------------------------------------------------ training
 def finetune_defaults(task: str) -> tuple[float, int]:
     """Paper Table 4 ``(lr, epochs)`` for ``task`` (by name for HumanEval, else by family)."""
-    from pktlib.data import task_info
-
     info = task_info(task)
     key = "humaneval" if info.name == "humaneval" else info.family
     if key not in TABLE4:
@@ -195,18 +187,6 @@ class FinetuneResult:
         return [(r["step"], r["loss"]) for r in self.log]
 
 
-def _lr_lambda(total: int, warmup: float = 0.03) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup`` of the steps, then linear decay to 0 (open-instruct's schedule)."""
-    n_warm = max(1, math.ceil(warmup * total))
-
-    def f(step: int) -> float:
-        if step < n_warm:
-            return (step + 1) / n_warm
-        return max(0.0, (total - step) / max(1, total - n_warm))
-
-    return f
-
-
 def _tokenizer_of(peft_model, tokenizer):
     if tokenizer is not None:
         return tokenizer
@@ -215,21 +195,26 @@ def _tokenizer_of(peft_model, tokenizer):
         return tok
     src = getattr(peft_model.get_base_model().config, "_name_or_path", "")
     if src and Path(src).exists():
-        from pktlib.models import load_tokenizer
-
         return load_tokenizer(src)
     raise PktError("finetune needs the student's tokenizer: pass tokenizer=")
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    from pktlib.records import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def _trainable(peft_model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def _lora_checkpoint(params: dict[str, torch.nn.Parameter]) -> Checkpointed:
+    """LoRA tensors in ``lora.safetensors`` of each checkpoint folder."""
+    def save(folder: Path) -> None:
+        save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(folder / "lora.safetensors"))
+
+    def load(folder: Path) -> None:
+        saved = load_file(str(folder / "lora.safetensors"))
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+
+    return Checkpointed(save, load)
 
 
 def finetune(peft_model, task: str, *, split: str = "train", n: int | None = None, lr: float | None = None,
@@ -242,17 +227,14 @@ def finetune(peft_model, task: str, *, split: str = "train", n: int | None = Non
     per task (:func:`finetune_defaults`). Each optimiser step sees ``batch_size`` examples
     in micro-batches of ``micro_batch`` (gradient accumulation; the loss is the mean over
     all answer tokens of the batch, prompts masked). AdamW (no weight decay), 3% linear
-    warm-up then linear decay. ``out_dir`` receives ``log.jsonl`` (one line per step),
-    ``checkpoint.pt`` (LoRA weights, optimiser, schedule; every ``save_every`` steps and at
-    each epoch's end) and ``result.json``. Calling again with the same settings resumes
-    from the checkpoint (recreate the model with the same ``lora_model`` arguments first).
+    warm-up then linear decay (``Schedule("linear")``). ``out_dir`` is a run folder of
+    :mod:`pktlib.training`: ``settings.json``, ``log.jsonl`` (one line per step), the last
+    ``checkpoint_<step>/`` (LoRA weights, optimiser; saved every ``save_every`` steps and at
+    each epoch's end) and ``result.json``. Calling again with the same settings resumes from
+    the checkpoint (recreate the model with the same ``lora_model`` arguments first).
     """
-    from pktlib.data import collate, load_task, tokenize_example
-    from pktlib.records import atomic_write_text, write_json
-
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     d_lr, d_epochs = finetune_defaults(task)
     lr = float(lr if lr is not None else d_lr)
     epochs = int(epochs if epochs is not None else d_epochs)
@@ -272,87 +254,48 @@ def finetune(peft_model, task: str, *, split: str = "train", n: int | None = Non
     N = len(items)
     steps_per_epoch = math.ceil(N / batch_size)
     total = steps_per_epoch * epochs
-    settings = {"task": task, "split": split, "n": N, "lr": lr, "epochs": epochs, "batch_size": batch_size,
-                "seed": seed, "max_length": max_length}
-
     params = _trainable(peft_model)
     if not params:
         raise PktError("the model has no trainable parameters: pass a LoRA model from lora_model()")
+    run = RunDir(out, {"task": task, "split": split, "n": N, "lr": lr, "epochs": epochs, "batch_size": batch_size,
+                       "seed": seed, "max_length": max_length})
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total))
-    ckpt = out / "checkpoint.pt"
-    log_path = out / "log.jsonl"
-    step, log = 0, []
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["settings"] != settings:
-            diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
-            raise PktError(f"{ckpt} was written with other settings {diff}; use another out_dir or delete it")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state["params"][k])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-    if log_path.is_file():  # keep only what the checkpoint covers
-        log = [json.loads(l) for l in log_path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        log = [r for r in log if r["step"] <= step]
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
-    resumed_from = step
-
-    def save() -> None:
-        _save_checkpoint(ckpt, {"settings": settings, "step": step,
-                                "params": {k: p.detach().cpu().clone() for k, p in params.items()},
-                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-
     device = next(peft_model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def step(i: int) -> dict[str, Any]:
+        epoch, k = divmod(i, steps_per_epoch)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # one fixed order per epoch
+        batch_ids = torch.randperm(N, generator=g).tolist()[k * batch_size:(k + 1) * batch_size]
+        n_tok = sum(sum(t != -100 for t in items[j]["labels"][1:]) for j in batch_ids)
+        torch.manual_seed(seed * 1_000_003 + i)  # dropout masks, reproducible on resume
+        loss_sum = 0.0
+        for s0 in range(0, len(batch_ids), micro_batch):
+            mb = collate([items[j] for j in batch_ids[s0:s0 + micro_batch]], pad).to(device)
+            logits = peft_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+            # Sum of token losses / tokens of the whole batch = the full batch's mean loss.
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                               mb.labels[:, 1:].reshape(-1), ignore_index=-100,
+                                               reduction="sum") / n_tok
+            loss.backward()
+            loss_sum += float(loss.detach())
+        return {"epoch": epoch + (k + 1) / steps_per_epoch, "loss": loss_sum, "tokens": n_tok}
+
+    def after(i: int, row: dict[str, Any]) -> None:
+        row["time_s"] = round(time.perf_counter() - t0, 3)
+
     was_training = peft_model.training
     peft_model.train()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, desc=f"fine-tune {task}", unit="step")
     try:
-        with open(log_path, "a", encoding="utf-8") as logf:
-            while step < total:
-                epoch, k = divmod(step, steps_per_epoch)
-                g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # one fixed order per epoch
-                order = torch.randperm(N, generator=g).tolist()
-                batch_ids = order[k * batch_size:(k + 1) * batch_size]
-                n_tok = sum(sum(t != -100 for t in items[i]["labels"][1:]) for i in batch_ids)
-                torch.manual_seed(seed * 1_000_003 + step)  # dropout masks, reproducible on resume
-                opt.zero_grad(set_to_none=True)
-                loss_sum = 0.0
-                for s0 in range(0, len(batch_ids), micro_batch):
-                    mb = collate([items[i] for i in batch_ids[s0:s0 + micro_batch]], pad).to(device)
-                    logits = peft_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-                    # Sum of token losses / tokens of the whole batch = the full batch's mean loss.
-                    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                       mb.labels[:, 1:].reshape(-1), ignore_index=-100,
-                                                       reduction="sum") / n_tok
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                opt.step()
-                sched.step()
-                step += 1
-                rec = {"step": step, "epoch": epoch + (k + 1) / steps_per_epoch, "loss": loss_sum,
-                       "lr": opt.param_groups[0]["lr"], "tokens": n_tok, "time_s": round(time.perf_counter() - t0, 3)}
-                log.append(rec)
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=f"{rec['epoch']:.2f}")
-                if step % steps_per_epoch == 0 or (save_every and step % save_every == 0) or step == total:
-                    save()
+        done = train_steps(opt, step, steps=total, schedule=Schedule("linear", lr, total, {"warmup": 0.03}),
+                           after=after, run=run, checkpointed=_lora_checkpoint(params), keep_last=1,
+                           save_at=lambda s: s % steps_per_epoch == 0 or bool(save_every and s % save_every == 0),
+                           progress=f"fine-tune {task}" if progress else None, postfix=("loss", "epoch"))
     finally:
-        if bar is not None:
-            bar.close()
         peft_model.train(was_training)
+    log = done.log
     res = FinetuneResult(str(out), task, split, N, lr, epochs, batch_size, micro_batch, total, seed,
-                         log[-1]["loss"] if log else None, round(time.perf_counter() - t0, 2), resumed_from, log)
+                         log[-1]["loss"] if log else None, round(time.perf_counter() - t0, 2), done.resumed_from, log)
     write_json(out / "result.json", {k: v for k, v in asdict(res).items() if k != "log"}
                | {"init": getattr(peft_model, "pkt_init", None)})
     return res
@@ -360,6 +303,4 @@ def finetune(peft_model, task: str, *, split: str = "train", n: int | None = Non
 
 def merged_copy(peft_model) -> nn.Module:
     """A plain model with the LoRA product merged into the weights (the peft model is untouched)."""
-    import copy
-
     return copy.deepcopy(peft_model).merge_and_unload()

@@ -11,14 +11,15 @@ import torch
 
 from conftest import make_model
 from pktlib.attribution import Selection
-from pktlib.data import Example
 from pktlib.errors import PktError
-from pktlib.extraction import LATEN_MODULES, slice_neurons
+from pktlib.examples import Example, write_examples
+from pktlib.extraction import slice_neurons
 from pktlib.hypernet import Translator, TranslatorConfig, load_translator, save_translator
 from pktlib.injection import add_delta, forward_injected, inject_, pair_deltas
-from pktlib.laten import (TABLE5_STEPS, apply, check_pair, default_steps, laten_loss, memory_estimate, read_log,
-                          train)
-from pktlib.models import spec
+from pktlib.laten import (FAMILY_STEPS, TABLE5_STEPS, apply, check_pair, default_steps, laten_loss, memory_estimate,
+                          read_log, train)
+from pktlib.laten.sweeps import _task_folder
+from pktlib.models import TRANSFERRED_MODULES, spec
 
 
 # Teacher deeper and wider than the student, same head_dim (16) and tokenizer.
@@ -145,7 +146,7 @@ def test_injected_student_differs_only_at_recorded_entries(pair):
             assert torch.equal(diff.any(dim=dim), masks[name].any(dim=dim)), name
         else:
             assert not diff.any(), f"{name} changed but is not in the record"
-    assert changed_params == {ss.param_name(l, m) for m in LATEN_MODULES
+    assert changed_params == {ss.param_name(l, m) for m in TRANSFERRED_MODULES
                               for l in (s_sel.ffn_layers if m in ("up_proj", "down_proj") else s_sel.attn_layers)}
     # the record is JSON-serialisable and names layer/module/indices
     e = json.loads(json.dumps(record.to_dict()))["entries"][0]
@@ -227,7 +228,7 @@ def test_gradients_reach_translator_not_student(pair, tokenizer):
 # ----------------------------------------------------------------------------------- pairs
 def test_impossible_pairs_are_clear_errors(tokenizer):
     teacher, student = _pair("llama", tokenizer)
-    with pytest.raises(PktError, match="narrower than the student"):
+    with pytest.raises(PktError, match="teacher is smaller than the student"):
         check_pair(student, teacher)
     other_hd = make_model("llama", tokenizer=tokenizer, hidden_size=128, intermediate_size=192, n_layers=4, n_heads=4)
     with pytest.raises(PktError, match="head_dim 32 != student head_dim 16"):
@@ -239,10 +240,13 @@ def test_impossible_pairs_are_clear_errors(tokenizer):
     check_pair(teacher, student)  # the real pair is fine
 
 
-def test_default_steps_follow_table5():
-    assert {t: default_steps(t) for t in TABLE5_STEPS} == {"mmlu": 2, "gsm8k": 4, "humaneval": 3, "mbpp": 8}
-    assert [default_steps(f"pocket-{f}") for f in ("knowledge", "math", "code")] == [2, 4, 3]
-    assert default_steps("gsm") == 4
+def test_default_steps_by_name_alias_and_family():
+    assert default_steps("gsm") == default_steps("gsm8k")  # aliases resolve to their task
+    # a pocket family takes the steps of its paper counterpart (code: HumanEval's)
+    for fam, counterpart in (("knowledge", "mmlu"), ("math", "gsm8k"), ("code", "humaneval")):
+        assert default_steps(f"pocket-{fam}") == FAMILY_STEPS[fam] == TABLE5_STEPS[counterpart]
+    with pytest.raises(PktError, match="no default step count"):
+        default_steps("my_task.jsonl")
 
 
 def test_memory_estimate_llama2_13b_to_7b():
@@ -333,12 +337,7 @@ def test_apply_saves_injected_student_and_record(llama_pair, tokenizer, tmp_path
     assert all(e["max_abs_delta"] > 0 for e in changes["entries"])
 
 
-def test_cli_train_then_apply(llama_pair, tokenizer, tmp_path):
-    from typer.testing import CliRunner
-
-    from pktlib.cli import app
-    from pktlib.data import write_examples
-
+def test_cli_train_then_apply(llama_pair, tokenizer, tmp_path, pkt):
     teacher, student = llama_pair
     for name, m in (("teacher", teacher), ("student", student)):
         m.save_pretrained(tmp_path / name)
@@ -347,35 +346,20 @@ def test_cli_train_then_apply(llama_pair, tokenizer, tmp_path):
     write_examples(task, EXAMPLES)
     common = ["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--task", str(task),
               "--transfer-rate", "0.25"]
-    r = CliRunner().invoke(app, ["laten", "train", *common, "--out", str(tmp_path / "run"), "--steps", "1",
-                                 "--align-batch", "3", "--max-length", "128"])
-    assert r.exit_code == 0, r.output
+    r = pkt("laten", "train", *common, "--out", tmp_path / "run", "--steps", "1", "--align-batch", "3",
+            "--max-length", "128")
+    assert r.code == 0, r.err
     assert (tmp_path / "run" / "checkpoint_1" / "translator.safetensors").is_file()
-    r = CliRunner().invoke(app, ["laten", "apply", *common, "--translator", str(tmp_path / "run"),
-                                 "--split", "test", "--example-index", "9", "--out", str(tmp_path / "inj")])
-    assert r.exit_code == 0, r.output
+    r = pkt("laten", "apply", *common, "--translator", tmp_path / "run", "--split", "test", "--example-index", "9",
+            "--out", tmp_path / "inj")
+    assert r.code == 0, r.err
     changes = json.loads((tmp_path / "inj" / "changes.json").read_text())
     assert changes["meta"]["example_id"] == "ex8-2" and changes["meta"]["translator"].endswith("checkpoint_1")
     assert (tmp_path / "inj" / "model.safetensors").is_file()
 
 
-def test_one_cycle_matches_torch_and_handles_short_runs():
-    from pktlib.laten import one_cycle
-
-    for total in (20, 40):
-        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total, pct_start=0.1,
-                                                  anneal_strategy="cos", final_div_factor=1, cycle_momentum=False)
-        for i in range(total):
-            assert one_cycle(i, total) == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
-            opt.step()
-            ref.step()
-    assert one_cycle(0, 10) == 1.0 and one_cycle(9, 10) == pytest.approx(1 / 25)  # OneCycleLR fails here
-
-
 @pytest.mark.slow
 def test_sweep_rows_and_rerun_reuses_results(llama_pair, tokenizer, tmp_path):
-    from pktlib.data import write_examples
     from pktlib.laten import sweep
 
     teacher, student = llama_pair
@@ -392,8 +376,6 @@ def test_sweep_rows_and_rerun_reuses_results(llama_pair, tokenizer, tmp_path):
     assert all(r.n == 1 and r.changed_entries > 0 and r.translated_rms > 0 for r in laten)
     assert {r.example_id for r in laten} == {"ex3-4", "ex12-5"}  # seed s injects on example s
     assert all((Path(r.run_dir) / "log.jsonl").is_file() for r in laten)
-    from pktlib.laten import _task_folder
-
     ck = next((tmp_path / "sw").glob("pair-*")) / _task_folder(task) / "rate0.25" / "seed1" / "checkpoint_2" / "translator.safetensors"
     stamp = ck.stat().st_mtime_ns
     again = sweep((teacher, tokenizer), (student, tokenizer), task, **kw)

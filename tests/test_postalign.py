@@ -9,9 +9,10 @@ import torch
 
 from conftest import PAIRS, make_model
 from pktlib.errors import PktError
-from pktlib.extraction import sensitivity
 from pktlib.models import spec
-from pktlib.postalign import LORA_INITS, finetune, finetune_defaults, lora_model, merged_copy, seeking_lora_factors
+from pktlib.postalign import TABLE4, finetune, finetune_defaults, lora_model, merged_copy, seeking_lora_factors
+from pktlib.seeking import seeking_extract, sensitivity
+from pktlib.training import RunDir
 
 
 
@@ -51,8 +52,6 @@ def test_every_init_keeps_logits(arch, init, tokenizer):
 
 
 def test_seeking_init_is_the_svd_of_the_extracted_matrix(tokenizer):
-    from pktlib.extraction import seeking_extract
-
     student = make_model("llama", tokenizer=tokenizer, n_layers=2)
     teacher = make_model("llama", tokenizer=tokenizer, hidden_size=96, intermediate_size=160, n_layers=3, seed=5)
     sens = sensitivity(teacher, tokenizer, PAIRS, progress=False)
@@ -81,17 +80,16 @@ def test_bad_init_arguments(tokenizer):
         lora_model(student, init="olora")
     with pytest.raises(PktError, match="needs teacher"):
         lora_model(copy.deepcopy(student), init="seeking")
-    assert set(LORA_INITS) == {"random", "pissa", "seeking"}
 
 
-def test_table4_defaults():
-    assert finetune_defaults("gsm8k") == (3e-4, 5)
-    assert finetune_defaults("mmlu") == (3e-4, 5)
-    assert finetune_defaults("humaneval") == (3e-5, 3)
-    assert finetune_defaults("mbpp") == (3e-4, 5)
+def test_table4_defaults_by_name_then_family():
+    assert finetune_defaults("humaneval") == TABLE4["humaneval"]  # by name: HumanEval has its own row
+    assert finetune_defaults("mbpp") == finetune_defaults("pocket-code") == TABLE4["code"]  # else by family
+    assert finetune_defaults("gsm") == TABLE4["math"] and finetune_defaults("mmlu") == TABLE4["knowledge"]
+    assert finetune_defaults("my_task.jsonl") == TABLE4["knowledge"]  # custom tasks: the common setting
 
 
-def test_finetune_lowers_loss_logs_and_resumes(tmp_path, tokenizer):
+def test_finetune_lowers_loss_logs_and_resumes(tmp_path, tokenizer, monkeypatch):
     rows = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                           {"role": "assistant", "content": f"So the answer is {a + b}."}]}
             for a in range(4) for b in range(3)]
@@ -111,29 +109,27 @@ def test_finetune_lowers_loss_logs_and_resumes(tmp_path, tokenizer):
     assert [json.loads(l)["step"] for l in lines] == list(range(1, 5))
 
     # A crash right after the first checkpoint (end of epoch 1, step 2) ...
-    import pktlib.postalign as pa
+    real_save, calls = RunDir.save, []
 
-    real_save, calls = pa._save_checkpoint, []
-
-    def crashing_save(path, state):
-        real_save(path, state)
-        calls.append(state["step"])
+    def crashing_save(self, step, *args, **kwargs):
+        real_save(self, step, *args, **kwargs)
+        calls.append(step)
         if len(calls) == 1:
             raise KeyboardInterrupt
 
-    pa._save_checkpoint = crashing_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(tmp_path / "b", 2)
-    finally:
-        pa._save_checkpoint = real_save
+    monkeypatch.setattr(RunDir, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", 2)
+    monkeypatch.setattr(RunDir, "save", real_save)
     assert calls == [2]
-    # ... and a rerun continues from step 2 to the same weights as the uninterrupted run.
+    # ... and a rerun continues from step 2 to the same weights as the uninterrupted run, bit for bit.
     pm2, resumed = run(tmp_path / "b", 2)
     assert resumed.resumed_from == 2 and [r["step"] for r in resumed.log] == list(range(1, 5))
+    assert [r["loss"] for r in resumed.log] == [r["loss"] for r in full.log]
     for (n1, p1), (n2, p2) in zip(pm.named_parameters(), pm2.named_parameters()):
         if p1.requires_grad:
-            torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
+            assert torch.equal(p1, p2), n1
+    assert [p.name for p in (tmp_path / "b").glob("checkpoint_*")] == ["checkpoint_4"]  # only the last is kept
     with pytest.raises(PktError, match="other settings"):
         run(tmp_path / "b", 3)  # the schedule changed: refuse rather than mix
     merged = merged_copy(pm)
@@ -141,11 +137,7 @@ def test_finetune_lowers_loss_logs_and_resumes(tmp_path, tokenizer):
     torch.testing.assert_close(_logits(merged, tokenizer), _logits(pm.eval(), tokenizer), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
-def test_cli_postalign(tmp_path, tokenizer):
-    import subprocess
-    import sys
-
+def test_cli_postalign(tmp_path, tokenizer, pkt):
     teacher = make_model("llama", tokenizer=tokenizer, hidden_size=96, intermediate_size=160, n_layers=3, seed=5)
     student = make_model("llama", tokenizer=tokenizer, n_layers=2)
     for m, d in ((teacher, tmp_path / "t"), (student, tmp_path / "s")):
@@ -154,10 +146,9 @@ def test_cli_postalign(tmp_path, tokenizer):
     task = tmp_path / "toy.jsonl"
     task.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]})
                             + "\n" for p, a in PAIRS * 4))
-    r = subprocess.run([sys.executable, "-m", "pktlib.cli", "postalign", "--student", tmp_path / "s", "--teacher",
-                        tmp_path / "t", "--task", task, "--init", "seeking", "--epochs", "2", "--batch-size", "4",
-                        "--r", "4", "--out", tmp_path / "run"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    r = pkt("postalign", "--student", tmp_path / "s", "--teacher", tmp_path / "t", "--task", task, "--init", "seeking",
+            "--epochs", "2", "--batch-size", "4", "--r", "4", "--out", tmp_path / "run")
+    assert r.code == 0, r.err
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
     res = json.loads((tmp_path / "run" / "result.json").read_text())

@@ -1,4 +1,4 @@
-"""LaTen (Locate-Then-Align): pre-align parametric knowledge transfer (DESIGN.md 4.3).
+"""LaTen's method: configuration, locate, the loss, training the translator, applying it (DESIGN.md 4.3).
 
 Tan et al. 2025, "Neural Incompatibility", Section 4 (original code: train_LaTen.py,
 inference_LaTen.py in Trae1ounG/Neural_Incompatibility).
@@ -13,7 +13,8 @@ Training (:func:`train`), one optimiser step per *extract* example ``e``:
 4. add them functionally to the student's ranked neurons, layer j to layer j and neuron i to
    neuron i (:mod:`pktlib.injection`), and take the loss on ``e`` plus ``P - 1`` random
    *align* examples: mean LM loss + 1000 x sum over modules of mean(translated^2);
-5. AdamW step on the translator only, save it to ``out_dir/checkpoint_<step>/``.
+5. AdamW step on the translator only, save it to ``out_dir/checkpoint_<step>/`` (the loop,
+   schedule, run folder and resume of :mod:`pktlib.training`).
 
 Inference (:func:`apply`): attribute one unseen example in both models, translate it with a
 saved checkpoint, add the result permanently, save the student and a record of the change.
@@ -21,7 +22,7 @@ saved checkpoint, add the result permanently, save the student and a record of t
 Deviations from the original code, all deliberate and small:
 
 * The one-cycle schedule (the curve of ``OneCycleLR``: 10% warm-up, cosine, ``div_factor=25``,
-  ``final_div_factor=1`` as in the original; :func:`one_cycle`) spans ``schedule_steps``, by
+  ``final_div_factor=1`` as in the original; :func:`pktlib.training.one_cycle`) spans ``schedule_steps``, by
   default the size of the extract set as in the original (which trains on every extract example
   and then picks the checkpoint of paper Table 5); training stops after ``steps``. AdamW's betas
   stay at (0.9, 0.95) as specified (``OneCycleLR``'s default, used by the original, also cycles
@@ -30,13 +31,14 @@ Deviations from the original code, all deliberate and small:
   ``(seed, s)`` (the original seeds with ``s`` alone), so different seeds see different batches
   and a resumed run draws exactly what an uninterrupted one would.
 * Shared value rows under grouped-query attention: see :mod:`pktlib.injection` (``gqa_rule``).
-* Everything is computed in the models' dtype; the translator in float32 (as the original).
+* Everything is computed in the models' dtype (a model given as a path is loaded in float32, the
+  rule of :func:`pktlib.models.resolve_model`); the translator in float32 (as the original).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -46,19 +48,23 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from pktlib.attribution import attribute, layer_budget, load_attribution, save_attribution, select
 from pktlib.data import Example, collate, load_task, prompt_answer_pairs, task_info, tokenize_example
 from pktlib.errors import PktError
-from pktlib.extraction import LATEN_MODULES, NeuronSlice, slice_neurons
-from pktlib.hypernet import Translator, TranslatorConfig, load_translator, save_translator, translation_penalty
+from pktlib.extraction import NeuronSlice, slice_neurons
+from pktlib.hypernet import (WEIGHTS_NAME, Translator, TranslatorConfig, load_translator, save_translator,
+                             translation_penalty)
 from pktlib.injection import GQA_RULES, ChangeRecord, forward_injected, inject_, pair_deltas
-from pktlib.models import ModelSpec, load_model, spec, weights_hash
-from pktlib.records import atomic_dir, atomic_write_text, read_json, write_json
+from pktlib.models import TRANSFERRED_MODULES, ModelSpec, resolve_model, weights_hash
+from pktlib.models import check_pair as check_models
+from pktlib.records import atomic_dir, write_json
+from pktlib.training import Checkpointed, RunDir, Schedule, read_log, saved_steps, train_steps
 
 __all__ = [
     "TABLE5_STEPS", "FAMILY_STEPS", "default_steps", "LatenConfig", "check_pair", "Located", "locate",
-    "laten_loss", "alignment_step", "one_cycle", "cached_attribution", "TrainResult", "train", "ApplyResult", "apply", "find_checkpoint", "read_log",
-    "MemoryEstimate", "memory_estimate", "SweepRow", "sweep", "scale_matched_lr",
+    "laten_loss", "cached_attribution", "TrainResult", "train", "ApplyResult", "apply", "find_checkpoint", "read_log",
 ]
 
 # Paper Table 5: alignment steps (extract examples) per task.
@@ -66,9 +72,7 @@ TABLE5_STEPS: dict[str, int] = {"mmlu": 2, "gsm8k": 4, "humaneval": 3, "mbpp": 8
 # The pocket suite's families take the step count of their paper counterpart (code: HumanEval's).
 FAMILY_STEPS: dict[str, int] = {"knowledge": 2, "math": 4, "code": 3}
 
-LOG_NAME = "log.jsonl"
-CONFIG_NAME = "laten_config.json"
-STATE_NAME = "train_state.pt"
+CONFIG_NAME = "laten_config.json"  # the run folder's settings file (pktlib.training.RunDir)
 
 
 def default_steps(task: str) -> int:
@@ -104,7 +108,7 @@ class LatenConfig:
     max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are truncated)"})
     gqa_rule: str = field(default="sum", metadata={"help": "shared v_proj rows under GQA: 'sum' or 'mean'"})
     normaliser: str = field(default="rms", metadata={"help": "attribution normaliser (pktlib.attribution)"})
-    modules: tuple[str, ...] = LATEN_MODULES
+    modules: tuple[str, ...] = TRANSFERRED_MODULES
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -126,49 +130,15 @@ class LatenConfig:
 # ======================================================================== models
 
 
-def _as_model(x: Any, device: str | torch.device | None) -> tuple[nn.Module, Any, str]:
-    """``(model, tokenizer, source)`` from a path/hub id or a loaded ``(model, tokenizer)``."""
-    if isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], nn.Module):
-        model, tok = x
-        src = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "<in memory>")
-        return (model.to(device) if device is not None else model), tok, src
-    if isinstance(x, (str, os.PathLike)):
-        model, tok = load_model(x, device=str(device or "cpu"))
-        return model, tok, str(x)
-    raise PktError(f"expected a model path/hub id or a (model, tokenizer) pair, got {type(x).__name__}")
-
-
 def check_pair(teacher: nn.Module | ModelSpec, student: nn.Module | ModelSpec, *,
-               modules: Sequence[str] = LATEN_MODULES) -> tuple[ModelSpec, ModelSpec]:
+               modules: Sequence[str] = TRANSFERRED_MODULES) -> tuple[ModelSpec, ModelSpec]:
     """Specs of a teacher/student pair LaTen can work with; a clear :class:`PktError` otherwise.
 
     The teacher must be at least as wide as the student (hidden size, FFN size and attention
     size), both must have the same ``head_dim`` (attention neurons are paired position by
     position inside a head), and both must have every transferred module.
     """
-    ts = teacher if isinstance(teacher, ModelSpec) else spec(teacher)
-    ss = student if isinstance(student, ModelSpec) else spec(student)
-    if ts.head_dim != ss.head_dim:
-        raise PktError(f"teacher head_dim {ts.head_dim} != student head_dim {ss.head_dim}: LaTen pairs attention "
-                       "neurons inside heads, so both models need the same head_dim")
-    narrower = [f"{name} {a} < {b}" for name, a, b in (
-        ("hidden_size", ts.hidden_size, ss.hidden_size),
-        ("intermediate_size", ts.intermediate_size, ss.intermediate_size),
-        ("n_heads*head_dim", ts.attn_size, ss.attn_size)) if a < b]
-    if narrower:
-        raise PktError(f"the teacher is narrower than the student ({', '.join(narrower)}); LaTen maps a larger "
-                       "model into a smaller one (swap teacher and student?)")
-    for role, m, s in (("teacher", teacher, ts), ("student", student, ss)):
-        if isinstance(m, nn.Module):
-            for name in modules:
-                try:
-                    w = s.weight(m, 0, name)
-                except AttributeError:
-                    raise PktError(f"the {role} ({s.arch}) has no module {name!r} at {s.module_path(0, name)}; "
-                                   f"LaTen transfers {list(modules)}") from None
-                if not isinstance(w, torch.Tensor) or w.dim() != 2:
-                    raise PktError(f"the {role}'s {s.module_path(0, name)} has no 2-D weight")
-    return ts, ss
+    return check_models(teacher, student, method="LaTen", same=("head_dim",), modules=modules)
 
 
 # ======================================================================== locate
@@ -195,8 +165,6 @@ def cached_attribution(model: nn.Module, tokenizer, pair: tuple[str, str], *, mo
     Scores do not depend on the transfer rate, the seed or the step, so sweeps reuse them; the
     file name holds the model's weights hash and a hash of the text.
     """
-    from pktlib.attribution import attribute, load_attribution, save_attribution
-
     path = Path(cache_dir) / f"{model_id}-{_example_key(pair, normaliser)}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         return load_attribution(path)
@@ -208,12 +176,10 @@ def cached_attribution(model: nn.Module, tokenizer, pair: tuple[str, str], *, mo
 
 def locate(teacher: nn.Module, teacher_tok, student: nn.Module, student_tok, example: Example, *,
            transfer_rate: float, normaliser: str = "rms", cache_dir: str | os.PathLike | None = None,
-           ids: tuple[str, str] | None = None, modules: Sequence[str] = LATEN_MODULES) -> Located:
+           ids: tuple[str, str] | None = None, modules: Sequence[str] = TRANSFERRED_MODULES) -> Located:
     """Attribute ``example`` in both models, select neurons, slice the teacher's (DESIGN.md 4.3)."""
-    from pktlib.attribution import layer_budget, select
-
     t0 = time.perf_counter()
-    ts, ss = spec(teacher), spec(student)
+    ts, ss = check_pair(teacher, student, modules=modules)
     n_layers, k_ffn, k_attn = layer_budget(ts, ss, transfer_rate)
     t_id, s_id = ids or (weights_hash(teacher), weights_hash(student))
     pair_t = prompt_answer_pairs([example])[0]
@@ -290,101 +256,45 @@ def _plain_lm_loss(student, student_tok, examples, cfg: LatenConfig) -> float:
     return sum(float(student(**_batch(mb, student_tok, cfg, device)).loss) for mb in parts) / len(parts)
 
 
-def alignment_step(translator: Translator, optimizer, scheduler, located: Located, student: nn.Module, student_tok,
-                   examples: list[Example], cfg: LatenConfig) -> dict[str, float]:
-    """One optimiser step of the translator on ``examples``; the batch loss before and after it."""
-    lr_used = scheduler.get_last_lr()[0]
+def _step_losses(translator: Translator, located: Located, student: nn.Module, student_tok,
+                 examples: list[Example], cfg: LatenConfig) -> dict[str, float]:
+    """The gradients of one alignment step on ``examples`` (into the translator) and its losses."""
     translator.train()
-    optimizer.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
     loss, lm, mse = _losses(translator, located, student, student_tok, examples, cfg, backward=True)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    step_s = time.perf_counter() - t0
+    return {"lm_loss": lm, "mse": mse, "loss": loss}
+
+
+def _losses_after(translator: Translator, located: Located, student: nn.Module, student_tok,
+                  examples: list[Example], cfg: LatenConfig) -> dict[str, float]:
+    """The same batch's losses once the translator moved, and the student's own LM loss on it."""
     translator.eval()
     loss_after, lm_after, mse_after = _losses(translator, located, student, student_tok, examples, cfg, backward=False)
-    return {"lr": lr_used, "lm_loss": lm, "mse": mse, "loss": loss, "lm_loss_after": lm_after,
-            "mse_after": mse_after, "loss_after": loss_after, "step_s": round(step_s, 4)}
+    return {"lm_loss_after": lm_after, "mse_after": mse_after, "loss_after": loss_after,
+            "student_lm_loss": _plain_lm_loss(student, student_tok, examples, cfg)}
 
 
 # ======================================================================== checkpoints
 
 
-def _ckpt_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / f"checkpoint_{step}"
-
-
-def _saved_steps(out_dir: Path) -> list[int]:
-    steps = []
-    for p in out_dir.glob("checkpoint_*"):
-        tail = p.name[len("checkpoint_"):]
-        if p.is_dir() and tail.isdigit() and (p / STATE_NAME).is_file():
-            steps.append(int(tail))
-    return sorted(steps)
-
-
 def find_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path:
     """A translator folder: ``path`` itself, or ``path/checkpoint_<step>`` (default: the last)."""
-    from pktlib.hypernet import WEIGHTS_NAME
-
     p = Path(path)
     if step is None and (p / WEIGHTS_NAME).is_file():
         return p
-    saved = _saved_steps(p) if p.is_dir() else []
+    saved = saved_steps(p) if p.is_dir() else []
     if not saved:
         raise PktError(f"no translator checkpoint in {p} (expected {WEIGHTS_NAME} or checkpoint_<step>/ folders)")
     if step is None:
-        return _ckpt_dir(p, saved[-1])
+        step = saved[-1]
     if step not in saved:
         raise PktError(f"{p} has no checkpoint_{step}; saved steps: {saved}")
-    return _ckpt_dir(p, step)
+    return p / f"checkpoint_{step}"
 
 
-def _save_checkpoint(out_dir: Path, step: int, translator: Translator, optimizer, scheduler) -> Path:
-    """Write a complete checkpoint folder, then rename it into place (never a partial folder)."""
-    final = _ckpt_dir(out_dir, step)
-    with atomic_dir(final) as tmp:
-        save_translator(translator, tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / STATE_NAME)
-    return final
-
-
-def read_log(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-step records of a run (``log.jsonl``)."""
-    p = Path(out_dir) / LOG_NAME
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _append_log(out_dir: Path, row: dict[str, Any]) -> None:
-    rows = read_log(out_dir) + [row]
-    atomic_write_text(out_dir / LOG_NAME, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def one_cycle(i: int, total: int, warmup_pct: float = 0.1, div: float = 25.0, final_div: float = 1.0) -> float:
-    """Learning-rate multiplier of update ``i`` (0-based) of a one-cycle schedule of ``total`` updates.
-
-    The same curve as ``torch.optim.lr_scheduler.OneCycleLR(pct_start=warmup_pct,
-    anneal_strategy="cos", div_factor=div, final_div_factor=final_div)`` (cosine from 1/div up to
-    1 at update ``round(warmup_pct * total) - 1``, then cosine down to 1/(div * final_div)), but
-    defined for every ``total`` (OneCycleLR divides by zero when ``warmup_pct * total`` is 1).
-    """
-    start, end = 1.0 / div, 1.0 / (div * final_div)
-    peak = max(1, round(warmup_pct * total)) - 1
-    if i <= peak:
-        return 1.0 if peak == 0 else start + (1 - start) * (1 - math.cos(math.pi * i / peak)) / 2
-    p = min(1.0, (i - peak) / max(1, total - 1 - peak))
-    return end + (1 - end) * (1 + math.cos(math.pi * p)) / 2
-
-
-def _make_optim(translator: Translator, cfg: LatenConfig):
-    opt = torch.optim.AdamW(translator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: one_cycle(i, cfg.schedule_steps, cfg.warmup_pct))
-    return opt, sched
+def _translator_checkpoint(translator: Translator) -> Checkpointed:
+    """The translator's own files (``translator.safetensors``, ``translator.json``) in each checkpoint."""
+    return Checkpointed(save=lambda folder: save_translator(translator, folder),
+                        load=lambda folder: translator.load_state_dict(load_translator(folder).state_dict()))
 
 
 # ======================================================================== training
@@ -411,14 +321,15 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
           extract: list[Example] | None = None, align: list[Example] | None = None) -> TrainResult:
     """Train a LaTen translator from ``teacher`` to ``student`` on ``task`` (DESIGN.md 4.3).
 
-    ``teacher``/``student``: model directories / hub ids, or loaded ``(model, tokenizer)``.
-    ``steps`` defaults to paper Table 5 (:func:`default_steps`). Writes into ``out_dir``:
-    ``laten_config.json``, ``log.jsonl`` (one JSON line per step: LM loss, MSE, batch loss
-    before and after the step, the plain student's LM loss, learning rate, wall time, selected
-    layers) and ``checkpoint_<step>/`` (translator + optimiser/scheduler/RNG state) after every
-    step. Calling it again on the same ``out_dir`` resumes after the last complete checkpoint
-    (the settings must match). ``cache_dir`` (default ``out_dir/attributions``) keeps the
-    per-example attributions; ``extract``/``align`` override the task's splits.
+    ``teacher``/``student``: model directories / hub ids (loaded by
+    :func:`pktlib.models.resolve_model`, float32), or loaded ``(model, tokenizer)`` pairs.
+    ``steps`` defaults to paper Table 5 (:func:`default_steps`). ``out_dir`` is a run folder of
+    :mod:`pktlib.training`: ``laten_config.json``, ``log.jsonl`` (one JSON line per step: LM loss,
+    MSE, batch loss before and after the step, the plain student's LM loss, learning rate, wall
+    time, selected layers) and ``checkpoint_<step>/`` (translator + optimiser/RNG state) after
+    every step. Calling it again on the same ``out_dir`` resumes after the last complete
+    checkpoint (the settings must match). ``cache_dir`` (default ``out_dir/attributions``) keeps
+    the per-example attributions; ``extract``/``align`` override the task's splits.
     """
     out = Path(out_dir)
     extract = list(extract) if extract is not None else load_task(task, "extract")
@@ -430,84 +341,60 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
                       transfer_rate=transfer_rate, align_batch=align_batch, micro_batch=micro_batch, lr=lr, seed=seed,
                       train_on_inputs=train_on_inputs, max_length=max_length, gqa_rule=gqa_rule,
                       normaliser=normaliser)
-    t_model, t_tok, t_src = _as_model(teacher, device)
-    s_model, s_tok, s_src = _as_model(student, device or next(t_model.parameters()).device)
+    t_model, t_tok, t_src = resolve_model(teacher, device=device, need_tokenizer=True)
+    s_model, s_tok, s_src = resolve_model(student, device=device or next(t_model.parameters()).device,
+                                          need_tokenizer=True)
     ts, ss = check_pair(t_model, s_model, modules=cfg.modules)
     ids = (weights_hash(t_model), weights_hash(s_model))
-
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": asdict(cfg), "teacher": {"source": t_src, "weights_sha256": ids[0], "spec": ts.to_dict()},
-            "student": {"source": s_src, "weights_sha256": ids[1], "spec": ss.to_dict()}}
-    cfg_path = out / CONFIG_NAME
-    if cfg_path.is_file():
-        old = read_json(cfg_path)
-        diff = {k: (old["config"].get(k), v) for k, v in json.loads(json.dumps(meta["config"])).items()
-                if old["config"].get(k) != v and k not in ("steps", "micro_batch")}
-        if old["teacher"]["weights_sha256"] != ids[0] or old["student"]["weights_sha256"] != ids[1]:
-            diff["models"] = "teacher/student weights differ"
-        if diff:
-            raise PktError(f"{out} holds a LaTen run with other settings (saved, now): {diff}; use another out_dir")
-    write_json(cfg_path, meta)
+    # The number of steps and the micro-batching may change between calls; nothing else may.
+    run = RunDir(out, {"config": asdict(cfg),
+                       "teacher": {"source": t_src, "weights_sha256": ids[0], "spec": ts.to_dict()},
+                       "student": {"source": s_src, "weights_sha256": ids[1], "spec": ss.to_dict()}},
+                 settings_name=CONFIG_NAME, free=("config.steps", "config.micro_batch", "teacher.source",
+                                                  "teacher.spec", "student.source", "student.spec"))
 
     torch.manual_seed(seed)
     translator = Translator(TranslatorConfig(ts.hidden_size, ss.hidden_size, cfg.modules),
                             generator=torch.Generator().manual_seed(seed)).to(next(s_model.parameters()).device)
-    optimizer, scheduler = _make_optim(translator, cfg)
-    saved = [s for s in _saved_steps(out) if s <= steps]
-    start = saved[-1] if saved else 0
-    if start:
-        ck = _ckpt_dir(out, start)
-        translator.load_state_dict(load_translator(ck).state_dict())
-        state = torch.load(ck / STATE_NAME, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-    # Keep only the log rows of saved steps: a crash between the log write and the checkpoint
-    # leaves a row that the resumed run writes again.
-    kept = [r for r in read_log(out) if r["step"] <= start]
-    atomic_write_text(out / LOG_NAME, "".join(json.dumps(r) + "\n" for r in kept))
-
+    optimizer = torch.optim.AdamW(translator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     cache = cache_dir if cache_dir is not None else out / "attributions"
+    current: dict[str, Any] = {}  # the step's located neurons and batch, shared by step and after
+
+    def step(i: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        ex = extract[i]
+        located = locate(t_model, t_tok, s_model, s_tok, ex, transfer_rate=cfg.transfer_rate,
+                         normaliser=cfg.normaliser, cache_dir=cache, ids=ids, modules=cfg.modules)
+        batch = _align_examples(ex, align, cfg, i + 1)
+        current.update(t0=t0, located=located, batch=batch, t_step=time.perf_counter())
+        return {"example": ex.id or i, **_step_losses(translator, located, s_model, s_tok, batch, cfg)}
+
+    def after(i: int, row: dict[str, Any]) -> None:
+        located, batch = current["located"], current["batch"]
+        row["step_s"] = round(time.perf_counter() - current["t_step"], 4)  # backward and optimiser step
+        row.update(_losses_after(translator, located, s_model, s_tok, batch, cfg))
+        row.update({"batch_size": len(batch), "attribution_s": round(located.seconds, 3),
+                    "teacher_ffn_layers": located.teacher_selection.ffn_layers,
+                    "teacher_attn_layers": located.teacher_selection.attn_layers,
+                    "student_ffn_layers": located.student_selection.ffn_layers,
+                    "student_attn_layers": located.student_selection.attn_layers,
+                    "wall_s": round(time.perf_counter() - current["t0"], 3)})
+
     grad_flags = [p.requires_grad for p in s_model.parameters()]
     s_model.requires_grad_(False)  # gradients must reach the translator only
     t_was, s_was = t_model.training, s_model.training
     t_model.eval(), s_model.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc=f"LaTen {task}", unit="step")
     try:
-        for step in range(start + 1, steps + 1):
-            t0 = time.perf_counter()
-            ex = extract[step - 1]
-            located = locate(t_model, t_tok, s_model, s_tok, ex, transfer_rate=cfg.transfer_rate,
-                             normaliser=cfg.normaliser, cache_dir=cache, ids=ids, modules=cfg.modules)
-            batch = _align_examples(ex, align, cfg, step)
-            stats = alignment_step(translator, optimizer, scheduler, located, s_model, s_tok, batch, cfg)
-            row = {
-                "step": step, "example": ex.id or step - 1, **stats,
-                "student_lm_loss": _plain_lm_loss(s_model, s_tok, batch, cfg),
-                "batch_size": len(batch), "attribution_s": round(located.seconds, 3),
-                "teacher_ffn_layers": located.teacher_selection.ffn_layers,
-                "teacher_attn_layers": located.teacher_selection.attn_layers,
-                "student_ffn_layers": located.student_selection.ffn_layers,
-                "student_attn_layers": located.student_selection.attn_layers,
-                "wall_s": round(time.perf_counter() - t0, 3),
-            }
-            _append_log(out, row)
-            _save_checkpoint(out, step, translator, optimizer, scheduler)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(lm=f"{stats['lm_loss']:.4f}", mse=f"{stats['mse']:.2e}")
+        done = train_steps(optimizer, step, steps=steps, after=after, run=run,
+                           schedule=Schedule("one-cycle", cfg.lr, cfg.schedule_steps, {"warmup": cfg.warmup_pct}),
+                           checkpointed=_translator_checkpoint(translator),
+                           progress=f"LaTen {task}" if progress else None, postfix=("lm_loss", "mse"))
     finally:
-        if bar is not None:
-            bar.close()
         for p, g in zip(s_model.parameters(), grad_flags):
             p.requires_grad_(g)
         t_model.train(t_was), s_model.train(s_was)
-    return TrainResult(out, cfg, read_log(out), [_ckpt_dir(out, s) for s in _saved_steps(out) if s <= steps], start)
+    return TrainResult(out, cfg, done.log, [run.checkpoint(s) for s in run.saved_steps() if s <= steps],
+                       done.resumed_from)
 
 
 # ======================================================================== inference
@@ -534,11 +421,10 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
     into ``out_dir`` (``None``: nothing saved). A loaded student is copied first unless
     ``inplace``.
     """
-    import copy
-
     ck = find_checkpoint(translator_dir, step)
-    t_model, t_tok, t_src = _as_model(teacher, device)
-    s_model, s_tok, s_src = _as_model(student, device or next(t_model.parameters()).device)
+    t_model, t_tok, t_src = resolve_model(teacher, device=device, need_tokenizer=True)
+    s_model, s_tok, s_src = resolve_model(student, device=device or next(t_model.parameters()).device,
+                                          need_tokenizer=True)
     if isinstance(student, (tuple, list)) and not inplace:
         s_model = copy.deepcopy(s_model)
     ts, ss = check_pair(t_model, s_model)
@@ -552,11 +438,7 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
         if not 0 <= example_index < len(examples):
             raise PktError(f"example_index {example_index} out of range: {task!r} split {split!r} has {len(examples)}")
         example = examples[example_index]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=3, desc="LaTen apply", unit="stage")
+    bar = tqdm(total=3, desc="LaTen apply", unit="stage") if progress else None
     t0 = time.perf_counter()
     located = locate(t_model, t_tok, s_model, s_tok, example, transfer_rate=transfer_rate, normaliser=normaliser,
                      cache_dir=cache_dir, modules=c.modules)
@@ -587,212 +469,3 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
         bar.update(1)
         bar.close()
     return ApplyResult(s_model, s_tok, record, out)
-
-
-# ======================================================================== memory
-
-
-_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-
-
-@dataclass
-class MemoryEstimate:
-    """Bytes one alignment step needs with both models on one device (estimates, not measurements)."""
-
-    teacher_weights: int
-    student_weights: int
-    injected_weight_copies: int  # W + delta of every touched weight, kept for the backward pass
-    activations: int  # student forward/backward on the batch (saved tensors + logits)
-    translator: int  # float32 weights
-    translator_grads: int
-    optimizer_state: int  # AdamW: two float32 moments per translator weight
-    extracted: int  # teacher slices and translated outputs (with their autograd buffers)
-    attribution: int  # the largest (vocab x chunk) blocks of the logit-lens scoring
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(v for k, v in asdict(self).items() if isinstance(v, int))
-
-    def table(self) -> list[tuple[str, float]]:
-        """``[(part, GiB), ...]`` including the total."""
-        rows = [(k, v / 2**30) for k, v in asdict(self).items() if isinstance(v, int)]
-        return rows + [("total", self.total / 2**30)]
-
-
-def memory_estimate(teacher: Any, student: Any, *, dtype: str = "bf16", batch: int = 16, seq_len: int = 512,
-                    transfer_rate: float = 0.1, chunk_size: int = 4096) -> MemoryEstimate:
-    """Estimate the memory of one LaTen alignment step (DESIGN.md 4.3) for a pair of configs/specs.
-
-    Counts: both models' weights in ``dtype``; a copy of every injected weight (up, down, v, o of
-    the student's ``L_sel`` layers: ``functional_call`` builds ``W + delta`` and autograd keeps it
-    to propagate gradients to earlier layers); student activations saved for the backward pass,
-    about ``(10 d + 4 I)`` values per token and layer plus float32 logits and their gradient
-    (``2 x 4 V`` bytes per token); the float32 translator ``4 x (d_T^2 + d_T d_S)`` weights, its
-    gradients and two AdamW moments; the extracted and translated neuron weights; and the
-    attribution's ``(vocab x chunk_size)`` float32 blocks (a few at a time).
-    """
-    ts = teacher if isinstance(teacher, ModelSpec) else spec(teacher)
-    ss = student if isinstance(student, ModelSpec) else spec(student)
-    if dtype not in _BYTES:
-        raise PktError(f"unknown dtype {dtype!r}; expected one of {sorted(_BYTES)}")
-    b = _BYTES[dtype]
-    n_sel = min(ts.n_layers, ss.n_layers)
-    k_ffn = max(1, math.floor(transfer_rate * ss.intermediate_size + 1e-9))
-    k_attn = max(1, math.floor(transfer_rate * ss.attn_size + 1e-9))
-    dT, dS, I, V = ts.hidden_size, ss.hidden_size, ss.intermediate_size, ss.vocab_size
-    touched = n_sel * (2 * dS * I + dS * ss.kv_size + dS * ss.attn_size)  # up, down, v, o weights
-    tokens = batch * seq_len
-    acts = ss.n_layers * tokens * (10 * dS + 4 * I) * b + tokens * V * 4 * 2
-    n_tr = len(LATEN_MODULES) * (dT * dT + dT * dS)
-    # Teacher slices (float32) + translated outputs (float32) + the MLP's hidden activations (d_T per neuron).
-    n_neur = n_sel * 2 * (k_ffn + k_attn)  # neurons over up+down (k_ffn each) and v+o (k_attn each)
-    extracted = n_neur * (dT + dS + dT) * 4
-    attribution = 3 * max(ts.vocab_size, V) * min(chunk_size, max(ts.intermediate_size, ts.attn_size)) * 4
-    return MemoryEstimate(
-        teacher_weights=ts.n_parameters * b, student_weights=ss.n_parameters * b,
-        injected_weight_copies=touched * b, activations=acts, translator=n_tr * 4, translator_grads=n_tr * 4,
-        optimizer_state=n_tr * 8, extracted=extracted, attribution=attribution,
-        detail={"dtype": dtype, "batch": batch, "seq_len": seq_len, "transfer_rate": transfer_rate,
-                "n_layers_selected": n_sel, "k_ffn": k_ffn, "k_attn": k_attn, "translator_params": n_tr,
-                "teacher_params": ts.n_parameters, "student_params": ss.n_parameters},
-    )
-
-
-# ======================================================================== sweeps (the chapter's tables)
-
-
-def scale_matched_lr(lr: float, d_teacher: int, reference_d_teacher: int | None = None) -> float:
-    """``lr`` rescaled so the translator's output after a few steps has a comparable size at d_T.
-
-    Why: the weights start at N(0, 1e-5^2), so after ``s`` AdamW steps each has moved by at most
-    about ``a = s * lr`` (Adam's step is ~lr whatever the gradient's scale). Along coherent update
-    directions the two-layer output can then grow like ``a^2 * d_T^2 * |w|`` (an upper bound), so
-    the same lr allows far larger deltas at d_T = 5120 (Llama-2-13B) than at a pocket-pair width.
-    Keeping ``lr * d_T`` fixed keeps that bound's ``a * d_T`` fixed. A heuristic for comparing
-    scales, not part of the paper's method. ``reference_d_teacher`` defaults to Llama-2-13B's width.
-    """
-    if reference_d_teacher is None:
-        from pktlib.models import reference_spec
-
-        reference_d_teacher = reference_spec("Llama-2-13b-chat").hidden_size
-    return lr * reference_d_teacher / d_teacher
-
-
-@dataclass
-class SweepRow:
-    """One evaluated model of a sweep: the student, the teacher, or LaTen at (rate, seed, step)."""
-
-    task: str
-    model: str  # "student", "teacher" or "laten"
-    score: float
-    n: int
-    transfer_rate: float | None = None
-    seed: int | None = None
-    step: int | None = None
-    example_id: str | None = None
-    translated_rms: float | None = None  # root mean square of the injected deltas (all modules)
-    changed_entries: int | None = None  # rows/columns that received a delta
-    run_dir: str | None = None  # the translator's run folder (log.jsonl, checkpoints)
-
-
-def _task_folder(task: str) -> str:
-    """A folder name for ``task``: its name, or for a file path its stem plus a short hash."""
-    if "/" in task or os.sep in task or task.endswith(".jsonl"):
-        return f"{Path(task).stem}-{hashlib.sha256(task.encode()).hexdigest()[:8]}"
-    return task.replace(":", "_")
-
-
-def _key(row: dict[str, Any]) -> tuple:
-    return (row["task"], row["model"], row.get("transfer_rate"), row.get("seed"), row.get("step"))
-
-
-def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1, 2),
-          transfer_rates: Sequence[float] = (0.1,), main_rate: float = 0.1, steps: int | None = None,
-          limit: int | None = 100, run_root: str | os.PathLike, split: str = "test", apply_split: str = "train",
-          eval_kwargs: dict[str, Any] | None = None, baselines: bool = True, progress: bool = True,
-          **train_kwargs) -> list[SweepRow]:
-    """Train and evaluate LaTen over seeds x transfer rates (every checkpoint step at ``main_rate``,
-    the last step at the other rates), next to the plain student and teacher.
-
-    Each (rate, seed) trains its own translator in ``run_root/pair-<hashes>/<task>/rate<r>/seed<s>`` (a task given
-    as a file path gets ``<stem>-<hash>`` as its folder) and applies it
-    on the unseen example ``load_task(task, apply_split)[seed]``. Attributions are cached in
-    ``run_root/attributions``. ``baselines=False`` skips scoring the student and the teacher. Rows are appended to ``run_root/<task>/results.jsonl`` as they come,
-    and a rerun with the same settings skips rows already there (delete the folder to start over).
-    """
-    from pktlib.evaluation import evaluate
-
-    root = Path(run_root)
-    t_model, t_tok, t_src = _as_model(teacher, None)
-    s_model, s_tok, s_src = _as_model(student, None)
-    ids = (weights_hash(t_model), weights_hash(s_model))
-    settings = {"teacher": ids[0], "student": ids[1], "limit": limit, "split": split, "apply_split": apply_split,
-                "steps": steps, "train": {k: str(v) for k, v in train_kwargs.items()},
-                "eval": {k: str(v) for k, v in (eval_kwargs or {}).items() if k not in ("progress", "batch_size")}}
-    # Runs of different model pairs never share a folder (a rebuilt pair gets new folders).
-    root = root / f"pair-{ids[0][:8]}-{ids[1][:8]}"
-    res_path = root / _task_folder(task) / "results.jsonl"
-    done: dict[tuple, dict] = {}
-    if res_path.is_file():
-        for line in res_path.read_text().splitlines():
-            r = json.loads(line)
-            if r.pop("settings", None) == settings:
-                done[_key(r)] = r
-    rows: list[SweepRow] = []
-    ev = {"limit": limit, "progress": False, **(eval_kwargs or {})}
-
-    def record(row: SweepRow) -> SweepRow:
-        rows.append(row)
-        if _key(asdict(row)) not in done:
-            done[_key(asdict(row))] = asdict(row)
-            lines = [json.dumps({**r, "settings": settings}) for r in done.values()]
-            atomic_write_text(res_path, "\n".join(lines) + "\n")
-        return row
-
-    def cached(**key) -> SweepRow | None:
-        r = done.get(_key({"task": task, **key}))
-        return SweepRow(**r) if r else None
-
-    plan = [(rate, seed) for rate in transfer_rates for seed in seeds]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan) + 2 * baselines, desc=f"LaTen sweep {task}", unit="run")
-    for name, (m, tok) in (("student", (s_model, s_tok)), ("teacher", (t_model, t_tok))) if baselines else ():
-        row = cached(model=name)
-        if row is None:
-            r = evaluate((m, tok), task, split, **ev)
-            row = SweepRow(task, name, r.score, r.n)
-        record(row)
-        if bar is not None:
-            bar.update(1)
-    apply_examples = load_task(task, apply_split)
-    for rate, seed in plan:
-        run_dir = root / _task_folder(task) / f"rate{rate:g}" / f"seed{seed}"
-        n_steps = steps or default_steps(task)
-        for_steps = list(range(1, n_steps + 1)) if math.isclose(rate, main_rate) else [n_steps]
-        todo = [st for st in for_steps if cached(model="laten", transfer_rate=rate, seed=seed, step=st) is None]
-        if todo:
-            train((t_model, t_tok), (s_model, s_tok), task, transfer_rate=rate, steps=n_steps, seed=seed,
-                        out_dir=run_dir, cache_dir=root / "attributions", progress=False, **train_kwargs)
-        for st in for_steps:
-            row = cached(model="laten", transfer_rate=rate, seed=seed, step=st)
-            if row is None:
-                ex = apply_examples[seed % len(apply_examples)]
-                applied = apply((t_model, t_tok), (s_model, s_tok), run_dir, step=st, task=task, example=ex,
-                                transfer_rate=rate, out_dir=None, cache_dir=root / "attributions", progress=False,
-                                gqa_rule=train_kwargs.get("gqa_rule", "sum"))
-                r = evaluate((applied.model, applied.tokenizer), task, split, **ev)
-                ms = applied.record.meta["translated_rms"]
-                row = SweepRow(task, "laten", r.score, r.n, rate, seed, st, ex.id,
-                               float(math.sqrt(sum(v ** 2 for v in ms.values()) / max(1, len(ms)))),
-                               sum(len(e["indices"]) for e in applied.record.entries), str(run_dir))
-                del applied
-            record(row)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return rows

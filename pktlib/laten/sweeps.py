@@ -1,0 +1,150 @@
+"""LaTen sweeps: translators trained and applied over seeds x transfer rates, scored beside the
+plain student and teacher (the LaTen chapter's tables), resumable from their results file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from pktlib.data import load_task
+from pktlib.evaluation import evaluate
+from pktlib.laten.method import apply, default_steps, train
+from pktlib.models import reference_spec, resolve_model, weights_hash
+from pktlib.records import atomic_write_text
+
+__all__ = ["scale_matched_lr", "SweepRow", "sweep"]
+
+
+def scale_matched_lr(lr: float, d_teacher: int, reference_d_teacher: int | None = None) -> float:
+    """``lr`` rescaled so the translator's output after a few steps has a comparable size at d_T.
+
+    Why: the weights start at N(0, 1e-5^2), so after ``s`` AdamW steps each has moved by at most
+    about ``a = s * lr`` (Adam's step is ~lr whatever the gradient's scale). Along coherent update
+    directions the two-layer output can then grow like ``a^2 * d_T^2 * |w|`` (an upper bound), so
+    the same lr allows far larger deltas at d_T = 5120 (Llama-2-13B) than at a pocket-pair width.
+    Keeping ``lr * d_T`` fixed keeps that bound's ``a * d_T`` fixed. A heuristic for comparing
+    scales, not part of the paper's method. ``reference_d_teacher`` defaults to Llama-2-13B's width.
+    """
+    if reference_d_teacher is None:
+        reference_d_teacher = reference_spec("Llama-2-13b-chat").hidden_size
+    return lr * reference_d_teacher / d_teacher
+
+
+@dataclass
+class SweepRow:
+    """One evaluated model of a sweep: the student, the teacher, or LaTen at (rate, seed, step)."""
+
+    task: str
+    model: str  # "student", "teacher" or "laten"
+    score: float
+    n: int
+    transfer_rate: float | None = None
+    seed: int | None = None
+    step: int | None = None
+    example_id: str | None = None
+    translated_rms: float | None = None  # root mean square of the injected deltas (all modules)
+    changed_entries: int | None = None  # rows/columns that received a delta
+    run_dir: str | None = None  # the translator's run folder (log.jsonl, checkpoints)
+
+
+def _task_folder(task: str) -> str:
+    """A folder name for ``task``: its name, or for a file path its stem plus a short hash."""
+    if "/" in task or os.sep in task or task.endswith(".jsonl"):
+        return f"{Path(task).stem}-{hashlib.sha256(task.encode()).hexdigest()[:8]}"
+    return task.replace(":", "_")
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["task"], row["model"], row.get("transfer_rate"), row.get("seed"), row.get("step"))
+
+
+def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1, 2),
+          transfer_rates: Sequence[float] = (0.1,), main_rate: float = 0.1, steps: int | None = None,
+          limit: int | None = 100, run_root: str | os.PathLike, split: str = "test", apply_split: str = "train",
+          eval_kwargs: dict[str, Any] | None = None, baselines: bool = True, progress: bool = True,
+          **train_kwargs) -> list[SweepRow]:
+    """Train and evaluate LaTen over seeds x transfer rates (every checkpoint step at ``main_rate``,
+    the last step at the other rates), next to the plain student and teacher.
+
+    Each (rate, seed) trains its own translator in ``run_root/pair-<hashes>/<task>/rate<r>/seed<s>`` (a task given
+    as a file path gets ``<stem>-<hash>`` as its folder) and applies it
+    on the unseen example ``load_task(task, apply_split)[seed]``. Attributions are cached in
+    ``run_root/attributions``. ``baselines=False`` skips scoring the student and the teacher. Rows are appended to ``run_root/<task>/results.jsonl`` as they come,
+    and a rerun with the same settings skips rows already there (delete the folder to start over).
+    """
+    root = Path(run_root)
+    t_model, t_tok, t_src = resolve_model(teacher, need_tokenizer=True)
+    s_model, s_tok, s_src = resolve_model(student, need_tokenizer=True)
+    ids = (weights_hash(t_model), weights_hash(s_model))
+    settings = {"teacher": ids[0], "student": ids[1], "limit": limit, "split": split, "apply_split": apply_split,
+                "steps": steps, "train": {k: str(v) for k, v in train_kwargs.items()},
+                "eval": {k: str(v) for k, v in (eval_kwargs or {}).items() if k not in ("progress", "batch_size")}}
+    # Runs of different model pairs never share a folder (a rebuilt pair gets new folders).
+    root = root / f"pair-{ids[0][:8]}-{ids[1][:8]}"
+    res_path = root / _task_folder(task) / "results.jsonl"
+    done: dict[tuple, dict] = {}
+    if res_path.is_file():
+        for line in res_path.read_text().splitlines():
+            r = json.loads(line)
+            if r.pop("settings", None) == settings:
+                done[_key(r)] = r
+    rows: list[SweepRow] = []
+    ev = {"limit": limit, "progress": False, **(eval_kwargs or {})}
+
+    def record(row: SweepRow) -> SweepRow:
+        rows.append(row)
+        if _key(asdict(row)) not in done:
+            done[_key(asdict(row))] = asdict(row)
+            lines = [json.dumps({**r, "settings": settings}) for r in done.values()]
+            atomic_write_text(res_path, "\n".join(lines) + "\n")
+        return row
+
+    def cached(**key) -> SweepRow | None:
+        r = done.get(_key({"task": task, **key}))
+        return SweepRow(**r) if r else None
+
+    plan = [(rate, seed) for rate in transfer_rates for seed in seeds]
+    bar = tqdm(total=len(plan) + 2 * baselines, desc=f"LaTen sweep {task}", unit="run") if progress else None
+    for name, (m, tok) in (("student", (s_model, s_tok)), ("teacher", (t_model, t_tok))) if baselines else ():
+        row = cached(model=name)
+        if row is None:
+            r = evaluate((m, tok), task, split, **ev)
+            row = SweepRow(task, name, r.score, r.n)
+        record(row)
+        if bar is not None:
+            bar.update(1)
+    apply_examples = load_task(task, apply_split)
+    for rate, seed in plan:
+        run_dir = root / _task_folder(task) / f"rate{rate:g}" / f"seed{seed}"
+        n_steps = steps or default_steps(task)
+        for_steps = list(range(1, n_steps + 1)) if math.isclose(rate, main_rate) else [n_steps]
+        todo = [st for st in for_steps if cached(model="laten", transfer_rate=rate, seed=seed, step=st) is None]
+        if todo:
+            train((t_model, t_tok), (s_model, s_tok), task, transfer_rate=rate, steps=n_steps, seed=seed,
+                        out_dir=run_dir, cache_dir=root / "attributions", progress=False, **train_kwargs)
+        for st in for_steps:
+            row = cached(model="laten", transfer_rate=rate, seed=seed, step=st)
+            if row is None:
+                ex = apply_examples[seed % len(apply_examples)]
+                applied = apply((t_model, t_tok), (s_model, s_tok), run_dir, step=st, task=task, example=ex,
+                                transfer_rate=rate, out_dir=None, cache_dir=root / "attributions", progress=False,
+                                gqa_rule=train_kwargs.get("gqa_rule", "sum"))
+                r = evaluate((applied.model, applied.tokenizer), task, split, **ev)
+                ms = applied.record.meta["translated_rms"]
+                row = SweepRow(task, "laten", r.score, r.n, rate, seed, st, ex.id,
+                               float(math.sqrt(sum(v ** 2 for v in ms.values()) / max(1, len(ms)))),
+                               sum(len(e["indices"]) for e in applied.record.entries), str(run_dir))
+                del applied
+            record(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
