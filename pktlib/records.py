@@ -8,6 +8,7 @@ values in memory (see :func:`current`), so notebooks run interactively too.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import platform
@@ -20,6 +21,9 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import papermill as pm
+
+from pktlib import __version__
 from pktlib.errors import PktError
 
 __all__ = [
@@ -157,6 +161,8 @@ def log_metrics(**metrics: Any) -> None:
 
 def log_model(role: str, source: str | os.PathLike, model=None) -> None:
     """Record a model used by the run: its id/path and weights hash (from files, else tensors)."""
+    # Imported here, not above: pktlib.models imports torch and transformers, and the book builder
+    # (pktlib.book) imports this module to read and write records without them.
     from pktlib.models import weights_hash
 
     h = weights_hash(source) if Path(str(source)).exists() else (weights_hash(model) if model is not None else "unknown")
@@ -196,10 +202,6 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     holds the parameters, the models and metrics the notebook logged, its seed parameter,
     wall time and the kernel's peak resident memory.
     """
-    import papermill as pm
-
-    import pktlib
-
     notebook = Path(notebook)
     if not notebook.is_file():
         raise PktError(f"notebook not found: {notebook}")
@@ -235,7 +237,7 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
         models=logged.get("models", {}), metrics=logged.get("metrics", {}),
         seed=effective.get("seed", effective.get("seeds")),
         wall_time_s=round(wall, 2), peak_memory_mb=round(peak_mb, 1), started=started,
-        pktlib_version=getattr(pktlib, "__version__", ""),
+        pktlib_version=__version__,
     )
     write_json(record_path(output), rec)
     return rec
@@ -243,10 +245,6 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
 
 def notebook_defaults(notebook: str | os.PathLike) -> dict[str, Any]:
     """Defaults of the notebook's ``parameters`` cell (values that are Python literals)."""
-    import ast
-
-    import papermill as pm
-
     out = {}
     for name, p in pm.inspect_notebook(str(notebook)).items():
         try:

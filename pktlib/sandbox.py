@@ -38,10 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
+
+from tqdm.auto import tqdm
 
 from pktlib.errors import PktError
 
@@ -332,14 +334,10 @@ def run_code(program: str, *, timeout: float = 10.0, memory_mb: int = 1024, outp
 def run_many(programs: Sequence[str], *, workers: int = 2, timeout: float = 10.0, memory_mb: int = 1024,
              progress: bool = False, desc: str = "executing") -> list[ExecResult]:
     """:func:`run_code` over ``programs`` with ``workers`` concurrent sandboxes, results in order."""
-    from tqdm.auto import tqdm
-
     results: list[ExecResult | None] = [None] * len(programs)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=len(programs), desc=desc, disable=not progress) as bar:
         futures = {pool.submit(run_code, p, timeout=timeout, memory_mb=memory_mb): i for i, p in enumerate(programs)}
-        from concurrent.futures import as_completed
-
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
             bar.update(1)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import pandas as pd
+
 from pktlib.errors import PktError
 
 __all__ = ["METHODS", "PAPER", "FAMILY_OF_TASK", "ScoreRow", "collect_scores", "scorecard_tables",
@@ -134,7 +136,7 @@ def scorecard_tables(records: Mapping[str, Mapping[str, Any]], *,
                      chapter_href: Callable[[str], str] = lambda stem: f"{stem}.ipynb",
                      record_href: Callable[[str], str] = lambda stem: f"{stem}.record.json",
                      record_style: str = "download",
-                     ) -> dict[str, "pandas.DataFrame"]:  # noqa: F821
+                     ) -> dict[str, pd.DataFrame]:
     """Per family, a table with one row per method: the paper's scores (each reference pair and
     task of that family) beside the project's (task, model pair, score, links).
 
@@ -145,8 +147,6 @@ def scorecard_tables(records: Mapping[str, Mapping[str, Any]], *,
     ``"link"`` writes a plain Markdown link. A method with several project scores on the family's
     tasks gets one row per score; a method with none keeps its paper numbers and empty cells.
     """
-    import pandas as pd
-
     found = collect_scores(records)
     tables = {}
     for fam in FAMILIES:
@@ -176,8 +176,6 @@ def scorecard_tables(records: Mapping[str, Mapping[str, Any]], *,
 
 def to_markdown(df) -> str:
     """A pipe table (links stay clickable when rendered as Markdown; empty cells are blank)."""
-    import pandas as pd
-
     if df is None or len(df.columns) == 0:
         raise PktError("empty scorecard table")
 

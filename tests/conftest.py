@@ -6,6 +6,8 @@ memory, the models are built from configs with random weights.
 from __future__ import annotations
 
 import os
+import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -82,6 +84,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private ``PKT_CACHE`` per test module: tests never touch (or wait for) a user's suite and pairs."""
+    mp = pytest.MonkeyPatch()
+    d = tmp_path_factory.mktemp("pkt-cache")
+    mp.setenv("PKT_CACHE", str(d))
+    yield d
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
@@ -104,3 +116,32 @@ def tiny_dir(tmp_path_factory, tokenizer):
     make_model("llama", tokenizer=tokenizer).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+class CliResult(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def pkt(monkeypatch, capsys):
+    """``pkt(*args)`` runs the ``pkt`` command in this process and returns ``(code, out, err)``.
+
+    In-process because a ``pkt`` subprocess spends most of its time importing torch; the
+    entry point's own process is covered once in test_cli.py.
+    """
+    from pktlib import cli
+
+    def run(*args) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
+

@@ -5,12 +5,6 @@ import sys
 import nbformat
 import pytest
 
-PKT = [sys.executable, "-m", "pktlib.cli"]
-
-
-def pkt(*args, cwd=None):
-    return subprocess.run([*PKT, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
-
 
 @pytest.mark.parametrize("args, message", [
     (["info", "/no/such/model"], "model not found"),
@@ -18,34 +12,39 @@ def pkt(*args, cwd=None):
     (["run", "/no/such/notebook.ipynb"], "notebook not found"),
     (["run", "nb.ipynb", "-p", "only_name"], "needs NAME VALUE"),
 ])
-def test_user_errors_one_line_no_traceback(args, message):
+def test_user_errors_one_line_no_traceback(pkt, args, message):
     r = pkt(*args)
-    assert r.returncode == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert r.code == 1, r.err
+    lines = [l for l in r.err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.err
 
 
-def test_unknown_command_is_usage_error():
-    r = pkt("frobnicate")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+def test_entry_point_in_its_own_process():
+    """The installed command's module runs as a program: a user error is one line, exit status 1."""
+    r = subprocess.run([sys.executable, "-m", "pktlib.cli", "info", "/no/such/model"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "model not found" in r.stderr, r.stderr
 
 
-def test_every_command_has_help():
-    top = pkt("--help")
-    assert top.returncode == 0
+def test_unknown_command_is_usage_error(pkt):
+    assert pkt("frobnicate").code == 2
+
+
+def test_every_command_has_help(pkt):
+    assert pkt("--help").code == 0
     for cmd in ("info", "run", "book", "zoo", "laten", "baseline"):
         r = pkt(cmd, "--help")
-        assert r.returncode == 0 and "Usage" in r.stdout, (cmd, r.stderr)
+        assert r.code == 0 and "Usage" in r.out, (cmd, r.err)
 
 
-def test_info_prints_spec(tiny_dir):
+def test_info_prints_spec(pkt, tiny_dir):
     r = pkt("info", tiny_dir)
-    assert r.returncode == 0, r.stderr
-    assert "arch: llama" in r.stdout and "n_layers: 3" in r.stdout and "parameters:" in r.stdout
+    assert r.code == 0, r.err
+    assert "arch: llama" in r.out and "n_layers: 3" in r.out and "parameters:" in r.out
 
 
-def test_run_writes_executed_notebook_and_record(tmp_path, tiny_dir):
+def test_run_writes_executed_notebook_and_record(pkt, tmp_path, tiny_dir):
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell("from pktlib import records"),
@@ -57,7 +56,7 @@ def test_run_writes_executed_notebook_and_record(tmp_path, tiny_dir):
     nbformat.write(nb, src)
     out = tmp_path / "book" / "nb.ipynb"
     r = pkt("run", src, "-o", out, "-p", "seed", "3", "-p", "model", tiny_dir)
-    assert r.returncode == 0, r.stderr
+    assert r.code == 0, r.err
     rec = json.loads((tmp_path / "book" / "nb.record.json").read_text())
     assert rec["metrics"] == {"product": 6.0}
     assert rec["parameters"] == {"seed": 3, "scale": 2.0, "model": str(tiny_dir)}

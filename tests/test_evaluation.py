@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
 from pktlib.data import Example, data_dir, format_prompt, load_task
 from pktlib.errors import PktError
 from pktlib.evaluation import (EvalResult, build_program, evaluate, extract_choice, extract_code, extract_number,
-                               group_scores, make_generator, numbers_equal, paired_test, score_completions,
-                               stop_strings, truncate_at_stop, wilson_interval)
+                               group_scores, make_generator, numbers_equal, score_completions,
+                               stop_strings, truncate_at_stop)
 
 from conftest import make_model, make_tokenizer
 
@@ -61,30 +60,6 @@ def test_extract_code_and_stops():
     assert truncate_at_stop("no stop", ["</s>"]) == "no stop"
 
 
-def test_wilson_interval():
-    lo, hi = wilson_interval(50, 100)
-    assert abs(lo - 40.38) < 0.02 and abs(hi - 59.62) < 0.02
-    lo, hi = wilson_interval(0, 10)
-    assert lo == 0 and abs(hi - 27.75) < 0.02
-    assert wilson_interval(0, 0) == (0.0, 100.0)
-
-
-def test_paired_test_is_exact_mcnemar():
-    # 7 questions only a gets right, 3 only b, 90 both or neither: p = 2 P(Bin(10, 1/2) <= 3) = 352/1024
-    a = [True] * 7 + [False] * 3 + [True] * 40 + [False] * 50
-    b = [False] * 7 + [True] * 3 + [True] * 40 + [False] * 50
-    t = paired_test(a, b)
-    assert (t.n, t.a_only, t.b_only) == (100, 7, 3)
-    assert t.p_value == pytest.approx(352 / 1024)
-    assert paired_test(b, a).p_value == pytest.approx(352 / 1024)  # symmetric
-    assert paired_test([True] * 10, [False] * 10).p_value == pytest.approx(2 / 2 ** 10)
-    assert paired_test([True] * 5, [False] * 5).p_value == pytest.approx(2 / 32)  # 5 vs 0 is not significant
-    assert paired_test([True, False], [True, False]).p_value == 1.0  # no discordant question
-    assert paired_test([True, False], [False, True]).p_value == 1.0  # capped, not 1.5
-    with pytest.raises(PktError, match="same questions"):
-        paired_test([True], [True, False])
-
-
 # ---------------------------------------------------------------------------- real benchmarks
 def test_gsm8k_original_answers_parse_to_gold():
     rows = [json.loads(line) for line in open(data_dir() / "gsm8k" / "test.jsonl", encoding="utf-8")]
@@ -128,6 +103,7 @@ def test_custom_task_exact_match():
     assert [r.correct for r in score_completions(exs, ["Lyon", "x"], "custom")] == [False, False]
 
 
+@pytest.mark.slow  # runs every HumanEval reference (205 sandboxed programs)
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     examples = load_task("humaneval")
     assert len(examples) == 164
@@ -157,6 +133,7 @@ def _mbpp_check(examples):
     assert sum(r.correct for r in recs) == 0
 
 
+@pytest.mark.slow  # runs 50 MBPP references and 50 wrong solutions in the sandbox
 def test_mbpp_reference_solutions_pass_subset():
     examples = [ex for ex in load_task("mbpp") if ex.meta["task_id"] % 10 == 7]  # 50, incl. task 367
     assert any(ex.meta["setup"] for ex in examples)
@@ -220,28 +197,14 @@ def test_bad_inputs(tiny):
         evaluate(tiny, "no-such-task", limit=1, progress=False)
 
 
-def _pkt(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from pktlib.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["pkt", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_eval_writes_results(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_cli_eval_writes_results(tiny_dir, tmp_path, pkt):
     out = tmp_path / "res.json"
-    code, stdout, err = _pkt(monkeypatch, capsys, "eval", str(tiny_dir), "--task", "pocket-knowledge",
-                             "--limit", "3", "--out", str(out))
+    code, stdout, err = pkt("eval", tiny_dir, "--task", "pocket-knowledge", "--limit", "3", "--out", out)
     assert code == 0, err[-2000:]
     assert "pocket-knowledge/test accuracy" in stdout and "n=3" in stdout
     data = json.loads(out.read_text())
     assert data["n"] == 3 and len(data["records"]) == 3 and data["backend"] == "hf"
-    code, _, err = _pkt(monkeypatch, capsys, "eval", str(tiny_dir), "--task", "nope")
+    code, _, err = pkt("eval", tiny_dir, "--task", "nope")
     assert code == 1 and err.startswith("error: unknown task")
 
 

@@ -6,7 +6,6 @@ test checks they are untouched after the program tried to change them.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -48,13 +47,12 @@ def test_exiting_early_is_not_a_pass():
     assert r.status == "error" and not r.passed
 
 
-def test_infinite_loop_is_stopped_within_its_limit():
-    t0 = time.perf_counter()
+def test_infinite_loop_is_stopped_at_its_limit():
     r = run_code("while True:\n    pass", timeout=2)
-    assert r.status == "timeout", r
-    assert time.perf_counter() - t0 < 2 + 5, "the wall-clock kill came late"
-    r = run_code("import time\ntime.sleep(60)", timeout=1)  # no CPU used: the wall clock decides
-    assert r.status == "timeout" and r.wall_s < 1 + 5
+    assert r.status == "timeout" and not r.passed, r
+    assert r.wall_s >= 2, r  # it ran until its limit, then was stopped (run_code returned)
+    r = run_code("import time\ntime.sleep(60)\nprint('woke up')", timeout=1)  # no CPU used: the wall clock decides
+    assert r.status == "timeout" and "woke up" not in r.stdout, r
 
 
 def test_fork_loop_is_contained(sentinel):
@@ -148,12 +146,15 @@ def test_output_flood_is_bounded():
 
 
 def test_run_many_keeps_order_and_runs_concurrently():
-    progs = [f"import time\ntime.sleep(0.5)\nassert {i} % 2 == 0" for i in range(6)]
-    t0 = time.perf_counter()
+    # Each program prints when it started and ended its (sleeping) work, then passes or fails.
+    progs = [f"import time\nt0 = time.time()\ntime.sleep(1)\nprint(t0, time.time())\nassert {i} % 2 == 0"
+             for i in range(6)]
     res = run_many(progs, workers=3)
     assert [r.passed for r in res] == [i % 2 == 0 for i in range(6)]
-    # 6 x 0.5 s sequential is 3 s of sleep; three at a time leaves ~1 s of sleep.
-    assert time.perf_counter() - t0 < 3 + 2.5
+    spans = [tuple(map(float, r.stdout.split())) for r in res]
+    # the most programs running at any moment: more than one (concurrent), at most `workers`
+    running = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert 2 <= running <= 3, spans
 
 
 def test_bad_limits_raise():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def test_scorecard_tables_from_records():
-    from pktlib.scorecard import scorecard_tables, to_markdown
+    from pktlib.scorecard import PAPER, scorecard_tables, to_markdown
 
     records = {
         "laten_chapter": {"metrics": {"scorecard": [
@@ -19,8 +19,11 @@ def test_scorecard_tables_from_records():
     assert set(t) == {"knowledge", "math", "code"}
     math_t = t["math"]
     laten = math_t[math_t["method"] == "LaTen (Pre-Align)"].iloc[0]
-    assert laten["project score"] == 31.5 and laten["paper: gsm8k (Llama-2-13b-chat -> Llama-2-7b-chat)"] == 20.47
-    assert laten["paper: gsm8k (Qwen2.5-3B -> Qwen2.5-1.5B)"] == 62.32
+    # the paper's numbers land in the column of their pair and task
+    assert laten["project score"] == 31.5
+    assert laten["paper: gsm8k (Llama-2-13b-chat -> Llama-2-7b-chat)"] == PAPER[
+        "Llama-2-13b-chat -> Llama-2-7b-chat (Table 1)"]["laten"]["gsm8k"]
+    assert laten["paper: gsm8k (Qwen2.5-3B -> Qwen2.5-1.5B)"] == PAPER["Qwen2.5-3B -> Qwen2.5-1.5B (Table 8)"]["laten"]["gsm8k"]
     assert laten["source"] == "[laten_chapter](laten_chapter.ipynb) · {download}`record <laten_chapter.record.json>`"
     plain = scorecard_tables(records, record_style="link")["math"]
     assert "[record](laten_chapter.record.json)" in plain[plain["method"] == "LaTen (Pre-Align)"].iloc[0]["source"]
