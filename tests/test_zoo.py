@@ -333,3 +333,17 @@ def test_pair_is_current_tells_old_pairs_from_current_ones(cache):
     assert zoo.pair_is_current(current.with_name(f"pair-tiny-s3-{replace(zoo.PRESETS['tiny'], seq_len=64).key()}")) is False
     for other in ("/tmp/some-model", "meta-llama/Llama-2-7b-chat-hf", ""):
         assert zoo.pair_is_current(other) is None, other
+
+
+def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch):
+    """Without native bf16 the preset trains in float32, under its own key (weights differ)."""
+    recipe = zoo.PRESETS["default"]
+    assert recipe.teacher.autocast == "bfloat16"
+    monkeypatch.setattr(zoo, "native_bf16", lambda: True)
+    assert zoo.get_preset("default") == recipe
+    native_dir = zoo.pair_dir("default", 0)
+    monkeypatch.setattr(zoo, "native_bf16", lambda: False)
+    cfg = zoo.get_preset("default")
+    assert cfg.teacher.autocast is None and cfg.student == recipe.student
+    assert cfg.key() != recipe.key() and zoo.pair_dir("default", 0) != native_dir
+    assert zoo.pair_is_current(zoo.pair_dir("default", 0)) is True
