@@ -11,6 +11,7 @@ from pktlib.data import format_prompt
 from pktlib.errors import PktError
 from pktlib.hooks import hooked
 from pktlib.training import RunDir
+from pktlib.zoo import config as zoo_config
 from pktlib.zoo.build import _stage_config
 
 # Even smaller than the "tiny" preset: one optimiser step per stage on a sliver of the corpus.
@@ -213,3 +214,16 @@ def test_interrupted_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
     assert log_res.loss_curve == log_full.loss_curve and log_res.steps == log_full.steps == 7
     assert sum(tokens) == log_full.tokens  # the progress bar also counts the restored steps
 
+
+def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch):
+    """Without native bf16 the preset trains in float32, under its own key (weights differ)."""
+    recipe = zoo.PRESETS["default"]
+    assert recipe.teacher.autocast == "bfloat16"
+    monkeypatch.setattr(zoo_config, "native_bf16", lambda: True)
+    assert zoo.get_preset("default") == recipe
+    native_dir = zoo.pair_dir("default", 0)
+    monkeypatch.setattr(zoo_config, "native_bf16", lambda: False)
+    cfg = zoo.get_preset("default")
+    assert cfg.teacher.autocast is None and cfg.student == recipe.student
+    assert cfg.key() != recipe.key() and zoo.pair_dir("default", 0) != native_dir
+    assert zoo.pair_is_current(zoo.pair_dir("default", 0)) is True

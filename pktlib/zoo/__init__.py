@@ -16,12 +16,12 @@ from pktlib.zoo.build import (TrainLog, base_batches, build_model, build_pair, c
                               train_base, train_chat, train_stage, with_replay)
 from pktlib.zoo.cards import MAX_NEW_TOKENS, card_markdown, read_card, score_pair
 from pktlib.zoo.config import (BUILD_VERSION, CHECKPOINTS, PRESETS, ModelConfig, PairConfig, PocketPair, TrainConfig,
-                               get_preset, pair_dir, pair_is_current)
+                               for_this_machine, get_preset, native_bf16, pair_dir, pair_is_current)
 from pktlib.zoo.tokenizer import train_tokenizer
 
 __all__ = [
     "FAMILIES", "SPLIT_SIZES", "CHECKPOINTS", "MAX_NEW_TOKENS", "BUILD_VERSION", "SuiteConfig", "ModelConfig",
-    "TrainConfig", "PairConfig", "PRESETS", "get_preset", "PocketPair", "cache_dir", "suite_dir", "suite_file",
+    "TrainConfig", "PairConfig", "PRESETS", "native_bf16", "for_this_machine", "get_preset", "PocketPair", "cache_dir", "suite_dir", "suite_file",
     "generate_suite", "base_corpus", "chat_examples", "train_tokenizer", "build_model", "TrainLog", "train_stage",
     "base_batches", "chat_batches", "with_replay", "train_base", "train_chat", "pair_dir", "pair_is_current",
     "build_pair", "pocket_pair", "score_pair", "read_card", "card_markdown",

@@ -33,7 +33,8 @@ from pktlib.records import write_json
 from pktlib.suite import base_corpus, chat_examples
 from pktlib.training import Checkpointed, RunDir, Schedule, train_steps
 from pktlib.zoo.cards import read_card, save_checkpoint
-from pktlib.zoo.config import CHECKPOINTS, ModelConfig, PairConfig, PocketPair, TrainConfig, get_preset, pair_dir
+from pktlib.zoo.config import (CHECKPOINTS, ModelConfig, PairConfig, PocketPair, TrainConfig, for_this_machine,
+                               get_preset, pair_dir)
 from pktlib.zoo.tokenizer import train_tokenizer
 
 __all__ = ["build_model", "TrainLog", "train_stage", "base_batches", "chat_batches", "with_replay", "train_base",
@@ -254,7 +255,7 @@ def build_pair(preset: str = "default", *, seed: int = 0, force: bool = False, p
     of repeating it; ``only`` restricts this call to some checkpoints (a chat checkpoint needs
     its base). ``config``/``root`` override the preset (tests use an even smaller configuration).
     """
-    cfg = config or get_preset(preset)
+    cfg = for_this_machine(config) if config else get_preset(preset)
     root = root or pair_dir(preset, seed)
     pair = PocketPair.at(root, "chat")
     paths = pair.checkpoints()
@@ -314,7 +315,8 @@ def build_pair(preset: str = "default", *, seed: int = 0, force: bool = False, p
             training[variant] = asdict(log)
             card = {"name": name, "preset": preset, "seed": seed, "config_key": cfg.key(),
                     "architecture": spec(model.config).to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-                    "training": training, "torch_threads": torch_threads, "scores": None}
+                    "training": training, "torch_threads": torch_threads,
+                    "matmul_precision": _role_model(cfg, role).autocast or "float32", "scores": None}
             save_checkpoint(model, tokenizer, paths[name], card)
             shutil.rmtree(root / ".runs" / name, ignore_errors=True)
     bar.close()
