@@ -2,12 +2,9 @@
 package's shape: no import cycles, no imports deferred into functions without a reason, small modules."""
 import ast
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 import yaml
 
 from pktlib.book import notebook_chapters, toc_entries
@@ -130,19 +127,6 @@ def test_modules_stay_small():
     sizes = {f.relative_to(ROOT).as_posix(): len(f.read_text(encoding="utf-8").splitlines())
              for f in PACKAGE.rglob("*.py")}
     assert {f: n for f, n in sizes.items() if n > 500 and f not in LARGE_MODULES} == {}
-
-
-@pytest.mark.slow  # one fresh interpreter per module (torch is imported each time)
-def test_every_module_imports_first_in_a_fresh_interpreter():
-    """An import cycle that the order of a test session hides shows when a module is imported first."""
-    names = [m for m in _modules() if m not in BOOK_TOOLING or m == "pktlib.book"]
-    code = "import importlib, sys\nimportlib.import_module(sys.argv[1])"
-    failed = {}
-    for m in names:
-        r = subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True, timeout=300)
-        if r.returncode:
-            failed[m] = r.stderr.strip().splitlines()[-1]
-    assert not failed, failed
 
 
 def test_readme_layout_lists_modules_in_import_order():
