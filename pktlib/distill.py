@@ -44,6 +44,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -411,7 +412,9 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
     args = _trainer_args(cfg, out, len(data), progress, save_every)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if m.trainer == "gkd":
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
+        with warnings.catch_warnings():  # the pin in pyproject.toml fixes the experimental API we use
+            warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
 
         targs = GKDConfig(**args, lmbda=cfg.lmbda, beta=cfg.beta, temperature=cfg.temperature,
                           max_new_tokens=max(1, cfg.max_new_tokens), disable_dropout=True)
