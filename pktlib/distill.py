@@ -16,7 +16,9 @@ argument, ``method``, looked up in :data:`METHODS`:
 * ``"gkd"``: on-policy GKD (Agarwal et al. 2024), TRL's ``GKDTrainer`` with the authors'
   settings (``rebuttal/Distillation/gkd_run.sh`` in Trae1ounG/Neural_Incompatibility:
   ``--lmbda 1 --beta 0``): every batch's answers are sampled from the student (temperature
-  0.9, TRL's default) and the loss is the forward KL to the teacher on those samples.
+  0.9, TRL's default) and the loss is the forward KL to the teacher on those samples. (The
+  trainer divides the summed KL by the batch's *gold* answer tokens, counted before the samples
+  replace them, so GKD's logged loss is not a per-sampled-token mean.)
 * ``"seqkd"``: sequence-level KD (Kim and Rush 2016): the teacher answers every prompt greedily
   (:class:`pktlib.evaluation.HFGenerator`, cut at the chat stop strings, exactly as scored), and
   the student is fine-tuned on these answers with TRL's ``SFTTrainer`` (cross-entropy on the
