@@ -284,13 +284,12 @@ def _mark_complete_callback():
 
 
 def _as_pair(x: Any, role: str) -> tuple[nn.Module, Any]:
-    if isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], nn.Module):
-        return x[0], x[1]
-    if isinstance(x, (str, os.PathLike)):
-        from pktlib.models import load_model
+    from pktlib.baselines import resolve_model
 
-        return load_model(x, dtype="float32")
-    raise PktError(f"{role}: expected a model path or a (model, tokenizer) pair, got {type(x).__name__}")
+    model, tok, _ = resolve_model(x)
+    if tok is None:
+        raise PktError(f"{role}: pass a (model, tokenizer) pair or a model directory: distillation tokenises with it")
+    return model, tok
 
 
 def _check_shared_vocabulary(teacher: nn.Module, student: nn.Module, t_tok, s_tok) -> None:

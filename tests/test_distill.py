@@ -172,3 +172,16 @@ def test_data_budgets_match_laten_and_the_train_split():
         budget_examples("pocket-code", "all")
     with pytest.raises(PktError, match="train examples"):
         budget_examples("pocket-code", 10**6)
+
+
+def test_full_finetuning_trains_every_student_parameter(models, tokenizer, tmp_path):
+    student, (teacher, _) = models
+    t0 = _state(teacher)
+    res = _run(student, teacher, tokenizer, "supervised-kd", tmp_path / "full", lora=False, epochs=2)
+    assert res.trainable_parameters == sum(p.numel() for p in student.parameters())
+    trained = res.load_student()[0].state_dict()
+    moved = [k for k, v in student.state_dict().items() if not torch.equal(trained[k], v)]
+    assert "lm_head.weight" in moved and any("mlp.gate_proj" in k for k in moved)
+    assert _same(_state(teacher), t0)
+    with pytest.raises(PktError, match="tokenizer"):
+        distill(student, (teacher, tokenizer), "pocket-math", examples=EXAMPLES, out_dir=tmp_path / "no-tok")
