@@ -149,7 +149,7 @@ def zoo_fetch(
     for r in results:
         used = dir_size(r.checkpoint) + (dir_size(r.gguf) if r.gguf else 0)
         total += used
-        state = f"converted in {r.seconds:.0f} s" if r.converted else "up to date"
+        state = f"fetched and converted in {r.seconds:.0f} s" if r.converted else "up to date"
         typer.echo(f"{r.name}: {r.checkpoint} ({state}; {used / 2**30:.2f} GiB on disk with the .gguf)")
         typer.echo(f"{'':>4}gguf sha256 {r.gguf_sha256}" + (f"  {r.gguf}" if r.gguf else ""))
     typer.echo(f"done in {time.time() - t0:.0f} s; {total / 2**30:.2f} GiB in the cache for {name}")

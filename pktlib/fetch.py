@@ -501,6 +501,10 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, ca
             full["conversion"]["seconds"] = round(time.time() - t0, 1)
             write_json(tmp / "card.json", full)
             (tmp / "README.md").write_text(_card_markdown(full), encoding="utf-8")
+            umask = os.umask(0)
+            os.umask(umask)
+            for f in tmp.iterdir():  # safetensors writes 0600 files; a cache is readable like any other file
+                os.chmod(f, 0o666 & ~umask)
             bar.update(1)
     return Path(out_dir)
 

@@ -280,12 +280,15 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = N
     budgets (CPU/disk offload). Then ``device`` is ignored: accelerate's hooks move each
     layer's weights and activations where they compute, and ``model.hf_device_map`` says where
     each module lives. :func:`plan_placement` proposes these values. ``max_memory`` alone
-    implies ``device_map="auto"``. Offloaded weights are ``meta`` tensors outside a forward
+    implies ``device_map="auto"``. A safetensors checkpoint is offloaded in place (its layers
+    are read from the checkpoint's files), other formats need ``offload_folder``. Offloaded
+    weights are ``meta`` tensors outside a forward
     pass: use an offloaded model for forward passes and generation, not for code that reads
-    weights directly. Disk offload is not available for ``.gguf`` files (convert them first).
+    weights directly. A ``.gguf`` file is dequantised first, then placed the same way (its
+    disk-offloaded layers are written to ``offload_folder``).
 
     Raises :class:`PktError` for a missing path, an unsupported architecture, or a placement
-    that does not fit (e.g. ``max_memory`` too small and no ``offload_folder``).
+    transformers refuses.
     """
     from transformers import AutoModelForCausalLM
 
@@ -484,8 +487,9 @@ def plan_placement(models: "dict[str, ModelSpec | Any]", *, dtype: str = "bfloat
 
     Per model, in order of preference: the first GPU with room (or the CPU without GPUs) as
     one device; else split over the GPUs ("multi-GPU", accelerate's ``device_map="auto"``);
-    else GPUs plus CPU ("CPU offload"); else CPU plus disk ("disk offload": needs
-    ``offload_folder``, and is slow: each forward reads the offloaded layers from disk).
+    else GPUs plus CPU ("CPU offload"); else CPU plus disk ("disk offload", slow: each forward
+    reads the offloaded layers from disk; from the checkpoint's safetensors files, or from
+    ``offload_folder`` where accelerate writes them for other formats).
     vLLM serves one model at a time, so its ``tensor_parallel_size`` is sized on the whole of
     each GPU: the smallest size at which weights plus a KV cache of ``kv_tokens`` tokens fit.
     """
@@ -524,12 +528,11 @@ def plan_placement(models: "dict[str, ModelSpec | Any]", *, dtype: str = "bfloat
             else:
                 p.kind = "disk offload"
                 p.max_memory = {**use, "cpu": max(budget["cpu"], 0)}
-                if offload_folder is None:
-                    raise PktError(f"{name}: {w / 2**30:.1f} GiB of {dtype} weights exceed the memory budgets "
-                                   f"({ {k: round(v / 2**30, 1) for k, v in budget.items()} } GiB); "
-                                   "pass offload_folder to offload the rest to disk")
-                p.offload_folder = str(offload_folder)
+                p.offload_folder = str(offload_folder) if offload_folder is not None else None
                 notes.append("disk offload reads the offloaded layers from disk on every forward pass: slow")
+                if offload_folder is None:
+                    notes.append("no offload_folder: offloaded layers are read from the checkpoint's safetensors "
+                                 "files; other checkpoint formats need an offload_folder")
             left = w
             for k in [*gpus, "cpu"]:
                 take = min(left, max(budget[k], 0))
