@@ -6,9 +6,9 @@ Why it exists: ``make real-pair`` converts each Q4_K_M GGUF file once into float
 safetensors because transformers dequantises a GGUF file (and parses its 151k-token
 vocabulary) on every load. The goal is a load at least 10x faster. Per model, in one run and
 side by side, this times ``pktlib.models.load_model`` (model + tokenizer, wall clock) on the
-converted folder, then on the ``.gguf`` file, then on the converted folder again (the first
-converted load may find its file cold in the page cache; the best of the two counts, and
-both are printed). It then checks that the two loads are the same model: equal logits on a
+converted folder, then on the ``.gguf`` file, then on the converted folder again. The first
+converted load may find its file cold in the page cache, the second finds it warm: both
+speed-ups are printed, and the goal is judged on the slower (colder) one. It then checks that the two loads are the same model: equal logits on a
 prompt and the same greedy completion of "The capital of France is", and that the converted
 tokenizer carries the chat template. Only one model is held in memory at a time.
 
@@ -69,17 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         model, tok, conv2 = _timed_load(converted_dir(name))
         del model
         gc.collect()
-        conv = min(conv1, conv2)
+        slow, fast = max(conv1, conv2), min(conv1, conv2)
         equal = torch.equal(c_logits, g_logits)
-        print(f"load GGUF {gguf_s:7.1f} s   converted {conv1:6.1f} s / {conv2:6.1f} s (best {conv:.1f})   "
-              f"speed-up {gguf_s / conv:6.1f}x")
+        print(f"load GGUF {gguf_s:7.1f} s   converted {conv1:6.1f} s (first) / {conv2:6.1f} s (again)   "
+              f"speed-up {gguf_s / slow:6.1f}x (slower load) / {gguf_s / fast:6.1f}x (faster)")
         print(f"logits equal: {equal}   greedy completion of {PROMPT!r}: converted {c_text!r}, GGUF {g_text!r}")
         print(f"chat template: {'present' if template else 'MISSING'}; a user turn renders as {chat!r}")
-        rows.append((name, gguf_s, conv, equal and c_text == g_text and bool(template)))
-    print("\nmodel                              GGUF s  converted s  speed-up  same model + template")
-    for name, g, c, ok in rows:
-        print(f"{name:<34} {g:7.1f} {c:12.1f} {g / c:8.1f}x  {ok}")
-    worst = min(g / c for _, g, c, _ in rows)
+        rows.append((name, gguf_s, slow, fast, equal and c_text == g_text and bool(template)))
+    print("\nmodel                              GGUF s  converted s (slower/faster)  speed-up  same model + template")
+    for name, g, c, f, ok in rows:
+        print(f"{name:<34} {g:7.1f} {c:12.1f} / {f:6.1f}    {g / c:6.1f}x-{g / f:.0f}x  {ok}")
+    worst = min(g / c for _, g, c, _, _ in rows)
     print(f"goal >= 10x: {'met' if worst >= 10 else 'NOT met'} (worst {worst:.1f}x)")
     return 0 if all(ok for *_, ok in rows) else 1
 

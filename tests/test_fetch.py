@@ -101,7 +101,7 @@ def test_convert_gguf_round_trip_equal_logits(tiny_gguf, tokenizer, tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "qwen2"
-    assert c_tok.chat_template == TEMPLATE
+    assert c_tok.chat_template == TEMPLATE and c_tok.model_max_length == config["max_position_embeddings"] == 256
     chat = [{"role": "user", "content": "Capital of France?"}]
     assert c_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
         "<|user|>\nCapital of France?\n<|assistant|>\n"

@@ -85,6 +85,15 @@ def test_real_pair_needs_make_real_pair_then_loads(cache, tokenizer):
     with torch.no_grad():
         assert torch.equal(loaded.student[0](ids).logits, student(ids).logits)
     assert p.specs()["teacher"].hidden_size == 128  # local config.json wins over the reference
+    # a plan with room for the student and half the teacher: load_pair offloads the teacher to disk
+    sw, tw = (p.specs()[r].n_parameters * 4 for r in ("student", "teacher"))
+    plan = pairs.plan_pair(p, dtype="float32", memory={"cpu": int((sw + tw / 2) / 0.9)})
+    assert (plan["student"].kind, plan["teacher"].kind) == ("one device", "disk offload")
+    off = pairs.load_pair(p, placement=plan)
+    assert getattr(off.student[0], "hf_device_map", None) is None  # the student stays whole
+    assert "disk" in set(off.teacher[0].hf_device_map.values())
+    with torch.no_grad():
+        assert torch.equal(off.teacher[0](ids).logits, teacher(ids).logits)
 
 
 def test_transfer_sets_default_llama_and_qwen_variant():
