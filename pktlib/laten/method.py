@@ -318,11 +318,14 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
           train_on_inputs: bool = False, progress: bool = True, schedule_steps: int | None = None,
           micro_batch: int | None = None, max_length: int = 512, gqa_rule: str = "sum", normaliser: str = "rms",
           cache_dir: str | os.PathLike | None = None, device: str | None = None,
-          extract: list[Example] | None = None, align: list[Example] | None = None) -> TrainResult:
+          extract: list[Example] | None = None, align: list[Example] | None = None,
+          modules: Sequence[str] = TRANSFERRED_MODULES) -> TrainResult:
     """Train a LaTen translator from ``teacher`` to ``student`` on ``task`` (DESIGN.md 4.3).
 
     ``teacher``/``student``: model directories / hub ids (loaded by
     :func:`pktlib.models.resolve_model`, float32), or loaded ``(model, tokenizer)`` pairs.
+    ``modules``: the transferred modules, up/down/v/o by default (the authors' Llama script);
+    a pair's choice is ``pktlib.pairs.Pair.modules`` (their Qwen script leaves out v_proj).
     ``steps`` defaults to paper Table 5 (:func:`default_steps`). ``out_dir`` is a run folder of
     :mod:`pktlib.training`: ``laten_config.json``, ``log.jsonl`` (one JSON line per step: LM loss,
     MSE, batch loss before and after the step, the plain student's LM loss, learning rate, wall
@@ -340,7 +343,7 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
     cfg = LatenConfig(task=task, steps=steps, schedule_steps=schedule_steps or max(len(extract), steps),
                       transfer_rate=transfer_rate, align_batch=align_batch, micro_batch=micro_batch, lr=lr, seed=seed,
                       train_on_inputs=train_on_inputs, max_length=max_length, gqa_rule=gqa_rule,
-                      normaliser=normaliser)
+                      normaliser=normaliser, modules=tuple(modules))
     t_model, t_tok, t_src = resolve_model(teacher, device=device, need_tokenizer=True)
     s_model, s_tok, s_src = resolve_model(student, device=device or next(t_model.parameters()).device,
                                           need_tokenizer=True)
