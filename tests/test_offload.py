@@ -6,7 +6,6 @@ import torch
 
 from conftest import make_model
 from gguf_writer import write_qwen2_gguf
-from pktlib.errors import PktError
 from pktlib.models import dtype_bytes, load_model, plan_placement, spec
 
 
