@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -194,10 +193,9 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
 
     ``output`` defaults to ``book/<notebook name>``. The record (``<output stem>.record.json``)
     holds the parameters, the models and metrics the notebook logged, its seed parameter,
-    wall time and the kernel's peak resident memory.
+    wall time and the run's peak resident memory (:func:`_execute_measured`). A failing cell is
+    a :class:`PktError` naming the notebook and the cell's error.
     """
-    import papermill as pm
-
     import pktlib
 
     notebook = Path(notebook)
@@ -215,8 +213,7 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     t0 = time.perf_counter()
     try:
         tmp_out = output.with_name(f".{output.name}.partial.ipynb")
-        pm.execute_notebook(str(notebook), str(tmp_out), parameters=parameters, progress_bar=progress,
-                            cwd=str(cwd) if cwd else None, kernel_name="python3")
+        peak_mb = _execute_measured(notebook, tmp_out, parameters, cwd=cwd, progress=progress)
         os.replace(tmp_out, output)
     finally:
         if old is None:
@@ -227,8 +224,6 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     logged = read_json(sidecar) if sidecar.exists() else {}
     if sidecar.exists():
         sidecar.unlink()
-    # ru_maxrss of finished children, in KiB on Linux: the kernel is the largest child.
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     effective = {**notebook_defaults(notebook), **parameters}
     rec = RunRecord(
         notebook=str(notebook), output=str(output), parameters=effective,
@@ -239,6 +234,59 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     )
     write_json(record_path(output), rec)
     return rec
+
+
+def _execute_measured(notebook: Path, output: Path, parameters: dict[str, Any], *,
+                      cwd: str | os.PathLike | None, progress: bool) -> float:
+    """Execute ``notebook`` with papermill in a fresh child process; its peak memory in MiB.
+
+    The child's resource usage, read when it is reaped (``os.wait4``), has as its maximum
+    resident size the largest of the child itself, the kernel it starts and whatever the kernel
+    reaped (a vLLM engine, sandboxed programs): this run's own peak. ``RUSAGE_CHILDREN`` of this
+    process would instead be the largest child *ever*, so after a large chapter every later
+    small one recorded the large one's peak.
+    """
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="pkt-run-") as tmp:
+        spec_file, error_file = Path(tmp) / "run.json", Path(tmp) / "error.json"
+        spec_file.write_text(json.dumps({
+            "notebook": str(notebook), "output": str(output), "parameters": to_jsonable(parameters),
+            "cwd": str(cwd) if cwd else None, "progress": progress, "error": str(error_file)}), encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-c", "from pktlib.records import _execute_child; _execute_child()",
+                                 str(spec_file)])
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted: leave no papermill (nor kernel) behind
+            proc.terminate()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        if proc.returncode != 0:
+            if error_file.is_file():
+                err = json.loads(error_file.read_text(encoding="utf-8"))
+                raise PktError(f"{notebook} failed: {err['type']}: {err['message']}")
+            raise PktError(f"{notebook}: executing it ended with exit status {proc.returncode}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def _execute_child() -> None:
+    """The child of :func:`_execute_measured`: papermill, with any error written for the parent."""
+    import sys
+
+    import papermill as pm
+
+    spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    try:
+        pm.execute_notebook(spec["notebook"], spec["output"], parameters=spec["parameters"],
+                            progress_bar=spec["progress"], cwd=spec["cwd"], kernel_name="python3")
+    except BaseException as e:  # the parent reports it as one line
+        message = str(e).strip()
+        if type(e).__name__ == "PapermillExecutionError":  # the cell's own error, not papermill's banner
+            message = f"cell {getattr(e, 'exec_count', '?')}: {getattr(e, 'ename', '')}: {getattr(e, 'evalue', '')}"
+        Path(spec["error"]).write_text(json.dumps({"type": type(e).__name__, "message": message}), encoding="utf-8")
+        raise SystemExit(1)
 
 
 def notebook_defaults(notebook: str | os.PathLike) -> dict[str, Any]:
