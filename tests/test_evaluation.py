@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -405,16 +404,9 @@ def test_bad_inputs(tiny):
 
 
 def _pkt(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from pktlib.cli import main
+    from conftest import pkt_in_process
 
-    monkeypatch.setattr(sys, "argv", ["pkt", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return pkt_in_process(monkeypatch, capsys, *args)
 
 
 def test_cli_eval_writes_results(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -463,3 +455,53 @@ def test_hf_and_vllm_agree(tmp_path_factory):
     same = sum(a.completion == b.completion for a, b in zip(hf, vl))
     assert same >= 0.95 * 64, [(a.completion, b.completion) for a, b in zip(hf, vl) if a.completion != b.completion][:3]
     assert abs(results["hf"].n_correct - results["vllm"].n_correct) <= 1
+
+
+def test_engine_key_follows_the_weights_not_the_directory(tmp_path, tokenizer):
+    from pktlib.evaluation import engine_key
+
+    d = tmp_path / "m"
+    make_model("llama", tokenizer=tokenizer, seed=0).save_pretrained(d)
+    a = engine_key(d, dtype="float32", context=256, seed=0)
+    assert engine_key(d, dtype="float32", context=256, seed=0) == a  # same weights: the cached engine
+    make_model("llama", tokenizer=tokenizer, seed=1).save_pretrained(d)  # other weights, same directory
+    b = engine_key(d, dtype="float32", context=256, seed=0)
+    assert b[0] == a[0] and b != a
+    empty = tmp_path / "no-safetensors"
+    empty.mkdir()
+    assert engine_key(empty, dtype="float32", context=256, seed=0) != engine_key(empty, dtype="float32",
+                                                                                context=256, seed=0)
+
+
+@pytest.mark.slow
+def test_vllm_engine_follows_new_weights_and_scores_next_tokens(tmp_path):
+    """After other weights are saved into the same directory, vLLM serves the new model; its
+    next-token log-probabilities match Hugging Face's."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from pktlib.evaluation import _ENGINES, free_engines
+
+    tok = make_tokenizer()
+    d = tmp_path / "m"
+    shape = dict(hidden_size=128, intermediate_size=256, n_layers=2, n_heads=2, num_key_value_heads=2,
+                 max_position_embeddings=512)
+    prompts = [format_prompt(ex.messages) for ex in load_task("pocket-math", limit=4)]
+    cands = [tok.encode(" " + c, add_special_tokens=False)[-1] for c in "ABCD"]
+    try:
+        outs, lps = [], []
+        for seed in (0, 1):
+            model = make_model("llama", tokenizer=tok, seed=seed, **shape)
+            model.save_pretrained(d)
+            tok.save_pretrained(d)
+            g = make_generator(str(d), "vllm")
+            outs.append(g.generate(prompts, 12, []))
+            lps.append(g.next_token_logprobs(prompts, cands))
+            hf = make_generator((model, tok), "hf")
+            assert torch.allclose(torch.tensor(lps[-1]), torch.tensor(hf.next_token_logprobs(prompts, cands)),
+                                  atol=1e-3)
+            assert sum(a == b for a, b in zip(outs[-1], hf.generate(prompts, 12, []))) >= 3
+        assert len(_ENGINES) == 1  # the first engine was shut down when the weights changed
+        assert outs[0] != outs[1] and lps[0] != lps[1]
+    finally:
+        free_engines()
