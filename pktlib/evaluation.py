@@ -739,6 +739,8 @@ class VLLMGenerator(_TokenBase):
     Hugging Face backend (bf16 flips near-tied argmaxes). :func:`free_engines` releases engines.
     On a CPU ``gpu_memory_utilization`` is the share of *host* memory reserved for the KV cache;
     0.1 (about 2 GiB here) is plenty for the pocket models and leaves room on a shared machine.
+    ``tensor_parallel_size`` shards the model over that many GPUs (1 on a CPU; a size for a
+    named pair comes from :func:`pktlib.pairs.plan_pair`).
 
     The cache key holds :func:`pktlib.models.weights_hash` of the directory's safetensors, so
     other weights saved into the same directory get a new engine (the old one is shut down);
@@ -748,7 +750,8 @@ class VLLMGenerator(_TokenBase):
     name = "vllm"
 
     def __init__(self, model_dir: str, *, tokenizer=None, dtype: str = "float32", max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.1, seed: int = 0, **engine_kwargs):
+                 gpu_memory_utilization: float = 0.1, seed: int = 0, tensor_parallel_size: int = 1,
+                 **engine_kwargs):
         # vLLM logs its engine start at length (INFO, and CPU-performance WARNINGs about tcmalloc
         # and Triton); a notebook or a progress bar only needs errors. Set the variable to override.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -765,12 +768,15 @@ class VLLMGenerator(_TokenBase):
             raise PktError(f"the vllm backend needs a local model directory; {model_dir!r} is not one")
         self.tokenizer = tokenizer or load_tokenizer(model_dir)
         self.context = max_model_len or _context_length(AutoConfig.from_pretrained(model_dir))
-        key = engine_key(model_dir, dtype=dtype, context=self.context, seed=seed)
+        if tensor_parallel_size < 1:
+            raise PktError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        key = engine_key(model_dir, dtype=dtype, context=self.context, seed=seed) + (tensor_parallel_size,)
         if key not in _ENGINES:
             for old in [k for k in _ENGINES if k[0] == key[0]]:  # the same directory with other weights
                 _shutdown(_ENGINES.pop(old))
             _ENGINES[key] = LLM(model=model_dir, dtype=dtype, max_model_len=self.context, enforce_eager=True,
-                                gpu_memory_utilization=gpu_memory_utilization, seed=seed, **engine_kwargs)
+                                gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                                tensor_parallel_size=tensor_parallel_size, **engine_kwargs)
         self.llm = _ENGINES[key]
         self.cache_key = key
 

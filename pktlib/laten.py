@@ -470,10 +470,13 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
           train_on_inputs: bool | None = None, progress: bool = True, schedule_steps: int | None = None,
           micro_batch: int | None = None, max_length: int = 512, gqa_rule: str = "sum", normaliser: str = "rms",
           attn_coefficient: str = "summed", cache_dir: str | os.PathLike | None = None, device: str | None = None,
-          extract: list[Example] | None = None, align: list[Example] | None = None) -> TrainResult:
+          extract: list[Example] | None = None, align: list[Example] | None = None,
+          modules: Sequence[str] = LATEN_MODULES) -> TrainResult:
     """Train a LaTen translator from ``teacher`` to ``student`` on ``task`` (DESIGN.md 4.3).
 
     ``teacher``/``student``: model directories / hub ids, or loaded ``(model, tokenizer)``.
+    ``modules``: the transferred modules, up/down/v/o by default (the authors' Llama script);
+    a pair's choice is ``pktlib.pairs.Pair.modules`` (their Qwen script leaves out v_proj).
     ``steps`` defaults to paper Table 5 (:func:`default_steps`). Writes into ``out_dir``:
     ``laten_config.json``, ``log.jsonl`` (one JSON line per step: LM loss, MSE, batch loss
     before and after the step, the plain student's LM loss, learning rate, wall time, selected
@@ -495,7 +498,7 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
                       transfer_rate=transfer_rate, align_batch=align_batch, micro_batch=micro_batch, lr=lr, seed=seed,
                       train_on_inputs=default_train_on_inputs(task) if train_on_inputs is None else train_on_inputs,
                       max_length=max_length, gqa_rule=gqa_rule, normaliser=normaliser,
-                      attn_coefficient=attn_coefficient)
+                      attn_coefficient=attn_coefficient, modules=tuple(modules))
     t_model, t_tok, t_src = _as_model(teacher, device)
     s_model, s_tok, s_src = _as_model(student, device or next(t_model.parameters()).device)
     ts, ss = check_pair(t_model, s_model, modules=cfg.modules)

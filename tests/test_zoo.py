@@ -344,3 +344,17 @@ def test_training_steps_work_inside_no_grad():
     with torch.no_grad():
         log = zoo._run_steps(model, batches, zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2), seed=0)
     assert log.steps == 2 and not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch):
+    """Without native bf16 the preset trains in float32, under its own key (weights differ)."""
+    recipe = zoo.PRESETS["default"]
+    assert recipe.teacher.autocast == "bfloat16"
+    monkeypatch.setattr(zoo, "native_bf16", lambda: True)
+    assert zoo.get_preset("default") == recipe
+    native_dir = zoo.pair_dir("default", 0)
+    monkeypatch.setattr(zoo, "native_bf16", lambda: False)
+    cfg = zoo.get_preset("default")
+    assert cfg.teacher.autocast is None and cfg.student == recipe.student
+    assert cfg.key() != recipe.key() and zoo.pair_dir("default", 0) != native_dir
+    assert zoo.pair_is_current(zoo.pair_dir("default", 0)) is True
