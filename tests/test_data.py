@@ -71,7 +71,7 @@ def test_gold_answers_parsed():
     assert [e.meta["answer"] for e in gsm] == ["18", "3", "70000"]
     assert gsm[0].answer.endswith("So the answer is 18.")
     mmlu = data.load_task("mmlu", "extract")
-    assert all(e.meta["answer"] in "ABCD" for e in mmlu)
+    assert all(e.meta["answer"] in ("A", "B", "C", "D") for e in mmlu)
     assert all(e.meta["answer"] == e.answer[-1] for e in mmlu)
     mbpp = data.load_task("mbpp", "test")
     assert mbpp[0].meta["task_id"] == 11 and mbpp[-1].meta["task_id"] == 510

@@ -352,7 +352,7 @@ def test_evaluate_in_memory_knowledge(tiny):
     assert res.metric == "accuracy" and res.max_new_tokens == 16
     assert res.score == 100 * sum(r.correct for r in res.records) / 8
     assert res.ci95[0] <= res.score <= res.ci95[1]
-    assert all(r.prompt.endswith("<|assistant|>\n") and r.gold in "ABCD" for r in res.records)
+    assert all(r.prompt.endswith("<|assistant|>\n") and r.gold in ("A", "B", "C", "D") for r in res.records)
     # Re-scoring the recorded completions gives the same verdicts (scoring is a pure function).
     again = score_completions(load_task("pocket-knowledge", limit=8), [r.completion for r in res.records], "knowledge")
     assert [r.correct for r in again] == [r.correct for r in res.records]

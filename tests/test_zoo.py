@@ -66,7 +66,7 @@ def test_split_sizes_and_meta(suite):
     assert zoo.SPLIT_SIZES["test"] >= 300
     for ex in suite["knowledge"]["test"]:
         assert ex.answer == f"The answer is: {ex.meta['value']}"
-        assert ex.meta["answer"] in "ABCD"
+        assert ex.meta["answer"] in ("A", "B", "C", "D")
         # the gold letter names the stored value among the four choices
         assert re.search(rf"^{ex.meta['answer']}\. {re.escape(ex.meta['value'])}$", ex.messages[0]["content"], re.M)
     for ex in suite["code"]["test"]:
