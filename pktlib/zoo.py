@@ -57,6 +57,7 @@ import torch
 from pktlib.data import (Example, code_user_prompt, collate, format_prompt, gsm_user_prompt, load_examples,
                          mmlu_user_prompt, tokenize_example, write_examples)
 from pktlib.errors import PktError
+from pktlib.hooks import with_grad
 
 __all__ = [
     "FAMILIES",
@@ -704,6 +705,7 @@ def _autocast(dtype: str | None) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=getattr(torch, dtype))
 
 
+@with_grad
 def _run_steps(model, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig, *, seed: int,
                autocast: str | None = None, progress: Callable[[int], None] | None = None) -> TrainLog:
     """AdamW over ``batches`` in the given order, with warm-up + cosine decay and grad clipping.
