@@ -61,6 +61,7 @@ from pktlib.data import Example, collate, format_prompt, load_examples, load_tas
 from pktlib.errors import PktError
 from pktlib.evaluation import HFGenerator, stop_strings
 from pktlib.examples import write_examples
+from pktlib.hooks import with_grad
 from pktlib.laten import default_steps
 from pktlib.models import check_pair, load_model, resolve_model, weights_hash
 from pktlib.postalign import finetune_defaults, lora_model
@@ -305,6 +306,7 @@ def _trainer_args(cfg: DistillConfig, out: Path, n_rows: int, progress: bool, sa
     )
 
 
+@with_grad
 def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-kd", budget: str | int = "laten",
             examples: Sequence[Example] | None = None, out_dir: str | os.PathLike, lr: float | None = None,
             epochs: float = 1.0, batch_size: int = 16, micro_batch: int = 16, lora: bool = True, r: int = 16,

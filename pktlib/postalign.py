@@ -231,7 +231,8 @@ def finetune(peft_model, task: str, *, split: str = "train", n: int | None = Non
     :mod:`pktlib.training`: ``settings.json``, ``log.jsonl`` (one line per step), the last
     ``checkpoint_<step>/`` (LoRA weights, optimiser; saved every ``save_every`` steps and at
     each epoch's end) and ``result.json``. Calling again with the same settings resumes from
-    the checkpoint (recreate the model with the same ``lora_model`` arguments first).
+    the checkpoint (recreate the model with the same ``lora_model`` arguments first). Works
+    inside ``torch.no_grad()`` (the loop enables gradients: :func:`pktlib.hooks.with_grad`).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)

@@ -12,9 +12,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pktlib.attribution import top_layers
+from pktlib.selection import top_layers
 from pktlib.data import collate, load_task, tokenize_example
 from pktlib.errors import PktError
+from pktlib.hooks import with_grad
 from pktlib.models import MODULES, TRANSFERRED_MODULES, spec
 
 __all__ = ["Sensitivity", "as_examples", "sensitivity", "window_sums", "best_submatrix", "svd_factors", "SeekingExtract",
@@ -88,6 +89,7 @@ def _grad_sinks(params: dict[int, tuple[torch.nn.Parameter, int, str | None]], t
             h.remove()
 
 
+@with_grad
 def sensitivity(model: torch.nn.Module, tokenizer, examples: Iterable, *,
                 modules: Sequence[str] = TRANSFERRED_MODULES, max_length: int | None = None,
                 progress: bool = True, **prompt_kwargs) -> Sensitivity:
@@ -98,6 +100,7 @@ def sensitivity(model: torch.nn.Module, tokenizer, examples: Iterable, *,
     answer tokens, as the model's own loss) gives dL/dtheta; |theta * dL/dtheta| is added to
     the running sums (absolute value per example, then summed). Only decoder-layer
     parameters take gradients; the model's ``requires_grad`` flags and mode are restored.
+    Works inside ``torch.no_grad()`` (:func:`pktlib.hooks.with_grad`).
     """
     s = spec(model)
     bad = [m for m in modules if m not in MODULES]

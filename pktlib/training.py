@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pktlib.errors import PktError
+from pktlib.hooks import with_grad
 from pktlib.records import atomic_dir, atomic_write_text, read_json, write_json
 
 __all__ = ["SCHEDULES", "Schedule", "one_cycle", "Checkpointed", "RunDir", "TrainRun", "train_steps",
@@ -156,17 +157,19 @@ class RunDir:
     ``settings`` (JSON-able, nested dicts allowed) are written to ``settings_name``; if the folder
     already holds a run, every setting must match except the dotted keys in ``free`` and the keys
     under them (those may change between calls, e.g. the number of steps), else a
-    :class:`PktError` names the differences.
+    :class:`PktError` names the differences. ``defaults`` (dotted keys) stand in for settings the
+    saved run predates (a setting added since counts as its default there).
     """
 
     def __init__(self, path: str | os.PathLike, settings: dict[str, Any], *, settings_name: str = "settings.json",
-                 free: Iterable[str] = ()):
+                 free: Iterable[str] = (), defaults: dict[str, Any] | None = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         file = self.path / settings_name
         now = json.loads(json.dumps(settings))  # as it will read back (tuples become lists)
         if file.is_file():
-            old, new, free = _flat(read_json(file)), _flat(now), tuple(free)
+            saved = {**json.loads(json.dumps(defaults or {})), **_flat(read_json(file))}
+            old, new, free = saved, _flat(now), tuple(free)
             diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                     if old.get(k) != new.get(k) and not any(k == f or k.startswith(f + ".") for f in free)}
             if diff:
@@ -260,6 +263,7 @@ class TrainRun:
     seconds: float
 
 
+@with_grad  # a training loop differentiates, whatever the caller's grad mode
 def train_steps(optimizer: torch.optim.Optimizer, step_fn: Callable[[int], dict[str, Any]], *, steps: int,
                 schedule: Schedule, clip: tuple[Sequence[torch.Tensor], float] | None = None,
                 after: Callable[[int, dict[str, Any]], None] | None = None, run: RunDir | None = None,
@@ -274,6 +278,7 @@ def train_steps(optimizer: torch.optim.Optimizer, step_fn: Callable[[int], dict[
     its last checkpoint, and a checkpoint is saved after step ``s`` (1-based) when ``save_at(s)``
     (default: every step) and after the last step, keeping the last ``keep_last`` (default: all).
     ``progress`` names a progress bar (with the row's ``postfix`` keys); ``on_step(row)`` sees each row.
+    Works inside ``torch.no_grad()`` (:func:`pktlib.hooks.with_grad`).
     """
     t0 = time.perf_counter()
     start = run.resume(optimizer, checkpointed, max_step=steps) if run is not None else 0

@@ -6,7 +6,6 @@ import torch
 
 from conftest import make_model
 from gguf_writer import write_qwen2_gguf
-from pktlib.errors import PktError
 from pktlib.models import load_model, spec
 from pktlib.placement import dtype_bytes, plan_placement
 

@@ -42,7 +42,7 @@ def test_split_sizes_and_meta(suite_splits):
                 assert [m["role"] for m in ex.messages] == ["user", "assistant"]
     for ex in suite_splits["knowledge"]["test"]:
         assert ex.answer == f"The answer is: {ex.meta['value']}"
-        assert ex.meta["answer"] in "ABCD"
+        assert ex.meta["answer"] in ("A", "B", "C", "D")
         # the gold letter names the stored value among the four choices
         assert re.search(rf"^{ex.meta['answer']}\. {re.escape(ex.meta['value'])}$", ex.messages[0]["content"], re.M)
     for ex in suite_splits["code"]["test"]:

@@ -215,6 +215,17 @@ def test_interrupted_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
     assert sum(tokens) == log_full.tokens  # the progress bar also counts the restored steps
 
 
+def test_training_steps_work_inside_no_grad():
+    tok = zoo.train_tokenizer(["hello world, the answer is: 42."] * 20, 300)
+    x = torch.randint(3, len(tok), (2, 16))
+    batches = [{"input_ids": x, "labels": x.clone()}] * 2
+    model = zoo.build_model(MICRO.student, tok, seed=0)
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    with torch.no_grad():
+        log = zoo.train_stage(model, batches, zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2), seed=0)
+    assert log.steps == 2 and not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+
+
 def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch):
     """Without native bf16 the preset trains in float32, under its own key (weights differ)."""
     recipe = zoo.PRESETS["default"]

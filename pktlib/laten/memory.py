@@ -5,12 +5,12 @@ measures the pocket pair beside it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pktlib.errors import PktError
 from pktlib.models import TRANSFERRED_MODULES, ModelSpec, spec
+from pktlib.selection import layer_budget
 
 __all__ = ["MemoryEstimate", "memory_estimate"]
 
@@ -60,9 +60,7 @@ def memory_estimate(teacher: Any, student: Any, *, dtype: str = "bf16", batch: i
     if dtype not in _BYTES:
         raise PktError(f"unknown dtype {dtype!r}; expected one of {sorted(_BYTES)}")
     b = _BYTES[dtype]
-    n_sel = min(ts.n_layers, ss.n_layers)
-    k_ffn = max(1, math.floor(transfer_rate * ss.intermediate_size + 1e-9))
-    k_attn = max(1, math.floor(transfer_rate * ss.attn_size + 1e-9))
+    n_sel, k_ffn, k_attn = layer_budget(ts, ss, transfer_rate)
     dT, dS, I, V = ts.hidden_size, ss.hidden_size, ss.intermediate_size, ss.vocab_size
     touched = n_sel * (2 * dS * I + dS * ss.kv_size + dS * ss.attn_size)  # up, down, v, o weights
     tokens = batch * seq_len

@@ -16,8 +16,9 @@ Training (:func:`train`), one optimiser step per *extract* example ``e``:
 5. AdamW step on the translator only, save it to ``out_dir/checkpoint_<step>/`` (the loop,
    schedule, run folder and resume of :mod:`pktlib.training`).
 
-Inference (:func:`apply`): attribute one unseen example in both models, translate it with a
-saved checkpoint, add the result permanently, save the student and a record of the change.
+Inference (:func:`pktlib.laten.transfer.apply`): attribute one unseen example in both models,
+translate it with a saved checkpoint, add the result permanently, save the student and a record
+of the change.
 
 Deviations from the original code, all deliberate and small:
 
@@ -33,38 +34,47 @@ Deviations from the original code, all deliberate and small:
 * Shared value rows under grouped-query attention: see :mod:`pktlib.injection` (``gqa_rule``).
 * Everything is computed in the models' dtype (a model given as a path is loaded in float32, the
   rule of :func:`pktlib.models.resolve_model`); the translator in float32 (as the original).
+
+``train_on_inputs`` defaults per task family: on for knowledge (MMLU-like) tasks, as the
+original code's README requires for MMLU ("the original answer part is only 1 character which
+is hard to calculate stable gradient"), off otherwise.
+
+A run's locate-and-inject settings (transfer rate, attribution normaliser and attention
+coefficient, GQA rule, and the layer/neuron budget they give) are stored with every translator
+checkpoint (``laten_settings.json``); :func:`apply` uses them, and an explicit argument that
+disagrees with them is an error rather than a silent mismatch.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from pktlib.attribution import attribute, layer_budget, load_attribution, save_attribution, select
+from pktlib.attribution import ATTN_COEFFICIENTS, NORMALISERS, attribute, load_attribution, save_attribution
 from pktlib.data import Example, collate, load_task, prompt_answer_pairs, task_info, tokenize_example
 from pktlib.errors import PktError
 from pktlib.extraction import NeuronSlice, slice_neurons
 from pktlib.hypernet import (WEIGHTS_NAME, Translator, TranslatorConfig, load_translator, save_translator,
                              translation_penalty)
-from pktlib.injection import GQA_RULES, ChangeRecord, forward_injected, inject_, pair_deltas
+from pktlib.injection import GQA_RULES, forward_injected, pair_deltas
 from pktlib.models import TRANSFERRED_MODULES, ModelSpec, resolve_model, weights_hash
 from pktlib.models import check_pair as check_models
-from pktlib.records import atomic_dir, write_json
+from pktlib.records import read_json, write_json
+from pktlib.selection import layer_budget, select
 from pktlib.training import Checkpointed, RunDir, Schedule, read_log, saved_steps, train_steps
 
 __all__ = [
     "TABLE5_STEPS", "FAMILY_STEPS", "default_steps", "LatenConfig", "check_pair", "Located", "locate",
-    "laten_loss", "cached_attribution", "TrainResult", "train", "ApplyResult", "apply", "find_checkpoint", "read_log",
+    "laten_loss", "cached_attribution", "TrainResult", "train", "find_checkpoint", "read_log", "read_settings",
+    "default_train_on_inputs", "check_locate_settings", "SETTINGS_NAME", "APPLY_SETTINGS",
 ]
 
 # Paper Table 5: alignment steps (extract examples) per task.
@@ -73,6 +83,9 @@ TABLE5_STEPS: dict[str, int] = {"mmlu": 2, "gsm8k": 4, "humaneval": 3, "mbpp": 8
 FAMILY_STEPS: dict[str, int] = {"knowledge": 2, "math": 4, "code": 3}
 
 CONFIG_NAME = "laten_config.json"  # the run folder's settings file (pktlib.training.RunDir)
+SETTINGS_NAME = "laten_settings.json"  # beside each checkpoint's translator: what apply() must reuse
+# The settings apply() takes from a checkpoint (the others, like lr, only matter for training).
+APPLY_SETTINGS = ("transfer_rate", "normaliser", "attn_coefficient", "gqa_rule")
 
 
 def default_steps(task: str) -> int:
@@ -83,6 +96,12 @@ def default_steps(task: str) -> int:
     if info.family in FAMILY_STEPS:
         return FAMILY_STEPS[info.family]
     raise PktError(f"no default step count for task {task!r} (family {info.family!r}); pass steps=")
+
+
+def default_train_on_inputs(task: str) -> bool:
+    """Whether the LM loss also covers the prompt by default: True for knowledge tasks (the
+    original code's README: a one-letter MMLU answer gives no stable gradient), else False."""
+    return task_info(task).family == "knowledge"
 
 
 # ======================================================================== configuration
@@ -108,6 +127,8 @@ class LatenConfig:
     max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are truncated)"})
     gqa_rule: str = field(default="sum", metadata={"help": "shared v_proj rows under GQA: 'sum' or 'mean'"})
     normaliser: str = field(default="rms", metadata={"help": "attribution normaliser (pktlib.attribution)"})
+    attn_coefficient: str = field(default="summed",
+                                  metadata={"help": "attention-neuron coefficient (pktlib.attribution)"})
     modules: tuple[str, ...] = TRANSFERRED_MODULES
 
     def __post_init__(self) -> None:
@@ -125,6 +146,14 @@ class LatenConfig:
             raise PktError(f"`micro_batch` must be >= 1, got {self.micro_batch}")
         if self.gqa_rule not in GQA_RULES:
             raise PktError(f"`gqa_rule` must be one of {GQA_RULES}, got {self.gqa_rule!r}")
+        check_locate_settings(self.normaliser, self.attn_coefficient)
+
+
+def check_locate_settings(normaliser: str, attn_coefficient: str) -> None:
+    if normaliser not in NORMALISERS:
+        raise PktError(f"`normaliser` must be one of {sorted(NORMALISERS)}, got {normaliser!r}")
+    if attn_coefficient not in ATTN_COEFFICIENTS:
+        raise PktError(f"`attn_coefficient` must be one of {list(ATTN_COEFFICIENTS)}, got {attn_coefficient!r}")
 
 
 # ======================================================================== models
@@ -154,37 +183,43 @@ class Located:
     seconds: float
 
 
-def _example_key(pair: tuple[str, str], normaliser: str) -> str:
-    return hashlib.sha256(json.dumps([*pair, normaliser]).encode()).hexdigest()[:20]
+def _example_key(pair: tuple[str, str], normaliser: str, attn_coefficient: str = "summed") -> str:
+    # The definition's coefficient keeps the key it had before the variant existed.
+    parts = [*pair, normaliser] + ([attn_coefficient] if attn_coefficient != "summed" else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
 def cached_attribution(model: nn.Module, tokenizer, pair: tuple[str, str], *, model_id: str,
-                       cache_dir: str | os.PathLike | None, normaliser: str = "rms"):
+                       cache_dir: str | os.PathLike | None, normaliser: str = "rms",
+                       attn_coefficient: str = "summed"):
     """Attribution of one (prompt, answer) pair, read from / written to ``cache_dir`` if given.
 
     Scores do not depend on the transfer rate, the seed or the step, so sweeps reuse them; the
     file name holds the model's weights hash and a hash of the text.
     """
-    path = Path(cache_dir) / f"{model_id}-{_example_key(pair, normaliser)}.safetensors" if cache_dir else None
+    key = _example_key(pair, normaliser, attn_coefficient)
+    path = Path(cache_dir) / f"{model_id}-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         return load_attribution(path)
-    attr = attribute(model, tokenizer, [pair], normaliser=normaliser)
+    attr = attribute(model, tokenizer, [pair], normaliser=normaliser, attn_coefficient=attn_coefficient)
     if path is not None:
         save_attribution(attr, path)
     return attr
 
 
 def locate(teacher: nn.Module, teacher_tok, student: nn.Module, student_tok, example: Example, *,
-           transfer_rate: float, normaliser: str = "rms", cache_dir: str | os.PathLike | None = None,
-           ids: tuple[str, str] | None = None, modules: Sequence[str] = TRANSFERRED_MODULES) -> Located:
+           transfer_rate: float, normaliser: str = "rms", attn_coefficient: str = "summed",
+           cache_dir: str | os.PathLike | None = None, ids: tuple[str, str] | None = None,
+           modules: Sequence[str] = TRANSFERRED_MODULES) -> Located:
     """Attribute ``example`` in both models, select neurons, slice the teacher's (DESIGN.md 4.3)."""
     t0 = time.perf_counter()
     ts, ss = check_pair(teacher, student, modules=modules)
     n_layers, k_ffn, k_attn = layer_budget(ts, ss, transfer_rate)
     t_id, s_id = ids or (weights_hash(teacher), weights_hash(student))
     pair_t = prompt_answer_pairs([example])[0]
-    t_attr = cached_attribution(teacher, teacher_tok, pair_t, model_id=t_id, cache_dir=cache_dir, normaliser=normaliser)
-    s_attr = cached_attribution(student, student_tok, pair_t, model_id=s_id, cache_dir=cache_dir, normaliser=normaliser)
+    how = {"cache_dir": cache_dir, "normaliser": normaliser, "attn_coefficient": attn_coefficient}
+    t_attr = cached_attribution(teacher, teacher_tok, pair_t, model_id=t_id, **how)
+    s_attr = cached_attribution(student, student_tok, pair_t, model_id=s_id, **how)
     t_sel = select(t_attr, n_layers=n_layers, k_ffn=k_ffn, k_attn=k_attn)
     s_sel = select(s_attr, n_layers=n_layers, k_ffn=k_ffn, k_attn=k_attn)
     sl = slice_neurons(teacher, t_sel, modules=tuple(modules), dtype=torch.float32)
@@ -291,10 +326,34 @@ def find_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path:
     return p / f"checkpoint_{step}"
 
 
-def _translator_checkpoint(translator: Translator) -> Checkpointed:
-    """The translator's own files (``translator.safetensors``, ``translator.json``) in each checkpoint."""
-    return Checkpointed(save=lambda folder: save_translator(translator, folder),
-                        load=lambda folder: translator.load_state_dict(load_translator(folder).state_dict()))
+def _settings(cfg: LatenConfig, budget: tuple[int, int, int]) -> dict[str, Any]:
+    """What a checkpoint must be applied with (the locate/inject settings and the budget they give)."""
+    n_layers, k_ffn, k_attn = budget
+    return {**{k: getattr(cfg, k) for k in APPLY_SETTINGS}, "n_layers": n_layers, "k_ffn": k_ffn,
+            "k_attn": k_attn, "modules": list(cfg.modules), "task": cfg.task, "train_on_inputs": cfg.train_on_inputs}
+
+
+def read_settings(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings stored with a translator checkpoint (``laten_settings.json``), else those of
+    its run folder's ``laten_config.json`` (checkpoints written before settings were stored), else None."""
+    ck = Path(checkpoint)
+    if (ck / SETTINGS_NAME).is_file():
+        return read_json(ck / SETTINGS_NAME)
+    run = ck.parent / CONFIG_NAME
+    if run.is_file():
+        cfg = read_json(run).get("config", {})
+        return {k: cfg[k] for k in APPLY_SETTINGS if k in cfg} or None
+    return None
+
+
+def _translator_checkpoint(translator: Translator, settings: dict[str, Any]) -> Checkpointed:
+    """The translator's own files (``translator.safetensors``, ``translator.json``) and the settings
+    it must be applied with (``laten_settings.json``) in each checkpoint."""
+    def save(folder: Path) -> None:
+        save_translator(translator, folder)
+        write_json(folder / SETTINGS_NAME, settings)
+
+    return Checkpointed(save=save, load=lambda folder: translator.load_state_dict(load_translator(folder).state_dict()))
 
 
 # ======================================================================== training
@@ -315,11 +374,11 @@ class TrainResult:
 
 def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, steps: int | None = None,
           align_batch: int = 16, lr: float = 3e-5, seed: int = 42, out_dir: str | os.PathLike,
-          train_on_inputs: bool = False, progress: bool = True, schedule_steps: int | None = None,
+          train_on_inputs: bool | None = None, progress: bool = True, schedule_steps: int | None = None,
           micro_batch: int | None = None, max_length: int = 512, gqa_rule: str = "sum", normaliser: str = "rms",
           cache_dir: str | os.PathLike | None = None, device: str | None = None,
           extract: list[Example] | None = None, align: list[Example] | None = None,
-          modules: Sequence[str] = TRANSFERRED_MODULES) -> TrainResult:
+          modules: Sequence[str] = TRANSFERRED_MODULES, attn_coefficient: str = "summed") -> TrainResult:
     """Train a LaTen translator from ``teacher`` to ``student`` on ``task`` (DESIGN.md 4.3).
 
     ``teacher``/``student``: model directories / hub ids (loaded by
@@ -333,6 +392,9 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
     every step. Calling it again on the same ``out_dir`` resumes after the last complete
     checkpoint (the settings must match). ``cache_dir`` (default ``out_dir/attributions``) keeps
     the per-example attributions; ``extract``/``align`` override the task's splits.
+    ``train_on_inputs=None`` takes the task family's default (:func:`default_train_on_inputs`).
+    Every checkpoint folder also holds ``laten_settings.json`` (module docstring). Works inside
+    ``torch.no_grad()`` (the loop enables gradients).
     """
     out = Path(out_dir)
     extract = list(extract) if extract is not None else load_task(task, "extract")
@@ -342,8 +404,9 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
         raise PktError(f"steps={steps} needs {steps} extract examples, but {task!r} has {len(extract)}")
     cfg = LatenConfig(task=task, steps=steps, schedule_steps=schedule_steps or max(len(extract), steps),
                       transfer_rate=transfer_rate, align_batch=align_batch, micro_batch=micro_batch, lr=lr, seed=seed,
-                      train_on_inputs=train_on_inputs, max_length=max_length, gqa_rule=gqa_rule,
-                      normaliser=normaliser, modules=tuple(modules))
+                      train_on_inputs=default_train_on_inputs(task) if train_on_inputs is None else train_on_inputs,
+                      max_length=max_length, gqa_rule=gqa_rule, normaliser=normaliser,
+                      attn_coefficient=attn_coefficient, modules=tuple(modules))
     t_model, t_tok, t_src = resolve_model(teacher, device=device, need_tokenizer=True)
     s_model, s_tok, s_src = resolve_model(student, device=device or next(t_model.parameters()).device,
                                           need_tokenizer=True)
@@ -354,7 +417,10 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
                        "teacher": {"source": t_src, "weights_sha256": ids[0], "spec": ts.to_dict()},
                        "student": {"source": s_src, "weights_sha256": ids[1], "spec": ss.to_dict()}},
                  settings_name=CONFIG_NAME, free=("config.steps", "config.micro_batch", "teacher.source",
-                                                  "teacher.spec", "student.source", "student.spec"))
+                                                  "teacher.spec", "student.source", "student.spec"),
+                 # a setting added since that run was saved counts as its default there
+                 defaults={f"config.{f.name}": f.default for f in fields(LatenConfig) if f.default is not MISSING})
+    settings = _settings(cfg, layer_budget(ts, ss, cfg.transfer_rate))
 
     torch.manual_seed(seed)
     translator = Translator(TranslatorConfig(ts.hidden_size, ss.hidden_size, cfg.modules),
@@ -367,7 +433,8 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
         t0 = time.perf_counter()
         ex = extract[i]
         located = locate(t_model, t_tok, s_model, s_tok, ex, transfer_rate=cfg.transfer_rate,
-                         normaliser=cfg.normaliser, cache_dir=cache, ids=ids, modules=cfg.modules)
+                         normaliser=cfg.normaliser, attn_coefficient=cfg.attn_coefficient, cache_dir=cache,
+                         ids=ids, modules=cfg.modules)
         batch = _align_examples(ex, align, cfg, i + 1)
         current.update(t0=t0, located=located, batch=batch, t_step=time.perf_counter())
         return {"example": ex.id or i, **_step_losses(translator, located, s_model, s_tok, batch, cfg)}
@@ -390,7 +457,7 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
     try:
         done = train_steps(optimizer, step, steps=steps, after=after, run=run,
                            schedule=Schedule("one-cycle", cfg.lr, cfg.schedule_steps, {"warmup": cfg.warmup_pct}),
-                           checkpointed=_translator_checkpoint(translator),
+                           checkpointed=_translator_checkpoint(translator, settings),
                            progress=f"LaTen {task}" if progress else None, postfix=("lm_loss", "mse"))
     finally:
         for p, g in zip(s_model.parameters(), grad_flags):
@@ -398,77 +465,3 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
         t_model.train(t_was), s_model.train(s_was)
     return TrainResult(out, cfg, done.log, [run.checkpoint(s) for s in run.saved_steps() if s <= steps],
                        done.resumed_from)
-
-
-# ======================================================================== inference
-
-
-@dataclass
-class ApplyResult:
-    model: nn.Module  # the injected student
-    tokenizer: Any
-    record: ChangeRecord
-    out_dir: Path | None
-
-
-def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task: str, split: str = "train",
-          example_index: int = 0, transfer_rate: float = 0.1, out_dir: str | os.PathLike | None,
-          step: int | None = None, gqa_rule: str = "sum", normaliser: str = "rms",
-          cache_dir: str | os.PathLike | None = None, device: str | None = None, inplace: bool = False,
-          example: Example | None = None, progress: bool = True) -> ApplyResult:
-    """Transfer with a trained translator: locate one unseen example, translate, inject for good.
-
-    ``translator_dir`` is a checkpoint folder or a run folder (then ``step``, default the last
-    checkpoint). The example is ``load_task(task, split)[example_index]`` unless ``example`` is
-    given. Saves the injected student (HF format, with its tokenizer) and ``changes.json``
-    into ``out_dir`` (``None``: nothing saved). A loaded student is copied first unless
-    ``inplace``.
-    """
-    ck = find_checkpoint(translator_dir, step)
-    t_model, t_tok, t_src = resolve_model(teacher, device=device, need_tokenizer=True)
-    s_model, s_tok, s_src = resolve_model(student, device=device or next(t_model.parameters()).device,
-                                          need_tokenizer=True)
-    if isinstance(student, (tuple, list)) and not inplace:
-        s_model = copy.deepcopy(s_model)
-    ts, ss = check_pair(t_model, s_model)
-    translator = load_translator(ck, device=next(s_model.parameters()).device)
-    c = translator.config
-    if (c.d_teacher, c.d_student) != (ts.hidden_size, ss.hidden_size):
-        raise PktError(f"translator {ck} maps hidden size {c.d_teacher} -> {c.d_student}, but the pair is "
-                       f"{ts.hidden_size} -> {ss.hidden_size}")
-    if example is None:
-        examples = load_task(task, split)
-        if not 0 <= example_index < len(examples):
-            raise PktError(f"example_index {example_index} out of range: {task!r} split {split!r} has {len(examples)}")
-        example = examples[example_index]
-    bar = tqdm(total=3, desc="LaTen apply", unit="stage") if progress else None
-    t0 = time.perf_counter()
-    located = locate(t_model, t_tok, s_model, s_tok, example, transfer_rate=transfer_rate, normaliser=normaliser,
-                     cache_dir=cache_dir, modules=c.modules)
-    if bar is not None:
-        bar.update(1)
-    with torch.no_grad():
-        translated = translator(located.teacher_slice.weights)
-        record = inject_(s_model, pair_deltas(translated, located.student_selection), gqa_rule=gqa_rule)
-    if bar is not None:
-        bar.update(1)
-    record.meta.update({
-        "task": task, "split": split, "example_index": example_index, "example_id": example.id,
-        "transfer_rate": transfer_rate, "translator": str(ck), "teacher": t_src, "student": s_src,
-        "teacher_ffn_layers": located.teacher_selection.ffn_layers,
-        "teacher_attn_layers": located.teacher_selection.attn_layers,
-        "student_ffn_layers": located.student_selection.ffn_layers,
-        "student_attn_layers": located.student_selection.attn_layers,
-        "translated_rms": {m: float(t.pow(2).mean().sqrt()) for m, t in translated.items()},
-        "seconds": round(time.perf_counter() - t0, 3),
-    })
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        with atomic_dir(out) as tmp:
-            s_model.save_pretrained(tmp)
-            s_tok.save_pretrained(tmp)
-            write_json(tmp / "changes.json", record.to_dict())
-    if bar is not None:
-        bar.update(1)
-        bar.close()
-    return ApplyResult(s_model, s_tok, record, out)

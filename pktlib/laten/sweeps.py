@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from pktlib.data import load_task
 from pktlib.evaluation import evaluate
-from pktlib.laten.method import apply, default_steps, train
+from pktlib.laten.method import default_steps, default_train_on_inputs, train
+from pktlib.laten.transfer import apply
 from pktlib.models import reference_spec, resolve_model, weights_hash
 from pktlib.records import atomic_write_text
 
@@ -83,8 +84,13 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     t_model, t_tok, t_src = resolve_model(teacher, need_tokenizer=True)
     s_model, s_tok, s_src = resolve_model(student, need_tokenizer=True)
     ids = (weights_hash(t_model), weights_hash(s_model))
+    train_settings = {k: str(v) for k, v in train_kwargs.items()}
+    inputs = train_kwargs.get("train_on_inputs")
+    inputs = default_train_on_inputs(task) if inputs is None else bool(inputs)
+    if inputs:  # named only when on, so results of runs without it (the earlier default) stay valid
+        train_settings["train_on_inputs"] = "True"
     settings = {"teacher": ids[0], "student": ids[1], "limit": limit, "split": split, "apply_split": apply_split,
-                "steps": steps, "train": {k: str(v) for k, v in train_kwargs.items()},
+                "steps": steps, "train": train_settings,
                 "eval": {k: str(v) for k, v in (eval_kwargs or {}).items() if k not in ("progress", "batch_size")}}
     # Runs of different model pairs never share a folder (a rebuilt pair gets new folders).
     root = root / f"pair-{ids[0][:8]}-{ids[1][:8]}"
@@ -122,7 +128,7 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
             bar.update(1)
     apply_examples = load_task(task, apply_split)
     for rate, seed in plan:
-        run_dir = root / _task_folder(task) / f"rate{rate:g}" / f"seed{seed}"
+        run_dir = root / _task_folder(task) / f"rate{rate:g}" / (f"seed{seed}" + ("-inputs" if inputs else ""))
         n_steps = steps or default_steps(task)
         for_steps = list(range(1, n_steps + 1)) if math.isclose(rate, main_rate) else [n_steps]
         todo = [st for st in for_steps if cached(model="laten", transfer_rate=rate, seed=seed, step=st) is None]
@@ -134,8 +140,7 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
             if row is None:
                 ex = apply_examples[seed % len(apply_examples)]
                 applied = apply((t_model, t_tok), (s_model, s_tok), run_dir, step=st, task=task, example=ex,
-                                transfer_rate=rate, out_dir=None, cache_dir=root / "attributions", progress=False,
-                                gqa_rule=train_kwargs.get("gqa_rule", "sum"))
+                                out_dir=None, cache_dir=root / "attributions", progress=False)
                 r = evaluate((applied.model, applied.tokenizer), task, split, **ev)
                 ms = applied.record.meta["translated_rms"]
                 row = SweepRow(task, "laten", r.score, r.n, rate, seed, st, ex.id,
