@@ -1,0 +1,272 @@
+"""A Sphinx extension that shapes the executed notebooks as the book's readers see them.
+
+Registered in ``_config.yml`` (``sphinx: extra_extensions``). Everything happens at build time,
+on the text Sphinx reads (the ``source-read`` event); the executed notebooks in ``book/`` and
+their sources in ``notebooks/`` are left as they are.
+
+* **Set-up cells collapse.** The code cells between a chapter's title cell and its next
+  Markdown cell (imports, parameters, loading the models), and papermill's ``parameters`` /
+  ``injected-parameters`` cells wherever they are, get the myst-nb tag ``hide-cell`` (no
+  output) or ``hide-input`` (their output stays visible). Cells that draw a figure get
+  ``hide-input``: the reader sees the figure and its caption, the code one click away. Cells
+  that already carry a ``hide-*``/``remove-*`` tag keep their own choice.
+* **Noise goes.** Progress bars (tqdm's text and widget views, in any output) are dropped;
+  stderr (warnings, logging) is removed by myst-nb's ``nb_output_stderr: remove``.
+* **Figures get captions** from ``book/figures.yml`` (config ``pkt_figures``): per chapter, a
+  list of ``{match: regex, caption: text, paper: "Figure 3"}``; the first figure cell whose
+  source matches ``match`` gets the caption (and the sentence naming the paper figure it
+  mirrors) as myst-nb figure metadata. A figure with no caption and a caption that matches no
+  figure are reported as warnings (``pkt.caption``), and ``make check-book`` fails on a figure
+  without a caption.
+* **The results dashboard** (:func:`write_dashboard`) is drawn from ``book/*.record.json``
+  into ``book/_generated/`` when the build starts; ``book/intro.md`` includes it and is
+  rewritten on every build.
+* **Offline assets** must be installed (``make assets``, :mod:`pktlib.bookassets`): the build
+  stops with that instruction when they are not.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pktlib.errors import PktError
+
+__all__ = ["PROGRESS_RE", "is_progress_output", "setup_cell_indices", "figure_cell_indices",
+           "load_captions", "clean_notebook", "write_dashboard", "setup"]
+
+# tqdm's bar: "desc:  40%|████      | 26/64 [00:01<00:02, 17.2it/s]"
+PROGRESS_RE = re.compile(r"\d{1,3}%\|[^|\n]*\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]?\s*\[")
+FIGURE_MIMES = ("image/png", "image/svg+xml", "image/jpeg", "image/gif")
+KEEP_TAG_PREFIXES = ("hide-", "remove-", "remove_")
+
+
+def _text(value: Any) -> str:
+    return "".join(value) if isinstance(value, list) else str(value or "")
+
+
+def is_progress_output(output: Mapping[str, Any]) -> bool:
+    """True for a progress bar: a stream, or a display (widget or text) showing tqdm's bar."""
+    if output.get("output_type") == "stream":
+        return bool(PROGRESS_RE.search(_text(output.get("text"))))
+    data = output.get("data") or {}
+    if output.get("output_type") in ("display_data", "execute_result", "update_display_data"):
+        text = _text(data.get("text/plain"))
+        return bool(PROGRESS_RE.search(text)) and not any(m in data for m in FIGURE_MIMES)
+    return False
+
+
+def _has_figure(cell: Mapping[str, Any]) -> bool:
+    return any(any(m in (o.get("data") or {}) for m in FIGURE_MIMES) for o in cell.get("outputs", []))
+
+
+def setup_cell_indices(cells: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Code cells before the first Markdown cell that follows the title, and papermill's
+    parameter cells (``parameters``, ``injected-parameters``) anywhere."""
+    out, seen_title = [], False
+    for i, c in enumerate(cells):
+        if c.get("cell_type") == "markdown":
+            if seen_title:
+                break
+            seen_title = True
+        elif c.get("cell_type") == "code":
+            out.append(i)
+    for i, c in enumerate(cells):
+        tags = (c.get("metadata") or {}).get("tags") or []
+        if c.get("cell_type") == "code" and {"parameters", "injected-parameters"} & set(tags) and i not in out:
+            out.append(i)
+    return sorted(out)
+
+
+def figure_cell_indices(cells: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Code cells with an image output."""
+    return [i for i, c in enumerate(cells) if c.get("cell_type") == "code" and _has_figure(c)]
+
+
+def load_captions(path: str | Path) -> dict[str, list[dict[str, str]]]:
+    """``book/figures.yml``: chapter name -> list of ``{match, caption, paper?}``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PktError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise PktError(f"{path}: expected a mapping chapter -> list of captions")
+    for chapter, entries in data.items():
+        for j, e in enumerate(entries or []):
+            if not isinstance(e, dict) or not {"match", "caption"} <= set(e):
+                raise PktError(f"{path}: {chapter} entry {j + 1} needs 'match' and 'caption'")
+            try:
+                re.compile(str(e["match"]))
+            except re.error as err:
+                raise PktError(f"{path}: {chapter} entry {j + 1}: bad regex {e['match']!r} ({err})") from None
+    return {str(k): list(v or []) for k, v in data.items()}
+
+
+def _caption_text(entry: Mapping[str, str]) -> str:
+    text = str(entry["caption"]).strip()
+    if entry.get("paper"):
+        text += f" Mirrors the paper's {str(entry['paper']).strip()}."
+    return text
+
+
+def _add_tag(cell: dict, tag: str) -> None:
+    md = cell.setdefault("metadata", {})
+    tags = md.setdefault("tags", [])
+    if not any(t.startswith(KEEP_TAG_PREFIXES) for t in tags):
+        tags.append(tag)
+
+
+def clean_notebook(nb: dict, chapter: str, captions: Sequence[Mapping[str, str]] = ()) -> list[str]:
+    """Shape ``nb`` (nbformat JSON as a dict, changed in place) for reading; returns warnings.
+
+    Drops progress-bar outputs, collapses set-up cells, hides the code of figure cells and
+    attaches ``captions`` (entries of ``book/figures.yml`` for ``chapter``) to figure cells.
+    """
+    cells = nb.get("cells", [])
+    for c in cells:
+        if c.get("cell_type") == "code" and c.get("outputs"):
+            c["outputs"] = [o for o in c["outputs"] if not is_progress_output(o)]
+    figures = figure_cell_indices(cells)
+    for i in setup_cell_indices(cells):
+        _add_tag(cells[i], "hide-input" if cells[i].get("outputs") else "hide-cell")
+    for i in figures:
+        _add_tag(cells[i], "hide-input")
+    warnings, captioned = [], set()
+    for j, entry in enumerate(captions):
+        rx = re.compile(str(entry["match"]))
+        hit = next((i for i in figures if i not in captioned and rx.search(_text(cells[i].get("source")))), None)
+        if hit is None:
+            warnings.append(f"{chapter}: caption {j + 1} (match {entry['match']!r}) matches no figure cell")
+            continue
+        captioned.add(hit)
+        mystnb = cells[hit].setdefault("metadata", {}).setdefault("mystnb", {})
+        fig = mystnb.setdefault("figure", {})
+        fig.setdefault("caption", _caption_text(entry))
+        fig.setdefault("name", f"fig-{chapter}-{j + 1}")
+    for i in figures:
+        if i not in captioned and not (cells[i].get("metadata", {}).get("mystnb", {}).get("figure") or {}).get("caption"):
+            first = _text(cells[i].get("source")).strip().splitlines()[:1]
+            warnings.append(f"{chapter}: the figure of cell {i} ({first[0][:60] if first else 'empty'!r}...) has no caption")
+    return warnings
+
+
+# ================================================================================ dashboard
+
+
+def write_dashboard(records_dir: str | Path, out_dir: str | Path, *, link_prefix: str = "") -> tuple[Path, Path]:
+    """Draw the results dashboard from ``records_dir/*.record.json`` into ``out_dir``:
+    ``dashboard.png`` and ``dashboard.md`` (a MyST figure with a caption naming the records
+    used, for ``{include}``; image path relative to the including page, ``link_prefix`` is
+    put before chapter links)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from pktlib import dashboard, plots, records
+    from pktlib.records import atomic_path, atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recs = {k: v for k, v in records.load_records(records_dir).items() if k != "scorecard"} \
+        if Path(records_dir).is_dir() else {}
+    bars = dashboard.gains(recs)
+    fig = plots.results_dashboard(bars)
+    png = out_dir / "dashboard.png"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=130)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    project = [b for b in bars if not b.source.startswith("paper")]
+    used = sorted({r for b in project for r in b.records})
+    real = sorted({b.source for b in project if b.source != dashboard.POCKET})
+    links = ", ".join(f"[{r}]({link_prefix}{r}.ipynb)" for r in used) or "none yet (run `make book`)"
+    rel = out_dir.name + "/dashboard.png"
+    caption = (
+        "Each transfer method's gain over the student model (points on the task's metric), per paradigm "
+        "(rows) and task family (columns). Grey bars are the paper's (Table 1, Llama-2-13B-chat → 7B-chat; "
+        "Table 8, Qwen2.5 3B → 1.5B; code is the mean of HumanEval and MBPP); coloured bars are this "
+        "project's runs, read from the records of " + links + ". "
+        + (f"Real pairs with records: {', '.join(real)}. " if real else
+           "No real pair has records here yet: [run it on your pair](run_your_pair.md) to add its bars. ")
+        + "Error bars: spread over seeds or chapters where a method has several results. "
+          "A missing bar means no record has that method on that family."
+    )
+    md = (f":::{{figure}} {rel}\n:name: fig-dashboard\n:alt: Bar charts of gains over the student, "
+          f"paper beside pocket pair\n:width: 100%\n\n{caption}\n:::\n")
+    md_path = out_dir / "dashboard.md"
+    atomic_write_text(md_path, md)
+    return png, md_path
+
+
+# ================================================================================ Sphinx hooks
+
+
+def _config_inited(app, config) -> None:
+    path = Path(app.srcdir) / config.pkt_figures
+    try:
+        # copied into the config so that a changed caption re-reads every chapter (rebuild="env")
+        config.pkt_figure_captions = load_captions(path)
+    except PktError as e:
+        from sphinx.errors import ConfigError
+
+        raise ConfigError(str(e)) from None
+
+
+def _builder_inited(app) -> None:
+    from sphinx.errors import ConfigError
+
+    from pktlib import bookassets
+
+    if app.builder.format == "html" and app.config.pkt_vendor:
+        problems = bookassets.check(Path(app.srcdir) / app.config.pkt_vendor)
+        if problems:
+            raise ConfigError("offline assets missing: " + "; ".join(problems))
+    if app.config.pkt_dashboard_doc:
+        doc = Path(app.srcdir) / app.config.pkt_dashboard_doc
+        write_dashboard(Path(app.srcdir) / app.config.pkt_records, doc.parent / "_generated")
+
+
+def _source_read(app, docname: str, source: list[str]) -> None:
+    if not str(app.env.doc2path(docname)).endswith(".ipynb"):
+        return
+    from sphinx.util import logging
+
+    try:
+        nb = json.loads(source[0])
+    except ValueError:
+        return  # not JSON (a text notebook format): myst-nb reports it
+    chapter = Path(docname).name
+    captions = copy.deepcopy(app.config.pkt_figure_captions.get(chapter, []))
+    log = logging.getLogger(__name__)
+    for w in clean_notebook(nb, chapter, captions):
+        log.warning(w, type="pkt", subtype="caption", location=docname)
+    source[0] = json.dumps(nb)
+
+
+def _outdated(app, env, added, changed, removed) -> list[str]:
+    """The page that includes the dashboard is rewritten on every build (records change)."""
+    doc = app.config.pkt_dashboard_doc
+    name = str(Path(doc).with_suffix("")) if doc else ""
+    return [name] if name and name in env.found_docs else []
+
+
+def setup(app) -> dict[str, Any]:
+    app.add_config_value("pkt_figures", "book/figures.yml", "env")
+    app.add_config_value("pkt_figure_captions", {}, "env")
+    app.add_config_value("pkt_vendor", "book/_static/vendor", "html")
+    app.add_config_value("pkt_records", "book", "env")
+    app.add_config_value("pkt_dashboard_doc", "book/intro.md", "env")
+    app.connect("config-inited", _config_inited)
+    app.connect("builder-inited", _builder_inited)
+    app.connect("source-read", _source_read)
+    app.connect("env-get-outdated", _outdated)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
