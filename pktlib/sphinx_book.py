@@ -18,7 +18,8 @@ their sources in ``notebooks/`` are left as they are.
   mirrors) as myst-nb figure metadata. A figure with no caption and a caption that matches no
   figure are reported as warnings (``pkt.caption``), and ``make check-book`` fails on a figure
   without a caption.
-* **The results dashboard** (:func:`write_dashboard`) is drawn from ``book/*.record.json``
+* **The results dashboard** (:func:`write_dashboard`) is drawn from the records
+  (``book/*.record.json``, and ``runs/**/*.record.json`` of real pairs; config ``pkt_records``)
   into ``book/_generated/`` when the build starts; ``book/intro.md`` includes it and is
   rewritten on every build.
 * **Offline assets** must be installed (``make assets``, :mod:`pktlib.bookassets`): the build
@@ -35,7 +36,7 @@ from typing import Any, Mapping, Sequence
 from pktlib.errors import PktError
 
 __all__ = ["PROGRESS_RE", "is_progress_output", "setup_cell_indices", "figure_cell_indices",
-           "load_captions", "clean_notebook", "write_dashboard", "setup"]
+           "load_captions", "clean_notebook", "load_all_records", "write_dashboard", "setup"]
 
 # tqdm's bar: "desc:  40%|████      | 26/64 [00:01<00:02, 17.2it/s]"
 PROGRESS_RE = re.compile(r"\d{1,3}%\|[^|\n]*\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]?\s*\[")
@@ -162,46 +163,65 @@ def clean_notebook(nb: dict, chapter: str, captions: Sequence[Mapping[str, str]]
 # ================================================================================ dashboard
 
 
-def write_dashboard(records_dir: str | Path, out_dir: str | Path, *, link_prefix: str = "") -> tuple[Path, Path]:
-    """Draw the results dashboard from ``records_dir/*.record.json`` into ``out_dir``:
-    ``dashboard.png`` and ``dashboard.md`` (a MyST figure with a caption naming the records
-    used, for ``{include}``; image path relative to the including page, ``link_prefix`` is
-    put before chapter links)."""
+def load_all_records(folders: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """Records of the chapters (``folders[0]``, keyed by chapter name) and of other runs
+    (later folders, searched recursively, keyed by their path from beside the folder without
+    ``.record.json``, e.g. ``runs/PAIR/laten``, so two pairs' runs of one chapter stay apart). The scorecard's own record is left out."""
+    from pktlib.records import read_json
+
+    out: dict[str, dict[str, Any]] = {}
+    for k, folder in enumerate(folders):
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.glob("*.record.json") if k == 0 else folder.rglob("*.record.json")):
+            stem = p.name[: -len(".record.json")]
+            if stem == "scorecard":
+                continue
+            out[stem if k == 0 else (p.parent / stem).relative_to(folder.parent).as_posix()] = read_json(p)
+    return out
+
+
+def write_dashboard(record_dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
+    """Draw the results dashboard from the records in ``record_dirs`` (:func:`load_all_records`;
+    the first is the chapters' folder) into ``out_dir``: ``dashboard.png`` and ``dashboard.md``,
+    a MyST figure for ``{include}`` from a page beside ``out_dir``, whose caption links the
+    chapters whose records it used and names the other runs."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from pktlib import dashboard, plots, records
+    import matplotlib.pyplot as plt
+
+    from pktlib import dashboard, plots
     from pktlib.records import atomic_path, atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recs = {k: v for k, v in records.load_records(records_dir).items() if k != "scorecard"} \
-        if Path(records_dir).is_dir() else {}
-    bars = dashboard.gains(recs)
+    bars = dashboard.gains(load_all_records(record_dirs))
     fig = plots.results_dashboard(bars)
     png = out_dir / "dashboard.png"
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=130)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     project = [b for b in bars if not b.source.startswith("paper")]
     used = sorted({r for b in project for r in b.records})
+    chapters = ", ".join(f"[{r}]({r}.ipynb)" for r in used if "/" not in r)
+    others = ", ".join(f"`{r}`" for r in used if "/" in r)
     real = sorted({b.source for b in project if b.source != dashboard.POCKET})
-    links = ", ".join(f"[{r}]({link_prefix}{r}.ipynb)" for r in used) or "none yet (run `make book`)"
-    rel = out_dir.name + "/dashboard.png"
     caption = (
         "Each transfer method's gain over the student model (points on the task's metric), per paradigm "
         "(rows) and task family (columns). Grey bars are the paper's (Table 1, Llama-2-13B-chat → 7B-chat; "
         "Table 8, Qwen2.5 3B → 1.5B; code is the mean of HumanEval and MBPP); coloured bars are this "
-        "project's runs, read from the records of " + links + ". "
+        "project's runs, read from the records of " + (chapters or "no chapter yet (run `make book`)")
+        + (f" and of {others}" if others else "") + ". "
         + (f"Real pairs with records: {', '.join(real)}. " if real else
            "No real pair has records here yet: [run it on your pair](run_your_pair.md) to add its bars. ")
         + "Error bars: spread over seeds or chapters where a method has several results. "
           "A missing bar means no record has that method on that family."
     )
-    md = (f":::{{figure}} {rel}\n:name: fig-dashboard\n:alt: Bar charts of gains over the student, "
-          f"paper beside pocket pair\n:width: 100%\n\n{caption}\n:::\n")
+    md = (f":::{{figure}} {out_dir.name}/dashboard.png\n:name: fig-dashboard\n"
+          f":alt: Bar charts of each method's gain over the student, the paper's beside this project's\n"
+          f":width: 100%\n\n{caption}\n:::\n")
     md_path = out_dir / "dashboard.md"
     atomic_write_text(md_path, md)
     return png, md_path
@@ -232,7 +252,7 @@ def _builder_inited(app) -> None:
             raise ConfigError("offline assets missing: " + "; ".join(problems))
     if app.config.pkt_dashboard_doc:
         doc = Path(app.srcdir) / app.config.pkt_dashboard_doc
-        write_dashboard(Path(app.srcdir) / app.config.pkt_records, doc.parent / "_generated")
+        write_dashboard([Path(app.srcdir) / d for d in app.config.pkt_records], doc.parent / "_generated")
 
 
 def _source_read(app, docname: str, source: list[str]) -> None:
@@ -263,7 +283,7 @@ def setup(app) -> dict[str, Any]:
     app.add_config_value("pkt_figures", "book/figures.yml", "env")
     app.add_config_value("pkt_figure_captions", {}, "env")
     app.add_config_value("pkt_vendor", "book/_static/vendor", "html")
-    app.add_config_value("pkt_records", "book", "env")
+    app.add_config_value("pkt_records", ["book", "runs"], "env")
     app.add_config_value("pkt_dashboard_doc", "book/intro.md", "env")
     app.connect("config-inited", _config_inited)
     app.connect("builder-inited", _builder_inited)
