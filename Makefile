@@ -40,7 +40,7 @@ notebooks: pocket  ## execute every notebook of the book (resumes: up-to-date on
 
 # The book's offline assets: MathJax 4 and the Jupyter widget runtime, pinned npm packages whose
 # tarballs are checked against their SHA-512 before unpacking (pktlib/bookassets.py).
-ASSETS := book/_static/vendor
+ASSETS := book/_static/npm
 assets: setup  ## install the HTML book's offline assets (MathJax, widget runtime) from npm, pinned
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
 	$(BIN)/python -m pktlib.bookassets install $(ASSETS)

@@ -107,7 +107,7 @@ class Report:
         head = (f"checked {self.pages} pages ({how}): {len(self.external)} external requests, "
                 f"{len(self.problems)} problems" + (f" {kinds}" if kinds else ""))
         if self.screenshots:
-            head += f"; {len(self.screenshots)} screenshots in {Path(self.screenshots[0]).parent}"
+            head += f"; {len(self.screenshots)} screenshots in {os.path.commonpath(self.screenshots)}"
         return head
 
 
@@ -391,7 +391,10 @@ _MATHJAX_READY = r"""
 # Runs in the page after load and typesetting: what page_problems() judges.
 _PAGE_PROBE = r"""
 (() => {
-  const main = document.querySelector('article.bd-article, article, main, [role="main"]') || document.body;
+  // the page's content (a selector list would return the theme's <main>, which also holds a
+  // print-only copy of the title)
+  const main = ['article.bd-article', 'article', '[role="main"]', 'main'].map(q => document.querySelector(q))
+    .find(e => e) || document.body;
   const FOLLOWING = Node.DOCUMENT_POSITION_FOLLOWING;
   const visible = e => { const r = e.getBoundingClientRect(); return r.width >= 50 && r.height >= 50; };
   const decoded = im => im.complete && im.naturalWidth > 0;
@@ -548,13 +551,32 @@ def expected_figures(root: Path, page: Path) -> int | None:
     return None
 
 
+_REFRESH = re.compile(r"""<meta\s+http-equiv=["']?refresh""", re.I)
+
+
+def _is_redirect(page: Path) -> bool:
+    """A page that only sends the browser elsewhere (``<meta http-equiv="refresh">``)."""
+    with open(page, encoding="utf-8", errors="replace") as fh:
+        return bool(_REFRESH.search(fh.read(4096)))
+
+
+def _set_viewport(cdp: _CDP, sess: str, height: int) -> None:
+    cdp.call("Emulation.setDeviceMetricsOverride", {"width": VIEWPORT[0], "height": height,
+                                                    "deviceScaleFactor": 1, "mobile": False}, session=sess)
+
+
 def _screenshot(cdp: _CDP, sess: str, path: Path, *, full: bool) -> None:
-    params: dict[str, Any] = {"format": "png"}
+    """The first screen, or (``full``) the whole page: the viewport is made as tall as the page
+    (at most :data:`MAX_SHOT_HEIGHT`) for the capture, then set back."""
     if full:
         size = cdp.call("Page.getLayoutMetrics", session=sess).get("cssContentSize", {})
-        h = int(min(MAX_SHOT_HEIGHT, max(VIEWPORT[1], size.get("height", VIEWPORT[1]))))
-        params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": VIEWPORT[0], "height": h, "scale": 1})
-    shot = cdp.call("Page.captureScreenshot", params, session=sess, timeout=60)
+        _set_viewport(cdp, sess, int(min(MAX_SHOT_HEIGHT, max(VIEWPORT[1], size.get("height", VIEWPORT[1])))))
+        cdp.pump(0.3)  # relayout
+    try:
+        shot = cdp.call("Page.captureScreenshot", {"format": "png"}, session=sess, timeout=60)
+    finally:
+        if full:
+            _set_viewport(cdp, sess, VIEWPORT[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(shot["data"]))
 
@@ -588,12 +610,13 @@ def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settl
             it = tqdm(pages, desc="pages", file=sys.stderr)
         for page in it:
             rel = page.relative_to(root).as_posix()
+            if _is_redirect(page):
+                continue  # a redirect (index.html -> the root page): its target is checked itself
             target = cdp.call("Target.createTarget", {"url": "about:blank", "browserContextId": context})["targetId"]
             sess = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             for dom in ("Runtime", "Log", "Network", "Page"):
                 cdp.call(f"{dom}.enable", session=sess)
-            cdp.call("Emulation.setDeviceMetricsOverride", {"width": VIEWPORT[0], "height": VIEWPORT[1],
-                                                            "deviceScaleFactor": 1, "mobile": False}, session=sess)
+            _set_viewport(cdp, sess, VIEWPORT[1])
             cdp.events.clear()
             cdp.call("Page.navigate", {"url": f"{base}/{rel}"}, session=sess)
             deadline = time.monotonic() + page_timeout_s
@@ -616,6 +639,7 @@ def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settl
                 _screenshot(cdp, sess, shots / Path(rel).with_suffix(".png"), full=False)
                 _screenshot(cdp, sess, shots / Path(rel).with_suffix(".full.png"), full=True)
                 rep.screenshots.append(str(shots / Path(rel).with_suffix(".png")))
+                rep.screenshots.append(str(shots / Path(rel).with_suffix(".full.png")))
             cdp.pump(0.2)
             urls = {e["params"]["requestId"]: e["params"]["request"]["url"]
                     for e in cdp.events if e["method"] == "Network.requestWillBeSent"}

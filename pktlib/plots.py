@@ -9,7 +9,7 @@ __all__ = ["plt", "results_dashboard"]
 
 
 def results_dashboard(gains: Sequence["pktlib.dashboard.Gain"], *,  # noqa: F821
-                      width: float = 13.0) -> "plt.Figure":
+                      width: float = 10.0) -> "plt.Figure":
     """The intro page's figure: per paradigm (rows) and task family (columns), each method's
     gain over the student in points, one bar per source (the paper's pairs first, then the
     pocket pair, then real pairs), with the spread over rows as an error bar where there are
@@ -23,7 +23,7 @@ def results_dashboard(gains: Sequence["pktlib.dashboard.Gain"], *,  # noqa: F821
                      key=lambda s: (0 if s.startswith("paper") else 1 if s == POCKET else 2, s))
     colours = {s: c for s, c in zip(sources, _source_colours(sources))}
     paradigms = list(PARADIGMS)
-    fig, axes = plt.subplots(len(paradigms), len(FAMILIES), figsize=(width, 2.1 + 1.9 * len(paradigms) + 0.25 * len(sources)),
+    fig, axes = plt.subplots(len(paradigms), len(FAMILIES), figsize=(width, 1.2 + 2.0 * len(paradigms)),
                              sharex="row", squeeze=False, layout="constrained")
     bar_h = 0.8 / max(1, len(sources))
     for r, paradigm in enumerate(paradigms):
@@ -51,10 +51,11 @@ def results_dashboard(gains: Sequence["pktlib.dashboard.Gain"], *,  # noqa: F821
                 ax.set_title(fam)
             if r == len(paradigms) - 1:
                 ax.set_xlabel("gain over the student (points)")
-        axes[r, 0].set_ylabel(paradigm.split(" (")[0], fontsize=11, fontweight="bold")
+        axes[r, 0].set_ylabel(paradigm.split(" (")[0], fontsize=12, fontweight="bold")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[s]) for s in sources]
     if handles:
-        fig.legend(handles, sources, loc="outside upper center", ncols=min(4, len(sources)), frameon=False)
+        fig.legend(handles, sources, loc="outside upper center", ncols=min(4, len(sources)), frameon=False,
+                   fontsize=10)
     else:
         fig.suptitle("no results yet")
     return fig

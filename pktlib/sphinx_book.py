@@ -246,8 +246,8 @@ def _builder_inited(app) -> None:
 
     from pktlib import bookassets
 
-    if app.builder.format == "html" and app.config.pkt_vendor:
-        problems = bookassets.check(Path(app.srcdir) / app.config.pkt_vendor)
+    if app.builder.format == "html" and app.config.pkt_assets:
+        problems = bookassets.check(Path(app.srcdir) / app.config.pkt_assets)
         if problems:
             raise ConfigError("offline assets missing: " + "; ".join(problems))
     if app.config.pkt_dashboard_doc:
@@ -282,7 +282,7 @@ def _outdated(app, env, added, changed, removed) -> list[str]:
 def setup(app) -> dict[str, Any]:
     app.add_config_value("pkt_figures", "book/figures.yml", "env")
     app.add_config_value("pkt_figure_captions", {}, "env")
-    app.add_config_value("pkt_vendor", "book/_static/vendor", "html")
+    app.add_config_value("pkt_assets", "book/_static/npm", "html")
     app.add_config_value("pkt_records", ["book", "runs"], "env")
     app.add_config_value("pkt_dashboard_doc", "book/intro.md", "env")
     app.connect("config-inited", _config_inited)

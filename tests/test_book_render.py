@@ -167,7 +167,7 @@ def test_expected_figures_reads_the_source_notebook(tmp_path):
     assert expected_figures(tmp_path, tmp_path / "book" / "other.html") is None
 
 
-VENDOR = Path(__file__).resolve().parents[1] / "book" / "_static" / "vendor"
+VENDOR = Path(__file__).resolve().parents[1] / "book" / "_static" / "npm"
 
 
 @needs_chromium
@@ -181,8 +181,8 @@ def test_offline_mathjax_typesets_without_network(tmp_path):
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "_config.yml").read_text())["sphinx"]["config"]
     (tmp_path / "_static").mkdir()
-    shutil.copytree(VENDOR / "mathjax", tmp_path / "_static" / "vendor" / "mathjax")
-    shutil.copytree(VENDOR / "@mathjax", tmp_path / "_static" / "vendor" / "@mathjax")
+    shutil.copytree(VENDOR / "mathjax", tmp_path / "_static" / "npm" / "mathjax")
+    shutil.copytree(VENDOR / "@mathjax", tmp_path / "_static" / "npm" / "@mathjax")
     (tmp_path / "index.html").write_text(
         f"<html><head><script>window.MathJax = {json.dumps(cfg['mathjax3_config'])};</script>"
         f'<script defer src="_static/{cfg["mathjax_path"]}"></script></head><body><article><h1>Maths</h1>'
