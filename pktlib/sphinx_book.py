@@ -129,8 +129,9 @@ def _add_tag(cell: dict, tag: str) -> None:
 def clean_notebook(nb: dict, chapter: str, captions: Sequence[Mapping[str, str]] = ()) -> list[str]:
     """Shape ``nb`` (nbformat JSON as a dict, changed in place) for reading; returns warnings.
 
-    Drops progress-bar outputs, collapses set-up cells, hides the code of figure cells and
-    attaches ``captions`` (entries of ``book/figures.yml`` for ``chapter``) to figure cells.
+    Drops progress-bar outputs, collapses set-up cells, hides the code of figure cells,
+    attaches ``captions`` (entries of ``book/figures.yml`` for ``chapter``) to figure cells and
+    moves a captioned cell's other outputs (a table it also shows) into cells of their own.
     """
     cells = nb.get("cells", [])
     for c in cells:
@@ -157,7 +158,29 @@ def clean_notebook(nb: dict, chapter: str, captions: Sequence[Mapping[str, str]]
         if i not in captioned and not (cells[i].get("metadata", {}).get("mystnb", {}).get("figure") or {}).get("caption"):
             first = _text(cells[i].get("source")).strip().splitlines()[:1]
             warnings.append(f"{chapter}: the figure of cell {i} ({first[0][:60] if first else 'empty'!r}...) has no caption")
+    # myst-nb puts the caption on every display output of the cell: a table shown by the same
+    # cell would become a second captioned "figure". Such outputs move to cells of their own
+    # (no source shown) just before or after the figure, in their order.
+    for i in sorted(captioned, reverse=True):
+        before, figs, after = _split_outputs(cells[i]["outputs"])
+        if before or after:
+            cells[i]["outputs"] = figs
+            cells[i + 1:i + 1] = [_output_cell(after)] if after else []
+            cells[i:i] = [_output_cell(before)] if before else []
     return warnings
+
+
+def _split_outputs(outputs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(outputs before the first image, the image outputs, the other outputs after it)."""
+    is_fig = [any(m in (o.get("data") or {}) for m in FIGURE_MIMES) for o in outputs]
+    first = is_fig.index(True) if True in is_fig else len(outputs)
+    return (outputs[:first], [o for o, f in zip(outputs, is_fig) if f],
+            [o for o, f in zip(outputs[first:], is_fig[first:]) if not f])
+
+
+def _output_cell(outputs: list[dict]) -> dict:
+    return {"cell_type": "code", "execution_count": None, "source": "", "outputs": outputs,
+            "metadata": {"tags": ["remove-input"]}}
 
 
 # ================================================================================ dashboard

@@ -74,6 +74,21 @@ def test_clean_notebook_collapses_setup_drops_bars_and_captions_figures():
     assert len(warnings) == 2, warnings
 
 
+def test_captioned_figure_cell_keeps_its_table_outside_the_figure():
+    from pktlib.sphinx_book import clean_notebook
+
+    nb = {"cells": [_md("# T\n\nWhy?"), _md("## A"),
+                    _code("ax = rel.plot.bar()\nrel", outputs=[TABLE, PNG, STREAM_BAR, {"output_type": "stream", "name": "stdout", "text": "done"}])],
+          "metadata": {}}
+    assert clean_notebook(nb, "ch", [{"match": "rel.plot", "caption": "Sizes."}]) == []
+    cells = nb["cells"]
+    assert len(cells) == 5
+    assert cells[2]["outputs"] == [TABLE] and cells[2]["metadata"]["tags"] == ["remove-input"] and cells[2]["source"] == ""
+    assert cells[3]["outputs"] == [PNG] and cells[3]["metadata"]["mystnb"]["figure"]["caption"] == "Sizes."
+    assert cells[4]["outputs"] == [{"output_type": "stream", "name": "stdout", "text": "done"}]  # the bar is gone
+    assert "mystnb" not in cells[2]["metadata"] and "mystnb" not in cells[4]["metadata"]
+
+
 def test_progress_detection_is_tight():
     from pktlib.sphinx_book import is_progress_output
 
