@@ -55,7 +55,21 @@
     root.appendChild(view);
     var roleSel, famSel, kindSel, layerSel, neuronSel;
 
-    function rows() { return (data.models[st.role].kinds[st.kind].layers[String(st.layer)]) || []; }
+    // the layer's located neurons, best first by their summed score on the chosen family
+    function rows() {
+      var list = (data.models[st.role].kinds[st.kind].layers[String(st.layer)] || []).slice();
+      var key = function (r) { var s = r.score[st.family]; return s === undefined ? -Infinity : s; };
+      return list.sort(function (a, b) { return key(b) - key(a); });
+    }
+
+    // start where the chosen family's best neuron of this model and block sits
+    function bestLayer() {
+      var layers = data.models[st.role].kinds[st.kind].layers, best = 0, top = -Infinity;
+      Object.keys(layers).forEach(function (l) {
+        layers[l].forEach(function (r) { var s = r.score[st.family]; if (s !== undefined && s > top) { top = s; best = +l; } });
+      });
+      return best;
+    }
 
     function fillLayers() {
       var n = data.models[st.role].n_layers, opts = [];
@@ -98,14 +112,16 @@
       view.appendChild(table);
     }
 
-    roleSel = select("model", roles.map(function (r) { return [r, r]; }), function () { st.role = roleSel.value; fillLayers(); fillNeurons(); draw(); });
-    famSel = select("family", data.families.map(function (f) { return [f, f]; }), function () { st.family = famSel.value; fillNeurons(); draw(); });
-    kindSel = select("block", kinds.map(function (k) { return [k, data.kinds[k]]; }), function () { st.kind = kindSel.value; st.rank = 0; fillNeurons(); draw(); });
+    function jump() { st.layer = bestLayer(); st.rank = 0; fillLayers(); fillNeurons(); draw(); }
+    roleSel = select("model", roles.map(function (r) { return [r, r]; }), function () { st.role = roleSel.value; jump(); });
+    famSel = select("family", data.families.map(function (f) { return [f, f]; }), function () { st.family = famSel.value; st.rank = 0; fillNeurons(); draw(); });
+    kindSel = select("block", kinds.map(function (k) { return [k, data.kinds[k]]; }), function () { st.kind = kindSel.value; jump(); });
     layerSel = el("select"); neuronSel = el("select");
     [["model", roleSel], ["family", famSel], ["block", kindSel], ["layer", layerSel], ["neuron", neuronSel]].forEach(function (p) {
       controls.appendChild(el("span", {}, [el("label", {text: p[0]}), p[1]]));
     });
     // the layer/neuron selects were placeholders until now: put the real ones in place
+    st.layer = bestLayer();
     fillLayers(); fillNeurons(); draw();
     root.setAttribute("data-ready", "1");
   }

@@ -33,7 +33,8 @@ from pktlib.attribution import KINDS, Attribution, LogitLens
 from pktlib.errors import PktError
 from pktlib.models import spec
 
-__all__ = ["FORMAT", "value_tokens", "explorer_data", "NeuronExplorer", "viewer_html", "neuron_view"]
+__all__ = ["FORMAT", "value_tokens", "explorer_data", "NeuronExplorer", "viewer_html", "data_from_html",
+           "neuron_view", "ranked", "best_layer"]
 
 FORMAT = "pktlib-neuron-explorer/1"
 KIND_LABEL = {"ffn": "FFN", "attn": "attention"}
@@ -137,9 +138,37 @@ def viewer_html(data: Mapping[str, Any], *, element_id: str = "pkt-explorer") ->
             f"<script>{_viewer_js()}</script>")
 
 
-def neuron_view(data: Mapping[str, Any], role: str, kind: str, layer: int, rank: int, family: str) -> str:
-    """HTML of one neuron (the widget's view; the JavaScript viewer draws the same layout)."""
+def ranked(data: Mapping[str, Any], role: str, kind: str, layer: int, family: str) -> list[dict[str, Any]]:
+    """A layer's located neurons, best first by their summed score on ``family`` (the order both
+    front ends list them in)."""
     rows = data["models"][role]["kinds"][kind]["layers"].get(str(layer), [])
+    return sorted(rows, key=lambda r: -r["score"].get(family, float("-inf")))
+
+
+def best_layer(data: Mapping[str, Any], role: str, kind: str, family: str) -> int:
+    """The layer holding ``family``'s best located neuron (where both front ends start)."""
+    layers = data["models"][role]["kinds"][kind]["layers"]
+    scored = [(r["score"][family], int(l)) for l, rows in layers.items() for r in rows if family in r["score"]]
+    return max(scored)[1] if scored else 0
+
+
+def data_from_html(text: str) -> dict[str, Any] | None:
+    """The data embedded in a :func:`viewer_html` output, or None when ``text`` holds none."""
+    head = 'class="pkt-explorer-data">'
+    if head not in text:
+        return None
+    payload = text.split(head, 1)[1].split("</script>", 1)[0]
+    try:
+        data = json.loads(payload)  # "<\\/" (escaped in viewer_html) is JSON for "</"
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def neuron_view(data: Mapping[str, Any], role: str, kind: str, layer: int, rank: int, family: str) -> str:
+    """HTML of the ``rank``-th neuron of :func:`ranked` (the widget's view; the JavaScript viewer
+    draws the same layout)."""
+    rows = ranked(data, role, kind, layer, family)
     if not rows:
         return "<p>No located neurons in this layer.</p>"
     row = rows[min(rank, len(rows) - 1)]
@@ -193,19 +222,26 @@ class NeuronExplorer:
         def neurons(*_):
             if layer_w.value is None:
                 return
-            rows = d["models"][role_w.value]["kinds"][kind_w.value]["layers"].get(str(layer_w.value), [])
+            rows = ranked(d, role_w.value, kind_w.value, layer_w.value, fam_w.value)
             neuron_w.options = [(f"{r['neuron']} (score {r['score'].get(fam_w.value, 0):+.2f})", i) for i, r in enumerate(rows)]
+            neuron_w.value = 0 if rows else None  # the best neuron, as the viewer in the book
 
         def show(*_):
             if layer_w.value is not None and neuron_w.value is not None:
                 out.value = neuron_view(d, role_w.value, kind_w.value, layer_w.value, neuron_w.value, fam_w.value)
 
+        def jump(*_):
+            layer_w.value = best_layer(d, role_w.value, kind_w.value, fam_w.value)
+
         role_w.observe(layers, "value")
+        for w in (role_w, kind_w):
+            w.observe(jump, "value")
         for w in (role_w, kind_w, layer_w, fam_w):
             w.observe(neurons, "value")
         for w in (role_w, kind_w, layer_w, neuron_w, fam_w):
             w.observe(show, "value")
         layers()
+        jump()
         neurons()
         show()
         return W.VBox([W.HBox([role_w, fam_w]), kind_w, W.HBox([layer_w, neuron_w]), out])

@@ -10,6 +10,8 @@ their sources in ``notebooks/`` are left as they are.
   output) or ``hide-input`` (their output stays visible). Cells that draw a figure get
   ``hide-input``: the reader sees the figure and its caption, the code one click away. Cells
   that already carry a ``hide-*``/``remove-*`` tag keep their own choice.
+* **Neuron explorers** (:mod:`pktlib.explorer`) are redrawn with the current viewer from the
+  data the chapter embedded when it ran.
 * **Noise goes.** Progress bars (tqdm's text and widget views, in any output) are dropped;
   stderr (warnings, logging) is removed by myst-nb's ``nb_output_stderr: remove``.
 * **Figures get captions** from ``book/figures.yml`` (config ``pkt_figures``): per chapter, a
@@ -137,6 +139,8 @@ def clean_notebook(nb: dict, chapter: str, captions: Sequence[Mapping[str, str]]
     for c in cells:
         if c.get("cell_type") == "code" and c.get("outputs"):
             c["outputs"] = [o for o in c["outputs"] if not is_progress_output(o)]
+            for o in c["outputs"]:
+                _refresh_explorer(o)
     figures = figure_cell_indices(cells)
     for i in setup_cell_indices(cells):
         _add_tag(cells[i], "hide-input" if cells[i].get("outputs") else "hide-cell")
@@ -168,6 +172,19 @@ def clean_notebook(nb: dict, chapter: str, captions: Sequence[Mapping[str, str]]
             cells[i + 1:i + 1] = [_output_cell(after)] if after else []
             cells[i:i] = [_output_cell(before)] if before else []
     return warnings
+
+
+def _refresh_explorer(output: dict) -> None:
+    """Redraw a neuron explorer's HTML with the current viewer, from the data the chapter embedded
+    when it ran (the data is the chapter's; the viewer is the book's)."""
+    html = (output.get("data") or {}).get("text/html")
+    if not html:
+        return
+    from pktlib.explorer import data_from_html, viewer_html
+
+    data = data_from_html(_text(html))
+    if data is not None:
+        output["data"]["text/html"] = viewer_html(data)
 
 
 def _split_outputs(outputs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:

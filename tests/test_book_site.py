@@ -271,7 +271,7 @@ def test_explorer_data_matches_the_attribution(explorer_inputs):
 
 
 def test_explorer_views(explorer_inputs):
-    from pktlib.explorer import NeuronExplorer, neuron_view
+    from pktlib.explorer import NeuronExplorer, best_layer, neuron_view, ranked
 
     models, attr, pairs = explorer_inputs
     ex = NeuronExplorer.from_attribution(models, attr, pairs, k_neurons=2)
@@ -282,16 +282,30 @@ def test_explorer_views(explorer_inputs):
     assert "src=" not in html and "http" not in html.split("<script>")[1][:2000]
     payload = html.split('class="pkt-explorer-data">')[1].split("</script>")[0]
     assert json.loads(payload.replace("<\\/", "</")) == ex.data
+    # the book redraws an explorer from its data with the current viewer
+    from pktlib.sphinx_book import clean_notebook
+
+    old = html.replace("document.querySelectorAll", "/* an older viewer */ document.querySelectorAll")
+    nb = {"cells": [_md("# T\n\nWhy?"), _md("## A"), _code("ex", outputs=[
+        {"output_type": "execute_result", "data": {"text/html": old, "text/plain": "x"}}])], "metadata": {}}
+    clean_notebook(nb, "ch")
+    assert nb["cells"][2]["outputs"][0]["data"]["text/html"] == html
     # Jupyter gets the live widget; changing the controls redraws the view from the data
     assert "application/vnd.jupyter.widget-view+json" in bundle
     w = ex.widget()
     (role_w, fam_w), kind_w, (layer_w, neuron_w), out = w.children[0].children, w.children[1], w.children[2].children, w.children[3]
+    # it opens on the first family's best neuron
+    assert layer_w.value == best_layer(ex.data, "teacher", "ffn", "math") and neuron_w.value == 0
+    best = max((r["score"]["math"], int(l)) for l, rows in ex.data["models"]["teacher"]["kinds"]["ffn"]["layers"].items()
+               for r in rows)
+    assert layer_w.value == best[1] and f"summed score on math {best[0]:+.3f}" in out.value
     role_w.value, kind_w.value, layer_w.value = "student", "attn", 1
     fam_w.value = "knowledge"
     neuron_w.value = 1
     assert out.value == neuron_view(ex.data, "student", "attn", 1, 1, "knowledge")
-    row = ex.data["models"]["student"]["kinds"]["attn"]["layers"]["1"][1]
-    assert f"neuron {row['neuron']}" in out.value and "attention layer 1" in out.value
+    rows = ranked(ex.data, "student", "attn", 1, "knowledge")
+    assert [r["score"]["knowledge"] for r in rows] == sorted((r["score"]["knowledge"] for r in rows), reverse=True)
+    assert f"neuron {rows[1]['neuron']}" in out.value and "attention layer 1" in out.value
     assert list(layer_w.options) == [0, 1]
     role_w.value = "teacher"
     assert list(layer_w.options) == [0, 1, 2]
