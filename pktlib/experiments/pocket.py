@@ -121,7 +121,10 @@ def accuracy_by(df: pd.DataFrame, bins: str) -> tuple[pd.DataFrame, pd.DataFrame
     """(table of count and accuracy in % per bin and model, accuracy in % per bin (rows) and model)."""
     table = df.groupby([bins, "model"], observed=True)["correct"].agg(["mean", "size"]).unstack("model")
     acc = 100 * table["mean"]
-    return table.assign(**{f"{m} (%)": acc[m].round(1) for m in acc}).drop(columns="mean"), acc
+    out = table.drop(columns="mean")
+    for m in acc:
+        out[(f"{m} (%)", "")] = acc[m].round(1)  # a full key: the columns are (statistic, model)
+    return out, acc
 
 
 def popularity_bins(df: pd.DataFrame, bio_repeats: tuple[int, int], n_bins: int = 4) -> pd.DataFrame:
