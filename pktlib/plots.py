@@ -34,6 +34,28 @@ def _title(obj, title: str | None, default: str, **kwargs) -> None:
         obj.set_title(text, **kwargs)
 
 
+def _finish(fig: Figure, ax, *, xlabel: str | None = None, ylabel: str | None = None, title: str | None = None,
+            default: str = "", legend: float | None = None) -> Figure:
+    """Label a one-axes figure, add its legend (font size ``legend``; None: no legend) and lay it out."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    _title(ax, title, default)
+    if legend is not None:
+        ax.legend(fontsize=legend)
+    fig.tight_layout()
+    return fig
+
+
+def _index_ticks(axis, n: int) -> None:
+    """Integer ticks for ``n`` rows or columns of a matrix: every index when few, else a sparse set."""
+    if n <= 12:
+        axis.set_ticks(range(n))
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def bars(table: pd.DataFrame | pd.Series, *, ylabel: str, xlabel: str | None = None, title: str | None = None,
          logy: bool = False, hline: float | None = None, rot: int = 0, figsize: tuple[float, float] = (7, 3.5),
          width: float = 0.5) -> Figure:
@@ -45,12 +67,7 @@ def bars(table: pd.DataFrame | pd.Series, *, ylabel: str, xlabel: str | None = N
     table.plot.bar(ax=ax, logy=logy, rot=rot, width=width)
     if hline is not None:
         ax.axhline(hline, color="grey", ls=":", lw=1)
-    ax.set_ylabel(ylabel)
-    if xlabel is not None:
-        ax.set_xlabel(xlabel)
-    _title(ax, title, "")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, xlabel=xlabel, ylabel=ylabel, title=title)
 
 
 def lines_by_bin(acc: pd.DataFrame, *, xlabel: str, ylabel: str, title: str | None = None,
@@ -60,11 +77,7 @@ def lines_by_bin(acc: pd.DataFrame, *, xlabel: str, ylabel: str, title: str | No
     acc.plot(ax=ax, marker="o")
     if chance is not None:
         ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    _title(ax, title, "")
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, xlabel=xlabel, ylabel=ylabel, title=title, legend=10)
 
 
 def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], *,
@@ -205,8 +218,9 @@ def heatmap_grid(panels: Sequence[Sequence[tuple[Any, str, str, str]]], *, label
     The matrix's first axis is drawn upwards (``origin="lower"``), as layer-by-layer CKA is read.
     """
     n_rows, n_cols = len(panels), max(len(r) for r in panels)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols if n_rows > 1 else 5 * n_cols, 3.2 * n_rows + 0.6),
-                             squeeze=False)
+    # constrained layout leaves room for the shared colour bar (tight_layout cannot)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.8 * n_cols if n_rows > 1 else 5 * n_cols, 3.2 * n_rows + 0.6),
+                             squeeze=False, layout="constrained")
     im = None
     for i, row in enumerate(panels):
         for j, (mat, name, xl, yl) in enumerate(row):
@@ -216,6 +230,8 @@ def heatmap_grid(panels: Sequence[Sequence[tuple[Any, str, str, str]]], *, label
             ax.set_title(name, fontsize=9)
             ax.set_xlabel(xl)
             ax.set_ylabel(yl)
+            _index_ticks(ax.xaxis, np.shape(mat)[1])
+            _index_ticks(ax.yaxis, np.shape(mat)[0])
         for j in range(len(row), n_cols):
             axes[i, j].set_visible(False)
     fig.colorbar(im, ax=axes, shrink=0.8, label=label)
@@ -261,12 +277,8 @@ def score_vs_rate(rates: pd.DataFrame, students: Mapping[str, float], *, title: 
     for task, g in rates.groupby("task"):
         line = ax.errorbar(g.transfer_rate, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=task)
         ax.axhline(students[task], color=line[0].get_color(), ls=":", lw=1)
-    ax.set_xlabel("transfer rate (share of student neurons per layer)")
-    ax.set_ylabel("score (%)")
-    _title(ax, title, "LaTen against transfer rate (dotted: student)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, xlabel="transfer rate (share of student neurons per layer)", ylabel="score (%)",
+                   title=title, default="LaTen against transfer rate (dotted: student)", legend=8)
 
 
 def loss_gain(logs: pd.DataFrame, *, title: str | None = None) -> Figure:
@@ -279,12 +291,8 @@ def loss_gain(logs: pd.DataFrame, *, title: str | None = None) -> Figure:
         m = g.groupby("step").lm_gain_vs_student.mean()
         ax.plot(m.index, m.values, marker="o", ls="-" if name == "paper lr" else "--", label=f"{task}, {name}")
     ax.axhline(0, color="gray", lw=1)
-    ax.set_xlabel("alignment step")
-    ax.set_ylabel("student LM loss - injected LM loss")
-    _title(ax, title, "Batch loss gain from the translated neurons (after the step)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, xlabel="alignment step", ylabel="student LM loss - injected LM loss", title=title,
+                   default="Batch loss gain from the translated neurons (after the step)", legend=7)
 
 
 def structural_cosines(table: pd.DataFrame, modules: Sequence[str], *, title: str | None = None) -> Figure:
@@ -333,12 +341,7 @@ def quantile_curves(stats: pd.DataFrame, *, title: str | None = None) -> Figure:
         ax.plot([float(q[1:]) for q in qs], [abs(row[q]) for q in qs], marker="o", label=row["source"])
     ax.set_xscale("logit")
     ax.set_yscale("log")
-    ax.set_xlabel("quantile")
-    ax.set_ylabel("|value| at quantile")
-    _title(ax, title, "")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, xlabel="quantile", ylabel="|value| at quantile", title=title, legend=7)
 
 
 def gain_bars(gains: pd.DataFrame, families: Sequence[str], *, title: str | None = None) -> Figure:
