@@ -80,7 +80,13 @@ def test_normaliser_agreement_and_target_tokens(tokenizer):
 
 def test_explore_and_explorer_on_a_tiny_model(tokenizer):
     model = make_model("llama", tokenizer=tokenizer, n_layers=2)
-    attr = A.attribute(model, tokenizer, PAIRS, per_example=True, progress=False)
+    small = make_model("llama", tokenizer=tokenizer, n_layers=1, seed=4)
+    both = locating.attribute_families({"teacher": (model, tokenizer), "student": (small, tokenizer)},
+                                       {"a": PAIRS, "b": PAIRS[:1]})
+    assert list(both) == [("a", "teacher"), ("a", "student"), ("b", "teacher"), ("b", "student")]
+    assert both["b", "student"].n_examples == 1 and both["a", "student"].n_layers == 1
+    attr = both["a", "teacher"]
+    assert torch.equal(attr.ffn, A.attribute(model, tokenizer, PAIRS, progress=False).ffn)
     head, table = locating.explore(model, tokenizer, attr, PAIRS, example=1, role="teacher", layer=1, n=4)
     assert head.startswith("**teacher**, example 1: target token") and "Paris" in head
     assert len(table) == 4 and (table.layer == 1).all()

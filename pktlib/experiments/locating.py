@@ -25,12 +25,20 @@ from torch import Tensor
 from pktlib import attribution as A
 from pktlib.errors import PktError
 
-__all__ = ["KIND_LABELS", "layer_profiles", "depth_share", "layer_summary", "upper_half_reading", "top_share",
+__all__ = ["KIND_LABELS", "attribute_families", "layer_profiles", "depth_share", "layer_summary", "upper_half_reading", "top_share",
            "Stability", "stability", "stability_metrics", "stability_table", "target_tokens",
            "normaliser_agreement", "explore", "explorer"]
 
 KIND_LABELS = {"ffn": "FFN", "attn": "attention"}
 Attributions = Mapping[tuple[str, str], A.Attribution]  # (family, role) -> attribution
+
+
+def attribute_families(models: Mapping[str, tuple[Any, Any]], pairs: Mapping[str, Sequence[tuple[str, str]]]
+                       ) -> dict[tuple[str, str], A.Attribution]:
+    """Per-example attribution of every (family, role): ``models`` role -> (model, tokenizer),
+    ``pairs`` family -> (prompt, answer) pairs."""
+    return {(fam, role): A.attribute(model, tok, pairs[fam], per_example=True, progress=False)
+            for fam in pairs for role, (model, tok) in models.items()}
 
 
 def layer_profiles(attr: Attributions) -> dict[str, dict[str, list[float]]]:
