@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PKT_PRESET ?= default
 
-.PHONY: setup test test-fast book pocket real-pair notebooks html check-book benchmarks clean help
+.PHONY: setup test test-fast book pocket real-pair notebooks assets html check-book benchmarks clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,17 +41,27 @@ real-pair: setup  ## fetch, verify and convert the real pair (Qwen2.5-Coder 1.5B
 notebooks: pocket  ## execute every notebook of the book (resumes: up-to-date ones are kept)
 	$(BIN)/pkt book --execute --no-html
 
-html: setup  ## build the HTML book from the executed notebooks
+# The book's offline assets: MathJax 4 and the Jupyter widget runtime, pinned npm packages whose
+# tarballs are checked against their SHA-512 before unpacking (pktlib/bookassets.py).
+ASSETS := book/_static/npm
+assets: setup  ## install the HTML book's offline assets (MathJax, widget runtime) from npm, pinned
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	$(BIN)/python -m pktlib.bookassets install $(ASSETS)
+
+html: setup assets  ## build the HTML book from the executed notebooks
 	$(BIN)/pkt book
 
 book: notebooks html  ## set up, build the pocket pair, execute the notebooks, build _build/html
 
-check-book: setup  ## load every page of _build/html in headless Chromium
+# Chromium comes from Debian's security updates; an exact version pin would stop installing at
+# its next update (Debian keeps no old versions), so the check prints the version it used.
+check-book: setup  ## load every page of _build/html in headless Chromium: 0 external requests, 0 problems
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
-	$(BIN)/python -m pktlib.bookcheck _build/html
+	chromium --version 2>/dev/null | head -1
+	$(BIN)/python -m pktlib.bookcheck _build/html --screenshots _build/screenshots
 
 benchmarks: setup  ## run the benchmark scripts (ratios measured side by side)
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:  ## remove the built book and executed notebooks (keeps .venv and the pocket pair cache)
-	rm -rf _build book/*.ipynb book/*.record.json
+	rm -rf _build book/*.ipynb book/*.record.json book/_generated

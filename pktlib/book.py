@@ -151,6 +151,13 @@ def build_book(root: str | Path = ".", *, strict: bool = False) -> Path:
     missing = [e for e in toc_entries(root) if not any((root / f"{e}{ext}").is_file() for ext in ("", ".md", ".ipynb"))]
     if missing:
         raise PktError(f"_toc.yml lists pages that do not exist (execute the notebooks first?): {missing}")
+    # The pages must work offline: MathJax and the widget runtime come from pinned npm
+    # packages served with the book (the Sphinx extension checks too; this says it first).
+    from pktlib.bookassets import check
+
+    missing_assets = check(root / "book" / "_static" / "npm")
+    if missing_assets:
+        raise PktError("offline assets missing: " + "; ".join(missing_assets))
     jb = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(jb), "build", str(root)] + (["-W", "-n", "--keep-going"] if strict else [])
     proc = subprocess.run(cmd)

@@ -7,14 +7,24 @@ Two layers of checks over a built HTML site:
   site (and, for ``page.html#anchor``, to an element with that id); every image is present and
   non-empty (files and ``data:`` URIs alike);
 * **browser** (headless Chromium over the DevTools protocol, :func:`check_browser`): every page
-  loads from a local HTTP server with no console errors and no uncaught exceptions, every image
-  decodes (``naturalWidth > 0``), and every ipywidget output degrades to a static view: either
-  the widget rendered or its output cell still shows static content (text or an image).
+  is loaded from a local HTTP server, MathJax is given time to typeset, a screenshot of the page
+  is saved, and the page is examined (:data:`_PAGE_PROBE`, :func:`page_problems`):
 
-The machine that builds the book is offline, so resources the theme fetches from the internet
-(MathJax, require.js, the widget manager from a CDN) cannot load. Their failures, and errors
-raised from inside such scripts, are reported separately as ``external`` and do not fail the
-check unless ``--strict-external``; everything served by the site itself must be clean.
+  - no console errors, no uncaught exceptions, no failed loads;
+  - **no external request**: the book is read offline, so every request must go to the local
+    server. The pages are opened in a browser context whose proxy is a logging proxy of ours
+    that refuses everything (loopback, the site, is never proxied), so requests from workers,
+    fonts and CSS imports are counted too, not only those the DevTools ``Network`` events of the
+    page show; the browser's own background traffic (update checks) is outside that context
+    and not counted. Any external request fails the check;
+  - figures: every image decodes; a chapter whose notebook has figure outputs shows as many
+    rendered figures (visible, decoded, at least 50 px), and each carries a caption;
+  - no raw LaTeX: every ``.math`` element was typeset, and no TeX delimiters or commands are
+    left in the visible text outside code;
+  - no error output (tracebacks), no stderr output, no progress bars;
+  - a chapter opens with its title (no code cell before the ``h1``) and its opening paragraph
+    asks the question the chapter answers (a ``?``);
+  - every ipywidget output degrades to a static view, and every neuron explorer was drawn.
 
 Chromium is started with a fresh profile and no background networking (Debian packages
 ``chromium`` and ``chromium-driver``; only the ``chromium`` binary is used).
@@ -31,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -39,29 +50,34 @@ import time
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 from pktlib.errors import PktError
 
 __all__ = ["Problem", "Report", "check_static", "check_browser", "check_book", "find_chromium",
-           "CHROMIUM_FLAGS", "main"]
+           "page_problems", "expected_figures", "CHROMIUM_FLAGS", "main"]
 
 # The flags the project uses everywhere for headless Chromium (ENV-NOTES.md); the host resolver
 # rule makes every non-local host fail at once instead of waiting for DNS on an offline machine.
 CHROMIUM_FLAGS: tuple[str, ...] = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--disable-dev-shm-usage", "--disable-default-apps", "--disable-extensions",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 )
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+VIEWPORT = (1280, 900)
+MAX_SHOT_HEIGHT = 16000  # px; longer pages are cut (Chromium's limit for one capture is 16384)
 
 
 @dataclass(frozen=True)
 class Problem:
     """One finding: ``kind`` is broken-link, broken-anchor, missing-image, empty-image,
-    console-error, exception, failed-load, widget-no-static or external."""
+    console-error, exception, failed-load, external-request, missing-figure,
+    figure-no-caption, raw-latex, error-output, stderr-output, progress-bar, title-not-first,
+    no-question, widget-no-static or explorer-not-drawn."""
 
     page: str
     kind: str
@@ -75,20 +91,23 @@ class Problem:
 class Report:
     pages: int = 0
     problems: list[Problem] = field(default_factory=list)
-    external: list[Problem] = field(default_factory=list)  # offline-only failures, informative
+    external: list[str] = field(default_factory=list)  # "page: url" of every external request
+    screenshots: list[str] = field(default_factory=list)
     browser: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.external
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
         for p in self.problems:
             kinds[p.kind] = kinds.get(p.kind, 0) + 1
         how = "static + headless Chromium" if self.browser else "static only"
-        head = (f"checked {self.pages} pages ({how}): {len(self.problems)} problems"
-                + (f" {kinds}" if kinds else "") + f", {len(self.external)} external (offline) failures")
+        head = (f"checked {self.pages} pages ({how}): {len(self.external)} external requests, "
+                f"{len(self.problems)} problems" + (f" {kinds}" if kinds else ""))
+        if self.screenshots:
+            head += f"; {len(self.screenshots)} screenshots in {os.path.commonpath(self.screenshots)}"
         return head
 
 
@@ -230,12 +249,59 @@ def _serve(root: Path) -> Iterator[str]:
         srv.server_close()
 
 
+class _RefusingProxy(socketserver.ThreadingTCPServer):
+    """An HTTP proxy that logs the target of every request it gets and refuses it (403).
+
+    The pages' browser context sends it every request for a host other than loopback, from the
+    page, its workers and its style sheets alike."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        self.log: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _RefusingHandler)
+
+
+class _RefusingHandler(socketserver.StreamRequestHandler):
+    timeout = 5
+
+    def handle(self) -> None:
+        try:
+            line = self.rfile.readline(8192).decode("latin-1").strip()
+            while self.rfile.readline(8192).strip():  # the headers
+                pass
+        except OSError:
+            return
+        parts = line.split()
+        if len(parts) >= 2:
+            method, target = parts[0], parts[1]
+            url = f"https://{target}" if method == "CONNECT" else target
+            with self.server.lock:  # type: ignore[attr-defined]
+                self.server.log.append((time.monotonic(), url))  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+@contextlib.contextmanager
+def _proxy() -> Iterator[_RefusingProxy]:
+    srv = _RefusingProxy()
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @contextlib.contextmanager
 def _chromium(binary: str, timeout: float = 60.0) -> Iterator[str]:
     """Start headless Chromium with a fresh profile; yield its browser DevTools websocket URL."""
     profile = tempfile.mkdtemp(prefix="pkt-chromium-")
     cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-           "--remote-allow-origins=*", "about:blank"]
+           "--remote-allow-origins=*", f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "about:blank"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         ws_url, seen, t0 = None, [], time.monotonic()
@@ -282,7 +348,13 @@ class _CDP:
         self.ws.send(json.dumps(msg))
         deadline = time.monotonic() + timeout
         while True:
-            data = json.loads(self.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PktError(f"DevTools {method}: no answer within {timeout:.0f} s")
+            try:
+                data = json.loads(self.ws.recv(timeout=left))
+            except TimeoutError:
+                raise PktError(f"DevTools {method}: no answer within {timeout:.0f} s") from None
             if data.get("id") == self.next_id:
                 if "error" in data:
                     raise PktError(f"DevTools {method} failed: {data['error']}")
@@ -302,14 +374,73 @@ class _CDP:
                 self.events.append(data)
 
 
-# Runs in the page after load: images that did not decode, and widget outputs with neither a
-# rendered widget nor any static content in their cell.
+# Waits (at most 20 s) for MathJax's first typeset when the page loads MathJax.
+_MATHJAX_READY = r"""
+(async () => {
+  const mj = window.MathJax;
+  if (!mj || !document.querySelector('script[src*="mathjax"]')) return 'none';
+  const t0 = Date.now();
+  while (!(mj.startup && mj.startup.promise) && Date.now() - t0 < 20000) await new Promise(r => setTimeout(r, 100));
+  if (!(mj.startup && mj.startup.promise)) return 'not-started';
+  const done = await Promise.race([mj.startup.promise.then(() => 'typeset'),
+                                   new Promise(r => setTimeout(() => r('timeout'), 20000))]);
+  return done;
+})()
+"""
+
+# Runs in the page after load and typesetting: what page_problems() judges.
 _PAGE_PROBE = r"""
 (() => {
-  const bad_images = [...document.images]
-    .filter(im => !(im.complete && im.naturalWidth > 0))
+  // the page's content (a selector list would return the theme's <main>, which also holds a
+  // print-only copy of the title)
+  const main = ['article.bd-article', 'article', '[role="main"]', 'main'].map(q => document.querySelector(q))
+    .find(e => e) || document.body;
+  const FOLLOWING = Node.DOCUMENT_POSITION_FOLLOWING;
+  const visible = e => { const r = e.getBoundingClientRect(); return r.width >= 50 && r.height >= 50; };
+  const decoded = im => im.complete && im.naturalWidth > 0;
+  const bad_images = [...document.images].filter(im => !decoded(im))
     .map(im => im.getAttribute('src') ? im.getAttribute('src').slice(0, 120) : '(no src)');
-  const widgets = [...document.querySelectorAll('script[type="%s"]')];
+  const shown = [...main.querySelectorAll('.cell_output img, figure img, .cell_output svg, figure svg')]
+    .filter(e => !e.closest('mjx-container') && !(e.tagName === 'svg' && e.closest('figure img')));
+  const rendered_figures = shown.filter(e => (e.tagName !== 'IMG' || decoded(e)) && visible(e));
+  const uncaptioned = rendered_figures.filter(e => {
+    const f = e.closest('figure'); const c = f && f.querySelector('figcaption');
+    return !(c && c.innerText.trim().length > 0);
+  }).map(e => (e.getAttribute('src') || e.tagName).slice(0, 100));
+  // raw LaTeX: untypeset math elements, then TeX left in visible text outside code
+  const untypeset = [...main.querySelectorAll('.math')]
+    .filter(e => !e.querySelector('mjx-container') && !e.closest('mjx-container'))
+    .map(e => e.textContent.trim().slice(0, 80));
+  const SKIP = 'pre, code, script, style, textarea, mjx-container, .highlight, .cell_input, .pkt-explorer, .math';
+  const TEX = /\\\(.+?\\\)|\\\[.+?\\\]|\$\$.+?\$\$|\\begin\{|\$[^$\n]{0,200}?\\[A-Za-z]{2,}[^$\n]*?\$/s;
+  const walker = document.createTreeWalker(main, NodeFilter.SHOW_TEXT);
+  const tex_text = [];
+  let chunk = '';
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    if (n.parentElement && n.parentElement.closest(SKIP)) continue;
+    chunk += n.textContent;
+  }
+  const m = chunk.match(TEX);
+  if (m) tex_text.push(m[0].slice(0, 80));
+  const out_text = [...main.querySelectorAll('.cell_output')].map(e => e.innerText || '').join('\n');
+  const tracebacks = [...main.querySelectorAll('.output.traceback, .output.error, .cell_output .traceback')]
+    .map(e => (e.innerText || '').trim().split('\n').slice(-1)[0].slice(0, 120));
+  if (!tracebacks.length && /Traceback \(most recent call last\)/.test(out_text)) tracebacks.push('Traceback in an output');
+  const stderr = [...main.querySelectorAll('.output.stderr')].map(e => (e.innerText || '').trim().slice(0, 100));
+  const pm = out_text.match(/\d{1,3}%\|[^|\n]*\|\s*[\d.]+[kMG]?\/[\d.?]+/);
+  const progress = pm ? [pm[0].slice(0, 80)] : [];
+  // the opening: title first, then a paragraph asking the chapter's question
+  const h1 = main.querySelector('h1');
+  const cells = [...main.querySelectorAll('.cell')];
+  const cells_before_title = h1 ? cells.filter(c => c.compareDocumentPosition(h1) & FOLLOWING).length : 0;
+  let opening = '';
+  if (h1) {
+    const stop = [...main.querySelectorAll('h2, .cell')].find(e => h1.compareDocumentPosition(e) & FOLLOWING);
+    opening = [...main.querySelectorAll('p, blockquote, li')]
+      .filter(p => (h1.compareDocumentPosition(p) & FOLLOWING) && !(stop && (stop.compareDocumentPosition(p) & FOLLOWING)))
+      .map(p => p.innerText || '').join(' ');
+  }
+  const widgets = [...document.querySelectorAll('script[type="__WIDGET_MIME__"]')];
   const no_static = [];
   for (const s of widgets) {
     // The whole notebook cell: a static view may be another output of the same cell.
@@ -325,12 +456,59 @@ _PAGE_PROBE = r"""
       no_static.push(model || s.textContent.slice(0, 60));
     }
   }
-  return {bad_images, widgets: widgets.length, no_static};
+  const explorers = [...main.querySelectorAll('.pkt-explorer')];
+  return {bad_images, n_figures: rendered_figures.length, uncaptioned, untypeset, tex_text, tracebacks, stderr,
+          progress, is_chapter: cells.length > 0, has_title: !!h1, cells_before_title,
+          opening: opening.slice(0, 2000), widgets: widgets.length, no_static,
+          explorers: explorers.length,
+          explorers_not_drawn: explorers.filter(e => !e.hasAttribute('data-ready')).map(e => e.id || '(no id)')};
 })()
-""" % WIDGET_MIME
+""".replace("__WIDGET_MIME__", WIDGET_MIME)
 
 
-def _classify(ev: dict, base: str) -> tuple[str, str, str] | None:
+def page_problems(page: str, probe: Mapping[str, Any], expected_figures: int | None = None) -> list[Problem]:
+    """Judge one page from its probe (the dict :data:`_PAGE_PROBE` returns): figures, raw LaTeX,
+    error and noisy outputs, the chapter's opening, widgets and explorers.
+
+    ``expected_figures`` is the number of figure outputs in the page's source notebook (None
+    when unknown): the page must show at least as many rendered figures."""
+    out = []
+
+    def add(kind: str, detail: str) -> None:
+        out.append(Problem(page, kind, detail))
+
+    for src in probe.get("bad_images", []):
+        add("empty-image", f"image does not decode in the browser: {src}")
+    n = int(probe.get("n_figures", 0))
+    if expected_figures and n < expected_figures:
+        add("missing-figure", f"{n} rendered figures, but the notebook has {expected_figures} figure outputs")
+    for src in probe.get("uncaptioned", []):
+        add("figure-no-caption", f"figure {src} has no caption")
+    for t in probe.get("untypeset", []):
+        add("raw-latex", f"math not typeset: {t!r}")
+    for t in probe.get("tex_text", []):
+        add("raw-latex", f"TeX in the text: {t!r}")
+    for t in probe.get("tracebacks", []):
+        add("error-output", t)
+    for t in probe.get("stderr", []):
+        add("stderr-output", t)
+    for t in probe.get("progress", []):
+        add("progress-bar", t)
+    if probe.get("is_chapter"):
+        if not probe.get("has_title"):
+            add("title-not-first", "the chapter has no title (h1)")
+        elif probe.get("cells_before_title"):
+            add("title-not-first", f"{probe['cells_before_title']} code cells before the title")
+        elif "?" not in probe.get("opening", ""):
+            add("no-question", "the opening paragraphs ask no question: " + repr(probe.get("opening", "")[:80]))
+    for wid in probe.get("no_static", []):
+        add("widget-no-static", f"widget {wid} shows nothing without its JavaScript")
+    for e in probe.get("explorers_not_drawn", []):
+        add("explorer-not-drawn", f"neuron explorer {e} was not drawn")
+    return out
+
+
+def _classify(ev: dict) -> tuple[str, str, str] | None:
     """(kind, detail, url) of an error event, or None when it is not an error."""
     m, p = ev["method"], ev.get("params", {})
     if m == "Runtime.exceptionThrown":
@@ -353,10 +531,62 @@ def _classify(ev: dict, base: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _is_local(url: str, base: str) -> bool:
+    return url.startswith((base + "/", "data:", "blob:", "about:")) or url == base
+
+
+def expected_figures(root: Path, page: Path) -> int | None:
+    """Figure outputs in the source notebook of ``page`` (Sphinx's copy in ``_sources``), or
+    None when the page does not come from a notebook."""
+    rel = page.relative_to(root).with_suffix(".ipynb")
+    for cand in (root / "_sources" / rel, root / "_sources" / f"{rel}.txt"):
+        if cand.is_file():
+            try:
+                nb = json.loads(cand.read_text(encoding="utf-8"))
+            except ValueError:
+                return None
+            return sum(1 for c in nb.get("cells", []) if c.get("cell_type") == "code"
+                       for o in c.get("outputs", [])
+                       if any(k.startswith("image/") for k in (o.get("data") or {})))
+    return None
+
+
+_REFRESH = re.compile(r"""<meta\s+http-equiv=["']?refresh""", re.I)
+
+
+def _is_redirect(page: Path) -> bool:
+    """A page that only sends the browser elsewhere (``<meta http-equiv="refresh">``)."""
+    with open(page, encoding="utf-8", errors="replace") as fh:
+        return bool(_REFRESH.search(fh.read(4096)))
+
+
+def _set_viewport(cdp: _CDP, sess: str, height: int) -> None:
+    cdp.call("Emulation.setDeviceMetricsOverride", {"width": VIEWPORT[0], "height": height,
+                                                    "deviceScaleFactor": 1, "mobile": False}, session=sess)
+
+
+def _screenshot(cdp: _CDP, sess: str, path: Path, *, full: bool) -> None:
+    """The first screen, or (``full``) the whole page: the viewport is made as tall as the page
+    (at most :data:`MAX_SHOT_HEIGHT`) for the capture, then set back."""
+    if full:
+        size = cdp.call("Page.getLayoutMetrics", session=sess).get("cssContentSize", {})
+        _set_viewport(cdp, sess, int(min(MAX_SHOT_HEIGHT, max(VIEWPORT[1], size.get("height", VIEWPORT[1])))))
+        cdp.pump(0.3)  # relayout
+    try:
+        shot = cdp.call("Page.captureScreenshot", {"format": "png"}, session=sess, timeout=60)
+    finally:
+        if full:
+            _set_viewport(cdp, sess, VIEWPORT[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
 def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settle_s: float = 0.5,
-                  page_timeout_s: float = 20.0, strict_external: bool = False,
+                  page_timeout_s: float = 30.0, screenshots: str | os.PathLike | None = None,
                   progress: bool = True) -> Report:
-    """Load every page under ``root`` in headless Chromium (served over local HTTP)."""
+    """Load every page under ``root`` in headless Chromium (served over local HTTP), judge it
+    (:func:`page_problems`), count its external requests and, if ``screenshots`` is a folder,
+    save ``<page>.png`` (the first screen) and ``<page>.full.png`` (the whole page) there."""
     from websockets.sync.client import connect
 
     root = Path(root).resolve()
@@ -365,8 +595,14 @@ def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settl
         raise PktError("Chromium not found: install the Debian packages chromium and chromium-driver")
     pages = html_pages(root)
     rep = Report(pages=len(pages), browser=True)
-    with _serve(root) as base, _chromium(binary) as ws_url, connect(ws_url, max_size=None, open_timeout=30) as ws:
+    shots = Path(screenshots) if screenshots else None
+    with (_serve(root) as base, _proxy() as proxy, _chromium(binary) as ws_url,
+          connect(ws_url, max_size=None, open_timeout=30) as ws):
         cdp = _CDP(ws)
+        # The pages' own context: its proxy sees every non-loopback request of the pages and
+        # their workers, and none of the browser's background traffic.
+        context = cdp.call("Target.createBrowserContext",
+                           {"proxyServer": f"http://127.0.0.1:{proxy.server_address[1]}"})["browserContextId"]
         it = pages
         if progress:
             from tqdm.auto import tqdm
@@ -374,10 +610,13 @@ def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settl
             it = tqdm(pages, desc="pages", file=sys.stderr)
         for page in it:
             rel = page.relative_to(root).as_posix()
-            target = cdp.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            if _is_redirect(page):
+                continue  # a redirect (index.html -> the root page): its target is checked itself
+            target = cdp.call("Target.createTarget", {"url": "about:blank", "browserContextId": context})["targetId"]
             sess = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             for dom in ("Runtime", "Log", "Network", "Page"):
                 cdp.call(f"{dom}.enable", session=sess)
+            _set_viewport(cdp, sess, VIEWPORT[1])
             cdp.events.clear()
             cdp.call("Page.navigate", {"url": f"{base}/{rel}"}, session=sess)
             deadline = time.monotonic() + page_timeout_s
@@ -387,50 +626,66 @@ def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settl
                 loaded = any(e["method"] == "Page.loadEventFired" and e.get("sessionId") == sess for e in cdp.events)
             if not loaded:
                 rep.problems.append(Problem(rel, "failed-load", f"no load event within {page_timeout_s:.0f} s"))
-            cdp.pump(settle_s)  # late scripts (widget managers, MathJax) report after load
+            cdp.pump(settle_s)  # late scripts (widget managers) report after load
+            mj = cdp.call("Runtime.evaluate", {"expression": _MATHJAX_READY, "awaitPromise": True,
+                                               "returnByValue": True}, session=sess, timeout=60)["result"].get("value")
+            if mj in ("timeout", "not-started"):
+                rep.problems.append(Problem(rel, "raw-latex", f"MathJax did not finish typesetting ({mj})"))
+            cdp.pump(settle_s)
             probe = cdp.call("Runtime.evaluate", {"expression": _PAGE_PROBE, "returnByValue": True},
                              session=sess)["result"].get("value") or {}
+            rep.problems += page_problems(rel, probe, expected_figures(root, page))
+            if shots is not None:
+                _screenshot(cdp, sess, shots / Path(rel).with_suffix(".png"), full=False)
+                _screenshot(cdp, sess, shots / Path(rel).with_suffix(".full.png"), full=True)
+                rep.screenshots.append(str(shots / Path(rel).with_suffix(".png")))
+                rep.screenshots.append(str(shots / Path(rel).with_suffix(".full.png")))
+            cdp.pump(0.2)
             urls = {e["params"]["requestId"]: e["params"]["request"]["url"]
                     for e in cdp.events if e["method"] == "Network.requestWillBeSent"}
+            external = {u for u in urls.values() if not _is_local(u, base)}
+            with proxy.lock:
+                proxied = {u for _, u in proxy.log}
+                proxy.log.clear()
+            # A tunnel (CONNECT host:443) names only the host: it is the same request as a URL
+            # of that host the page's events show; one the events do not show is counted.
+            hosts = {urlsplit(u).hostname for u in external}
+            external |= {u for u in proxied if u not in external
+                         and not (u.startswith("https://") and urlsplit(u).hostname in hosts)}
+            rep.external += [f"{rel}: {u}" for u in sorted(external)]
             seen: set[tuple[str, str]] = set()
             for ev in cdp.events:
                 if ev.get("sessionId") != sess:
                     continue
                 if ev["method"] == "Network.loadingFailed":
                     ev["params"]["_url"] = urls.get(ev["params"].get("requestId"), "")
-                c = _classify(ev, base)
+                c = _classify(ev)
                 if c is None:
                     continue
                 kind, detail, url = c
-                if url == f"{base}/favicon.ico":  # requested by the browser itself, not by the page
-                    continue
+                if url == f"{base}/favicon.ico" or (url and not _is_local(url, base)):
+                    continue  # the browser's own favicon request; external ones are counted above
                 key = (kind, detail + url)
                 if key in seen:
                     continue
                 seen.add(key)
-                where = f"{detail} [{url}]" if url else detail
-                internal = (not url) or url.startswith(base) or url.startswith(("about:", "data:"))
-                (rep.problems if internal or strict_external else rep.external).append(
-                    Problem(rel, kind if internal else "external", where))
-            for src in probe.get("bad_images", []):
-                rep.problems.append(Problem(rel, "empty-image", f"image does not decode in the browser: {src}"))
-            for wid in probe.get("no_static", []):
-                rep.problems.append(Problem(rel, "widget-no-static", f"widget {wid} shows nothing without its JavaScript"))
+                rep.problems.append(Problem(rel, kind, f"{detail} [{url}]" if url else detail))
             cdp.call("Target.closeTarget", {"targetId": target})
     return rep
 
 
-def check_book(root: str | os.PathLike, *, browser: bool = True, strict_external: bool = False,
+def check_book(root: str | os.PathLike, *, browser: bool = True, screenshots: str | os.PathLike | None = None,
                progress: bool = True) -> Report:
-    """Static checks, then (if ``browser`` and Chromium is installed) the browser checks."""
+    """Static checks, then (if ``browser``) the browser checks."""
     root = Path(root)
     if not (root / "index.html").is_file() and not html_pages(root):
         raise PktError(f"no built book at {root} (run `make html` first)")
     rep = check_static(root)
     if browser:
-        b = check_browser(root, strict_external=strict_external, progress=progress)
+        b = check_browser(root, screenshots=screenshots, progress=progress)
         rep.problems += b.problems
         rep.external += b.external
+        rep.screenshots = b.screenshots
         rep.browser = True
     return rep
 
@@ -439,20 +694,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pktlib.bookcheck", description=__doc__.splitlines()[0])
     ap.add_argument("root", nargs="?", default="_build/html", help="built HTML book (default _build/html)")
     ap.add_argument("--no-browser", action="store_true", help="static link/image checks only")
-    ap.add_argument("--strict-external", action="store_true",
-                    help="also fail on resources from other hosts (CDNs) that cannot load offline")
-    ap.add_argument("--show-external", action="store_true", help="list the external failures too")
+    ap.add_argument("--screenshots", metavar="DIR", help="save a screenshot of every page in DIR")
     args = ap.parse_args(argv)
     try:
-        rep = check_book(args.root, browser=not args.no_browser, strict_external=args.strict_external)
+        rep = check_book(args.root, browser=not args.no_browser, screenshots=args.screenshots)
     except PktError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for p in rep.problems:
         print(p)
-    if args.show_external:
-        for p in rep.external:
-            print(f"(external) {p}")
+    for u in rep.external:
+        print(f"external request: {u}")
     print(rep.summary())
     return 0 if rep.ok else 1
 

@@ -387,7 +387,7 @@ def baseline_seeking(
 def postalign_cmd(
     student: str = typer.Option(..., "--student", help="Student model (dir, hub id or .gguf)."),
     task: str = typer.Option(..., "--task", help="Task to fine-tune on (e.g. pocket-math, gsm8k)."),
-    out: Path = typer.Option(..., "--out", help="Run folder: log.jsonl, checkpoint.pt (resumes), merged/ model."),
+    out: Path = typer.Option(..., "--out", help="Run folder: log.jsonl, checkpoint_<step>/ (resumes), merged/ model."),
     init: str = typer.Option("seeking", help="LoRA initialisation: random, pissa, seeking."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model (needed by --init seeking)."),
     split: str = typer.Option("train", help="Training split: train (N=1000) or align (N<100)."),
