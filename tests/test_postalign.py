@@ -65,6 +65,13 @@ def test_seeking_init_is_the_svd_of_the_extracted_matrix(tokenizer):
         torch.testing.assert_close(BA.double(), (U[:, :4] * S[:4]) @ Vh[:4], atol=1e-5, rtol=1e-4)
         assert layer.scaling["default"] == 2.0
     assert pm.pkt_init["seeking"]["teacher_layers"] == ex.teacher_layers
+    # Seeking initialised from the extract examples inside torch.no_grad(): the same factors
+    with torch.no_grad():
+        again = lora_model(copy.deepcopy(student), init="seeking", teacher=(teacher, tokenizer), pairs=PAIRS, r=4,
+                           alpha=8, progress=False)
+    for (j, m) in ex.matrices:
+        a, b = (s.module(x.get_base_model(), j, m).lora_A["default"].weight for x in (pm, again))
+        torch.testing.assert_close(a, b)
 
 
 def test_seeking_factors_pad_low_rank():
