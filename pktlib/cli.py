@@ -19,7 +19,8 @@ from pktlib.errors import PktError
 
 app = typer.Typer(help="Cross-scale parametric knowledge transfer (pktlib).", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-zoo_app = typer.Typer(help="The pocket pair: a small teacher/student model organism.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Model pairs: the pocket pair (built here) and the real pair (fetched).",
+                      no_args_is_help=True)
 laten_app = typer.Typer(help="LaTen: Locate-Then-Align pre-align transfer.", no_args_is_help=True)
 baseline_app = typer.Typer(help="Unaligned Pre-Align baselines.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
