@@ -65,7 +65,7 @@ from pktlib.hooks import with_grad
 from pktlib.laten import default_steps
 from pktlib.models import check_pair, load_model, resolve_model, weights_hash
 from pktlib.postalign import finetune_defaults, lora_model
-from pktlib.records import atomic_dir, atomic_write_text, read_json, write_json
+from pktlib.records import atomic_dir, atomic_write_text, cpu_seconds, read_json, write_json
 
 __all__ = [
     "Method",
@@ -156,6 +156,7 @@ class DistillResult:
     final_loss: float | None
     wall_s: float
     trainable_parameters: int
+    cpu_s: float = 0.0  # CPU seconds of this call (teacher answers, training, saving), as pktlib.records.cpu_seconds
     resumed_from: int = 0  # optimiser step the run resumed from (0: from scratch)
     from_record: bool = False  # True when returned from a finished run's folder without training
     log: list[dict[str, Any]] = field(default_factory=list)  # one row per optimiser step: step, loss, lr
@@ -329,7 +330,7 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
     LoRA merged) and ``result.json``. Raises :class:`PktError` when ``out_dir`` holds a run
     with other settings.
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if method not in METHODS:
         raise PktError(f"unknown distillation method {method!r}; expected one of {', '.join(METHODS)}")
     m = METHODS[method]
@@ -432,7 +433,7 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
         tok.save_pretrained(tmp)
     res = DistillResult(str(out), str(out / "student"), cfg, int(trainer.state.global_step),
                         log[-1]["loss"] if log else None, round(time.perf_counter() - t0, 2), n_trainable,
-                        resumed_from, False, log)
+                        round(cpu_seconds() - c0, 2), resumed_from, False, log)
     write_json(result_path, res)
     shutil.rmtree(out / "trainer", ignore_errors=True)  # optimiser states are not needed once finished
     return res

@@ -313,3 +313,16 @@ def load_records(folder: str | os.PathLike = "book") -> dict[str, dict[str, Any]
     for p in sorted(Path(folder).rglob("*.record.json")):
         out[p.name[: -len(".record.json")]] = read_json(p)
     return out
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its finished children.
+
+    The cost of a step on any machine, busy or idle (unlike wall time): take the difference
+    around it. Children (e.g. the code sandbox's processes) count once they have been waited for.
+    """
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+__all__ += ["cpu_seconds"]
