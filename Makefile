@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PKT_PRESET ?= default
 
-.PHONY: setup test test-fast book pocket notebooks assets html check-book benchmarks clean help
+.PHONY: setup test test-fast book pocket real-pair notebooks assets html check-book benchmarks clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,6 +34,9 @@ test-fast: setup  ## the suite without tests marked slow
 
 pocket: setup  ## build (or reuse) the pocket pair
 	$(BIN)/pkt zoo build --preset $(PKT_PRESET)
+
+real-pair: setup  ## fetch, verify and convert the real pair (Qwen2.5-Coder 1.5B -> 0.5B, ~1.6 GB download) into the cache (PKT_CACHE, default ~/.cache/pktlib)
+	$(BIN)/pkt zoo fetch qwen2.5-coder
 
 notebooks: pocket  ## execute every notebook of the book (resumes: up-to-date ones are kept)
 	$(BIN)/pkt book --execute --no-html

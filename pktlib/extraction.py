@@ -17,6 +17,7 @@ from typing import Any as _Any  # noqa: E402
 import torch as _torch  # noqa: E402
 
 from pktlib.errors import PktError as _PktError  # noqa: E402
+from pktlib.hooks import with_grad as _with_grad  # noqa: E402
 from pktlib.models import ModelSpec as _ModelSpec, spec as _spec  # noqa: E402
 
 # The modules the paper transfers (DESIGN.md 4.3), in its vocabulary.
@@ -197,6 +198,7 @@ def _grad_sinks(params: dict[int, tuple[_torch.nn.Parameter, int, str | None]], 
             h.remove()
 
 
+@_with_grad
 def sensitivity(model: _torch.nn.Module, tokenizer, examples: _Iterable, *,
                 modules: _Sequence[str] = SEEKING_MODULES, max_length: int | None = None,
                 progress: bool = True, **prompt_kwargs) -> Sensitivity:
@@ -207,6 +209,7 @@ def sensitivity(model: _torch.nn.Module, tokenizer, examples: _Iterable, *,
     answer tokens, as the model's own loss) gives dL/dtheta; |theta * dL/dtheta| is added to
     the running sums (absolute value per example, then summed). Only decoder-layer
     parameters take gradients; the model's ``requires_grad`` flags and mode are restored.
+    Works inside ``torch.no_grad()`` (:func:`pktlib.hooks.with_grad`).
     """
     from pktlib.data import collate, tokenize_example
 

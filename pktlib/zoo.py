@@ -57,6 +57,7 @@ import torch
 from pktlib.data import (Example, code_user_prompt, collate, format_prompt, gsm_user_prompt, load_examples,
                          mmlu_user_prompt, tokenize_example, write_examples)
 from pktlib.errors import PktError
+from pktlib.hooks import with_grad
 
 __all__ = [
     "FAMILIES",
@@ -201,6 +202,8 @@ PRESETS: dict[str, PairConfig] = {
         # scored 83.0 on code where the float32 one scores 78.3, less than 10 points behind the teacher.
         # Training takes 11.8 minutes, the whole `pkt zoo build` with scoring 12.7. All-float32
         # trained in 14.7-15.1 minutes (16.1-16.4 with scoring); all-bf16 left a code gap of 7.7.
+        # A CPU without bf16 matmul units (AVX2 only) trains the teacher in float32 instead, under
+        # its own key: `get_preset` applies `for_this_machine`.
         teacher=ModelConfig(n_layers=6, hidden_size=256, intermediate_size=688, autocast="bfloat16"),
         student=ModelConfig(n_layers=2, hidden_size=128, intermediate_size=344),
         base=TrainConfig(epochs=2.0, batch_size=16, lr=1e-3, lr_width=256),
@@ -221,10 +224,39 @@ PRESETS: dict[str, PairConfig] = {
 }
 
 
+def native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls in hardware (oneDNN's own test: AVX-512 or Arm BF16).
+
+    Without it, ``torch.autocast("cpu", dtype=torch.bfloat16)`` falls back to a reference
+    kernel: on an AVX2-only EPYC a default-teacher matmul with its backward took 5.7-7.3 s in
+    bf16 against 0.18-0.21 s in float32, which would stretch the 12-minute build to many hours.
+    """
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def for_this_machine(cfg: PairConfig) -> PairConfig:
+    """``cfg`` with bf16 autocast dropped from a model where the CPU has no bf16 matmul units.
+
+    The precision a model trains in changes its weights, so the result has its own key and
+    cache folder: a machine without bf16 builds (and names) the float32 variant of the preset,
+    and the cards and records say which was built. Where bf16 is native, ``cfg`` is returned
+    unchanged (same key as before this rule existed).
+    """
+    if native_bf16():
+        return cfg
+    return replace(cfg, **{role: replace(getattr(cfg, role), autocast=None)
+                           for role in ("teacher", "student") if getattr(cfg, role).autocast == "bfloat16"})
+
+
 def get_preset(name: str) -> PairConfig:
+    """The preset ``name`` as this machine trains it (:func:`for_this_machine`).
+
+    Raises:
+        PktError: unknown preset.
+    """
     if name not in PRESETS:
         raise PktError(f"unknown pocket-pair preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return for_this_machine(PRESETS[name])
 
 
 # ========================================================================================
@@ -673,6 +705,7 @@ def _autocast(dtype: str | None) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=getattr(torch, dtype))
 
 
+@with_grad
 def _run_steps(model, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig, *, seed: int,
                autocast: str | None = None, progress: Callable[[int], None] | None = None) -> TrainLog:
     """AdamW over ``batches`` in the given order, with warm-up + cosine decay and grad clipping.
@@ -938,7 +971,7 @@ def build_pair(preset: str = "default", *, seed: int = 0, force: bool = False, p
     """
     from tqdm.auto import tqdm
 
-    cfg = config or get_preset(preset)
+    cfg = for_this_machine(config) if config else get_preset(preset)
     root = root or pair_dir(preset, seed)
     pair = _pair(root, "chat")
     paths = pair.checkpoints()
@@ -1000,7 +1033,8 @@ def build_pair(preset: str = "default", *, seed: int = 0, force: bool = False, p
             training[variant] = asdict(log)
             card = {"name": name, "preset": preset, "seed": seed, "config_key": cfg.key(),
                     "architecture": spec(model.config).to_dict(), "parameters": _n_params(model),
-                    "training": training, "torch_threads": torch_threads, "scores": None}
+                    "training": training, "torch_threads": torch_threads,
+                    "matmul_precision": _role_model(cfg, role).autocast or "float32", "scores": None}
             _save(model, tokenizer, paths[name], card)
     bar.close()
     from pktlib.records import write_json

@@ -6,6 +6,7 @@ memory, the models are built from configs with random weights.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -104,3 +105,17 @@ def tiny_dir(tmp_path_factory, tokenizer):
     make_model("llama", tokenizer=tokenizer).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+def pkt_in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run the ``pkt`` entry point in this process: (exit status, stdout, stderr)."""
+    from pktlib.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["pkt", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

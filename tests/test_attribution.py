@@ -34,9 +34,16 @@ PAIRS = [
 # ------------------------------------------------------------------------ the slow reference
 
 
-def reference(model, tokenizer, pairs, normaliser="rms"):
-    """Per-example scores by the definition: dict of (E, L, N), (E, L, A), (E, L), (E, L)."""
+def reference(model, tokenizer, pairs, normaliser="rms", attn_coefficient="summed"):
+    """Per-example scores by the definition: dict of (E, L, N), (E, L, A), (E, L), (E, L).
+
+    ``attn_coefficient="original"``: the attention neuron's coefficient is the original code's
+    self term, head h's attention weight from the last position to itself times that
+    position's value vector (read from eager attention weights and v_proj's output).
+    """
     m = copy.deepcopy(model).double()
+    if attn_coefficient == "original":
+        m.set_attn_implementation("eager")
     s = spec(m)
     L = s.n_layers
     E = m.lm_head.weight  # (V, d)
@@ -56,9 +63,11 @@ def reference(model, tokenizer, pairs, normaliser="rms"):
         mlp_mods = {f"m{l}": getattr(m.model.layers[l], "mlp") for l in range(L)}
         o_mods = {f"o{l}": m.model.layers[l].self_attn.o_proj for l in range(L)}
         d_mods = {f"d{l}": m.model.layers[l].mlp.down_proj for l in range(L)}
-        with torch.no_grad(), capture(m, {**attn_mods, **mlp_mods}) as outs, \
+        v_mods = {f"v{l}": m.model.layers[l].self_attn.v_proj for l in range(L)}
+        with torch.no_grad(), capture(m, {**attn_mods, **mlp_mods, **v_mods}) as outs, \
                 capture(m, {**o_mods, **d_mods}, what="input") as ins:
-            hs = m(inp, output_hidden_states=True).hidden_states
+            res = m(inp, output_hidden_states=True, output_attentions=attn_coefficient == "original")
+            hs = res.hidden_states
         x = [hs[l][0, -1] for l in range(L)]
         a_out = [outs[f"a{l}"][0, -1] for l in range(L)]
         f_out = [outs[f"m{l}"][0, -1] for l in range(L)]
@@ -77,6 +86,10 @@ def reference(model, tokenizer, pairs, normaliser="rms"):
             for l in range(L):
                 r = x[l] + a_out[l]
                 c_f, c_a = ins[f"d{l}"][0, -1], ins[f"o{l}"][0, -1]
+                if attn_coefficient == "original":
+                    w = res.attentions[l][0, :, -1, -1]  # (H,) a[h, T, T]
+                    v = outs[f"v{l}"][0, -1].view(s.n_kv_heads, s.head_dim)
+                    c_a = (w[:, None] * v.repeat_interleave(s.n_heads // s.n_kv_heads, 0)).reshape(-1)
                 W_d = m.model.layers[l].mlp.down_proj.weight
                 W_o = m.model.layers[l].self_attn.o_proj.weight
                 base_r, base_x = logp(r, rho, t), logp(x[l], rho, t)
@@ -129,6 +142,23 @@ def test_original_normaliser_matches_reference(models, tokenizer):
         assert_rel(getattr(got, k), ref[k].sum(0), what=f"original {k}")
     rms = A.attribute(model, tokenizer, PAIRS[:2])
     assert not torch.allclose(rms.ffn, got.ffn, rtol=1e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_original_attention_coefficient_matches_reference(models, tokenizer, arch):
+    model = models[arch]
+    before = model.config._attn_implementation
+    ref = reference(model, tokenizer, PAIRS[:3], attn_coefficient="original")
+    got = A.attribute(model, tokenizer, PAIRS[:3], per_example=True, batch_size=2, attn_coefficient="original")
+    assert got.attn_coefficient == "original"
+    for k in ("ffn", "attn", "ffn_layers", "attn_layers"):
+        assert_rel(getattr(got, f"{k}_per_example"), ref[k], what=f"{arch} original-coefficient {k}")
+    summed = A.attribute(model, tokenizer, PAIRS[:3], per_example=True)
+    assert not torch.allclose(summed.attn, got.attn, rtol=1e-2)  # only the attention neurons change
+    assert_rel(summed.ffn, got.ffn, rel=1e-4, what="ffn under either coefficient")
+    assert model.config._attn_implementation == before  # the model's attention is restored
+    with pytest.raises(PktError, match="unknown attn_coefficient 'last'"):
+        A.attribute(model, tokenizer, PAIRS[:1], attn_coefficient="last")
 
 
 def test_padding_invariance(models, tokenizer):

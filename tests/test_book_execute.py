@@ -55,3 +55,22 @@ def test_summary_stale_when_another_record_is_newer(tmp_path):
     _age(record_path(out), 100)
     _age(src, 200)
     assert stale_reason(src, out, tmp_path) == "newer records: a.record.json"
+
+
+def test_stale_when_run_with_non_default_parameters(tmp_path):
+    from pktlib.book import non_default_chapters
+
+    src, out = _chapter(tmp_path, "a", {})
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("limit = 64\nbackends = ['hf', 'vllm']", metadata={"tags": ["parameters"]})]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, src)
+    rec = record_path(out)
+    rec.write_text(json.dumps({"models": {}, "parameters": {"limit": 64, "backends": ["hf", "vllm"]}}))
+    assert stale_reason(src, out, tmp_path) is None  # the defaults
+    rec.write_text(json.dumps({"models": {}, "parameters": {"limit": 2, "backends": ["hf", "vllm"]}}))
+    assert stale_reason(src, out, tmp_path) == ("it ran with non-default parameters: limit=2 (default 64) "
+                                                "(--keep-params keeps it)")
+    assert stale_reason(src, out, tmp_path, keep_params=True) is None
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n- file: book/a\n")
+    assert non_default_chapters(tmp_path) == [f"{out} ran with limit=2 (default 64)"]

@@ -71,7 +71,7 @@ def test_gold_answers_parsed():
     assert [e.meta["answer"] for e in gsm] == ["18", "3", "70000"]
     assert gsm[0].answer.endswith("So the answer is 18.")
     mmlu = data.load_task("mmlu", "extract")
-    assert all(e.meta["answer"] in "ABCD" for e in mmlu)
+    assert all(e.meta["answer"] in ("A", "B", "C", "D") for e in mmlu)
     assert all(e.meta["answer"] == e.answer[-1] for e in mmlu)
     mbpp = data.load_task("mbpp", "test")
     assert mbpp[0].meta["task_id"] == 11 and mbpp[-1].meta["task_id"] == 510
@@ -116,3 +116,99 @@ def test_left_padding(tokenizer):
     assert batch.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert batch.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert torch.equal(batch.labels[1], torch.tensor([-100, -100, -100]))
+
+
+# ---------------------------------------------------------------------------- tokenisation as the model sees it
+def _sentencepiece_tokenizer():
+    """A SentencePiece-style tokenizer (BPE over Metaspace pre-tokens, "▁" marking word starts,
+    BOS added), like Llama-2's, trained on a few lines in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["<|user|>\nWhat is the capital of France?\n\n<|assistant|>\nThe answer is Paris.",
+              "Question: Tom has 12 apples. Answer: So the answer is 7.", "The answer is: B"] * 8
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("prompt, answer, separate_differs", [
+    ("<|user|>\nWhat is the capital of France?\n\n<|assistant|>\n", "The answer is Paris.", True),
+    ("Question: Tom has 12 apples. Answer:", " So the answer is 7.", False),  # a space: the same either way
+    ("The answer is:", "B", True),
+])
+def test_tokenize_example_is_the_joined_text_with_prompt_masked(prompt, answer, separate_differs):
+    tok = _sentencepiece_tokenizer()
+    item = data.tokenize_example(tok, (prompt, answer))
+    joined = tok(prompt + answer)["input_ids"]
+    assert item["input_ids"] == joined + [tok.eos_token_id]  # exactly what the model sees, plus EOS
+    # Separate calls give other ids: the answer alone starts with a word-boundary marker "▁".
+    separate = tok(prompt)["input_ids"] + tok(answer, add_special_tokens=False)["input_ids"]
+    assert (separate != joined) == separate_differs
+    # The prompt's tokens (by character offsets) are masked, every answer token and EOS is a label.
+    offsets = tok(prompt + answer, return_offsets_mapping=True)["offset_mapping"]
+    n_prompt = next(i for i, (s, e) in enumerate(offsets) if e > len(prompt) and e > s)
+    assert item["n_prompt"] == n_prompt
+    assert item["labels"] == [-100] * n_prompt + joined[n_prompt:] + [tok.eos_token_id]
+    # A token straddling the boundary carries answer characters, so it is a label (never hidden).
+    assert tok.decode(item["input_ids"][n_prompt:-1]).strip().endswith(answer.strip())
+    assert prompt.startswith(tok.decode(item["input_ids"][:n_prompt], skip_special_tokens=True).rstrip())
+    assert data.tokenize_example(tok, (prompt, answer), train_on_inputs=True)["labels"] == item["input_ids"]
+
+
+def test_every_pair_tokeniser_is_tokenize_example(tokenizer):
+    """Attribution, Seeking, LaTen and fine-tuning read the same ids for a (prompt, answer) pair."""
+    from pktlib.attribution import STRIP_CHARS, _encode
+
+    tok = _sentencepiece_tokenizer()
+    pair = ("<|user|>\nWhat is the capital of France?\n\n<|assistant|>\n", "The answer is Paris.")
+    assert _encode(tok, [pair])[0] == tok(pair[0] + pair[1].rstrip(STRIP_CHARS))["input_ids"]
+    import inspect
+
+    from pktlib import extraction, laten, postalign, zoo
+
+    for mod in (extraction, laten, postalign, zoo):
+        src = inspect.getsource(mod)
+        assert "tokenize_example(" in src, mod.__name__
+        assert "add_special_tokens=False" not in src, mod.__name__  # no separate answer tokenisation
+
+
+# ---------------------------------------------------------------------------- validation by exact membership
+def _mmlu_dir(tmp_path, rows: str):
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    f = tmp_path / "mmlu" / "test" / "toy_test.csv"
+    f.write_text(rows, encoding="utf-8")
+    return f
+
+
+@pytest.mark.parametrize("rows, line, message", [
+    ('What?,a,b,c,d,A\nWhy?,a,b,c,d,\n', 2, "answer field is ''"),
+    ('What?,a,b,c,d,AB\n', 1, "answer field is 'AB'"),
+    ('"A question\nover two lines",a,b,c,d,A\nWhy?,a,b,c,d,E\n', 3, "answer field is 'E'"),
+    ('What?,a,b,c,A\n', 1, "expected 6 fields"),
+    (',a,b,c,d,A\n', 1, "empty question"),
+])
+def test_mmlu_csv_bad_rows_name_file_and_line(tmp_path, monkeypatch, rows, line, message):
+    f = _mmlu_dir(tmp_path, rows)
+    monkeypatch.setenv("PKT_DATA", str(tmp_path))
+    with pytest.raises(DataError) as e:
+        data.load_task("mmlu", "test")
+    assert str(e.value).startswith(f"{f}:{line}: ") and message in str(e.value)
+
+
+def test_mmlu_meta_holds_question_and_choices():
+    ex = data.load_task("mmlu", "test", limit=1)[0]
+    assert ex.meta["question"].startswith("Find the degree") and len(ex.meta["choices"]) == 4
+    assert ex.meta["choices"][1] == "4" and ex.meta["answer"] == "B"
+
+
+def test_mbpp_sanitized_test_split():
+    exs = data.load_task("mbpp", "sanitized-test")
+    ids = [e.meta["task_id"] for e in exs]
+    assert len(exs) == 427 - data.MBPP_PLUS_HOLDOUT == 327 and ids == sorted(ids) and ids[0] == 170
+    assert all(e.meta["text"] and e.meta["tests"] and e.meta["reference"] for e in exs)
+    assert exs[0].meta["tests"][0] in exs[0].messages[0]["content"]

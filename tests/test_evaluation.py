@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -30,9 +29,43 @@ def test_extract_number(text, expected):
     assert extract_number(text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is $\\boxed{18}$.", "18"),  # the issue's input
+    ("So $x = \\boxed{1{,}000}$ dollars", "1000"),  # LaTeX thousands separator, boxed without a cue
+    ("The answer is \\boxed{\\frac{1}{4}}", "0.25"),  # a fraction of two numbers
+    ("The answer is $\\dfrac{3}{2}$", "1.5"),
+    ("first \\boxed{3}, finally \\boxed{5}", "5"),  # the last box
+    ("The answer is \u22125 degrees", "-5"),  # Unicode minus
+    ("The answer is $1\\,234.", "1234"),  # LaTeX thin space
+    ("The answer is \\$42", "42"),
+    ("The answer is **+7**", "7"),
+    ("\\boxed{x}", None),
+])
+def test_extract_number_latex_and_boxed(text, expected):
+    assert extract_number(text) == expected
+
+
 def test_numbers_equal():
     assert numbers_equal("18.00", "18") and numbers_equal("$1,000", "1000") and numbers_equal("-3", "-3.0")
     assert not numbers_equal("17", "18") and not numbers_equal(None, "18") and not numbers_equal("abc", "1")
+    # integers compare exactly, whatever their size (GSM8K test has golds of 1,450,000)
+    assert not numbers_equal("1450001", "1450000") and numbers_equal("1,450,000", "1450000")
+    assert not numbers_equal("1450000.5", "1450000") and not numbers_equal("18.0000001", "18")
+    # decimal golds: relative tolerance DECIMAL_REL_TOL (1e-6)
+    from pktlib.data import DECIMAL_REL_TOL
+
+    assert DECIMAL_REL_TOL == 1e-6
+    assert numbers_equal("0.30000000000000004", "0.3") and numbers_equal("2.50", "2.5")
+    assert not numbers_equal("0.33", "0.333") and not numbers_equal("2.5001", "2.5")
+
+
+def test_one_number_rule_for_gold_answers_and_completions():
+    """The loaders read gold answers with the scorer's own rule (pktlib.data.extract_number)."""
+    from pktlib.data import _gsm_meta
+
+    for ex in load_task("gsm8k", "extract"):
+        assert ex.meta["answer"] == extract_number(ex.answer) == _gsm_meta(ex.answer)["answer"]
+    assert _gsm_meta("So the answer is $\\boxed{1{,}450{,}000}$.") == {"answer": "1450000"}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -43,6 +76,31 @@ def test_extract_choice(text, expected):
     assert extract_choice(text) == expected
 
 
+CHOICES = ["beagle", "parrot", "goose", "owl"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is a parrot.", "B"),  # the issue's input: "a" is an article, not the letter
+    ("The answer is A parrot.", "B"),
+    ("the answer is an owl", "D"),
+    ("The answer is the goose", "C"),
+    ("The answer is A because beagles bark.", "A"),  # "A" starting no choice text is the letter
+    ("The answer is: A", "A"),
+    ("The answer is (b)", "B"),
+    ("The answer is b.", "B"),
+    ("The answer is **C**", "C"),
+    ("The answer is: parrot", "B"),
+    ("The answer is a dog.", None),
+])
+def test_extract_choice_letter_cue_and_articles(text, expected):
+    assert extract_choice(text, CHOICES) == expected
+
+
+def test_extract_choice_letters_that_are_also_choice_texts():
+    assert extract_choice("The answer is: A", ["O", "A", "B", "AB"]) == "A"  # a bare letter is a letter
+    assert extract_choice("The answer is a parrot.") is None  # no choices: nothing to read
+
+
 def test_extract_choice_by_text():
     choices = ["pine", "pineapple", "fig", "date"]
     assert extract_choice("The answer is: pineapple.", choices) == "B"  # the longest match wins
@@ -51,6 +109,19 @@ def test_extract_choice_by_text():
     assert extract_choice("The answer is: figs", choices) is None  # not a whole-word match
     assert extract_choice("The answer is: D", choices) == "D"  # a letter still wins
     assert extract_choice("The answer is: apple", choices) is None
+
+
+@pytest.mark.parametrize("text", [
+    "```python3\ndef f():\n    return 1\n```\nThis function returns 1, and prose follows.",  # the issue's input
+    "```Python\ndef f():\n    return 1\n```\nDone.",
+    "``` py\ndef f():\n    return 1\n```",
+    "~~~python\ndef f():\n    return 1\n~~~\nMore text.",
+    "````python title=\"f.py\"\ndef f():\n    return 1\n````\n",
+    "Install first:\n```bash\npip install nothing\n```\nThen:\n```python\ndef f():\n    return 1\n```\nok",
+    "```\ndef f():\n    return 1\n```\nExplanation: returns 1.",
+])
+def test_extract_code_any_fence_language(text):
+    assert extract_code(text) == "def f():\n    return 1\n"
 
 
 def test_extract_code_and_stops():
@@ -175,6 +246,88 @@ def test_build_program_needs_tests():
         build_program("pass", {"id": "x"})
 
 
+# ---------------------------------------------------------------------------- the open-instruct protocol
+def test_open_instruct_prompts_tulu_format(tokenizer):
+    from pktlib.evaluation import get_protocol
+    from pktlib.data import task_info
+
+    oi = get_protocol("open-instruct")
+    gsm = load_task("gsm8k", limit=1)
+    q = gsm[0].meta["question"].strip()
+    assert oi.prompts(gsm, task_info("gsm8k"), tokenizer) == [
+        f"<|user|>\nAnswer the following question.\n\nQuestion: {q}\n<|assistant|>\nAnswer:"]
+    mmlu = load_task("mmlu", limit=1)
+    assert oi.prompts(mmlu, task_info("mmlu"), tokenizer) == [
+        "<|user|>\nThe following are multiple choice questions (with answers) about  abstract algebra.\n\n"
+        "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
+        "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:\n<|assistant|>\nThe answer is:"]
+    he = load_task("humaneval", limit=1)
+    assert oi.prompts(he, task_info("humaneval"), tokenizer) == [
+        "<|user|>\nComplete the following python function.\n\n\n" + he[0].meta["code_prompt"]
+        + "\n<|assistant|>\nHere is the completed function:\n\n\n```python\n"]
+    mb = load_task("mbpp", "sanitized-test", limit=1)
+    assert mb[0].meta["reference"].startswith("def sum_range_list(list1, m, n):")
+    assert oi.prompts(mb, task_info("mbpp"), tokenizer)[0].startswith(
+        "<|user|>\nComplete the following python function.\n\n\n" + mb[0].meta["text"] + "def sum_range_list(list1, m, n)\n")
+    assert oi.test_split(task_info("mbpp")) == "sanitized-test" and oi.test_split(task_info("gsm8k")) == "test"
+    assert "\n```" in oi.stops(task_info("humaneval"), tokenizer) and oi.stops(task_info("gsm8k"), tokenizer) == ["</s>"]
+
+
+def test_open_instruct_chat_template_and_prefill():
+    from pktlib.evaluation import oi_chat_prompt
+
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert oi_chat_prompt("Hi", tok, "Answer:") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nAnswer:"
+    tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    assert oi_chat_prompt("Hi", tok, "Answer:") == "[INST] Hi [/INST] Answer:"  # a space unless one ends it
+    assert oi_chat_prompt("Hi", make_tokenizer()) == "<|user|>\nHi\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize("output, pred", [
+    ("3 + 4 = 7 apples; 1,234 in all, or 5.5 dozen.", "5.5"), ("It costs $1,450,000.", "1450000"),
+    ("no digits", "no digits"), ("-5", "5"), (".5", ".5"),
+])
+def test_open_instruct_last_number(output, pred):
+    from pktlib.evaluation import oi_last_number
+
+    assert oi_last_number(output) == pred
+
+
+def test_open_instruct_exact_match_quirks():
+    from pktlib.evaluation import oi_exact_match
+
+    assert oi_exact_match("18", "18") and oi_exact_match("-5", "5")  # punctuation, signs included, is dropped
+    assert not oi_exact_match("18.0", "18") and not oi_exact_match("0.5", ".5")  # "180" vs "18", "05" vs "5"
+
+
+def test_open_instruct_programs_pass_with_references_and_fail_shifted():
+    he = load_task("humaneval")[::12]  # 14 problems
+    refs = [ex.meta["reference"] for ex in he]  # a completion that restates the whole function
+    recs = score_completions(he, refs, "code", protocol="open-instruct", workers=4, timeout=30)
+    assert [(r.id, r.status) for r in recs if not r.correct] == []
+    assert recs[0].extracted.startswith(he[0].meta["code_prompt"] + refs[0])
+    shifted = score_completions(he, refs[1:] + refs[:1], "code", protocol="open-instruct", workers=4, timeout=30)
+    assert sum(r.correct for r in shifted) == 0
+    mb = load_task("mbpp", "sanitized-test")[::11]  # 30 problems, some with imports
+    refs = [ex.meta["reference"] for ex in mb]
+    recs = score_completions(mb, refs, "code", protocol="open-instruct", workers=4, timeout=30)
+    assert [(r.id, r.status) for r in recs if not r.correct] == []
+    # the project's protocol scores the same problems (its prompt shows the text and the first test)
+    assert all(r.correct for r in score_completions(mb, [ex.answer for ex in mb], "code", workers=4, timeout=30))
+
+
+def test_open_instruct_refuses_other_tasks_and_unknown_protocols(tokenizer):
+    model = make_model("llama", tokenizer=tokenizer)
+    with pytest.raises(PktError, match="open-instruct protocol scores gsm8k, mmlu, humaneval, mbpp"):
+        evaluate((model, tokenizer), "pocket-math", protocol="open-instruct", limit=1, progress=False)
+    with pytest.raises(PktError, match="unknown evaluation protocol 'paper'; expected one of pkt, open-instruct"):
+        evaluate((model, tokenizer), "gsm8k", protocol="paper", limit=1, progress=False)
+    with pytest.raises(PktError, match="batch_size must be >= 1, got 0"):
+        evaluate((model, tokenizer), "gsm8k", batch_size=0, limit=1, progress=False)
+
+
 # ---------------------------------------------------------------------------- backends
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
@@ -199,10 +352,40 @@ def test_evaluate_in_memory_knowledge(tiny):
     assert res.metric == "accuracy" and res.max_new_tokens == 16
     assert res.score == 100 * sum(r.correct for r in res.records) / 8
     assert res.ci95[0] <= res.score <= res.ci95[1]
-    assert all(r.prompt.endswith("<|assistant|>\n") and r.gold in "ABCD" for r in res.records)
+    assert all(r.prompt.endswith("<|assistant|>\n") and r.gold in ("A", "B", "C", "D") for r in res.records)
     # Re-scoring the recorded completions gives the same verdicts (scoring is a pure function).
     again = score_completions(load_task("pocket-knowledge", limit=8), [r.completion for r in res.records], "knowledge")
     assert [r.correct for r in again] == [r.correct for r in res.records]
+
+
+def test_open_instruct_mmlu_is_next_token_argmax(tiny):
+    """No generation: the letter whose token is likeliest next, batched or not."""
+    import torch
+
+    from pktlib.evaluation import get_protocol
+
+    model, tok = tiny
+    res = evaluate(tiny, "mmlu", protocol="open-instruct", limit=6, batch_size=4, progress=False)
+    assert res.max_new_tokens == 0 and res.protocol == "open-instruct" and res.split == "test"
+    cands = get_protocol("open-instruct").candidates(tok)
+    assert len(set(cands)) == 4 and [tok.decode([c]).strip() for c in cands] == ["A", "B", "C", "D"]
+    for r in res.records:
+        with torch.no_grad():
+            logits = model(**tok(r.prompt, return_tensors="pt")).logits[0, -1]  # alone: no padding
+        assert r.completion == r.extracted == "ABCD"[int(logits[cands].argmax())]
+        assert r.correct == (r.completion == r.gold)
+    lp = make_generator(tiny, "hf", batch_size=6).next_token_logprobs([r.prompt for r in res.records], cands)
+    lp1 = make_generator(tiny, "hf", batch_size=1).next_token_logprobs([r.prompt for r in res.records], cands)
+    assert torch.allclose(torch.tensor(lp), torch.tensor(lp1), atol=1e-4)  # left padding changes nothing
+
+
+def test_open_instruct_gsm8k_generates_after_the_prefill(tiny):
+    from pktlib.evaluation import oi_last_number
+
+    res = evaluate(tiny, "gsm8k", protocol="open-instruct", limit=2, max_new_tokens=6, progress=False)
+    assert res.max_new_tokens == 6 and all(r.prompt.endswith("<|assistant|>\nAnswer:") for r in res.records)
+    assert all(r.extracted == oi_last_number(r.completion) for r in res.records)
+    assert "open-instruct protocol" in res.summary()
 
 
 def test_evaluate_code_from_directory(tiny_dir):
@@ -221,16 +404,9 @@ def test_bad_inputs(tiny):
 
 
 def _pkt(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from pktlib.cli import main
+    from conftest import pkt_in_process
 
-    monkeypatch.setattr(sys, "argv", ["pkt", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return pkt_in_process(monkeypatch, capsys, *args)
 
 
 def test_cli_eval_writes_results(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -279,3 +455,53 @@ def test_hf_and_vllm_agree(tmp_path_factory):
     same = sum(a.completion == b.completion for a, b in zip(hf, vl))
     assert same >= 0.95 * 64, [(a.completion, b.completion) for a, b in zip(hf, vl) if a.completion != b.completion][:3]
     assert abs(results["hf"].n_correct - results["vllm"].n_correct) <= 1
+
+
+def test_engine_key_follows_the_weights_not_the_directory(tmp_path, tokenizer):
+    from pktlib.evaluation import engine_key
+
+    d = tmp_path / "m"
+    make_model("llama", tokenizer=tokenizer, seed=0).save_pretrained(d)
+    a = engine_key(d, dtype="float32", context=256, seed=0)
+    assert engine_key(d, dtype="float32", context=256, seed=0) == a  # same weights: the cached engine
+    make_model("llama", tokenizer=tokenizer, seed=1).save_pretrained(d)  # other weights, same directory
+    b = engine_key(d, dtype="float32", context=256, seed=0)
+    assert b[0] == a[0] and b != a
+    empty = tmp_path / "no-safetensors"
+    empty.mkdir()
+    assert engine_key(empty, dtype="float32", context=256, seed=0) != engine_key(empty, dtype="float32",
+                                                                                context=256, seed=0)
+
+
+@pytest.mark.slow
+def test_vllm_engine_follows_new_weights_and_scores_next_tokens(tmp_path):
+    """After other weights are saved into the same directory, vLLM serves the new model; its
+    next-token log-probabilities match Hugging Face's."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from pktlib.evaluation import _ENGINES, free_engines
+
+    tok = make_tokenizer()
+    d = tmp_path / "m"
+    shape = dict(hidden_size=128, intermediate_size=256, n_layers=2, n_heads=2, num_key_value_heads=2,
+                 max_position_embeddings=512)
+    prompts = [format_prompt(ex.messages) for ex in load_task("pocket-math", limit=4)]
+    cands = [tok.encode(" " + c, add_special_tokens=False)[-1] for c in "ABCD"]
+    try:
+        outs, lps = [], []
+        for seed in (0, 1):
+            model = make_model("llama", tokenizer=tok, seed=seed, **shape)
+            model.save_pretrained(d)
+            tok.save_pretrained(d)
+            g = make_generator(str(d), "vllm")
+            outs.append(g.generate(prompts, 12, []))
+            lps.append(g.next_token_logprobs(prompts, cands))
+            hf = make_generator((model, tok), "hf")
+            assert torch.allclose(torch.tensor(lps[-1]), torch.tensor(hf.next_token_logprobs(prompts, cands)),
+                                  atol=1e-3)
+            assert sum(a == b for a, b in zip(outs[-1], hf.generate(prompts, 12, []))) >= 3
+        assert len(_ENGINES) == 1  # the first engine was shut down when the weights changed
+        assert outs[0] != outs[1] and lps[0] != lps[1]
+    finally:
+        free_engines()

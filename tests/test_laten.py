@@ -398,3 +398,47 @@ def test_sweep_rows_and_rerun_reuses_results(llama_pair, tokenizer, tmp_path):
     stamp = ck.stat().st_mtime_ns
     again = sweep((teacher, tokenizer), (student, tokenizer), task, **kw)
     assert [r.score for r in again] == [r.score for r in rows] and ck.stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------------- settings travel with the translator
+def test_checkpoint_stores_settings_and_apply_uses_them(llama_pair, tokenizer, tmp_path):
+    from pktlib.laten import SETTINGS_NAME, read_settings
+
+    teacher, student = llama_pair
+    run = _train(llama_pair, tokenizer, tmp_path / "run", steps=1, gqa_rule="mean", normaliser="original",
+                 cache_dir=tmp_path / "cache")
+    stored = read_settings(run.final)
+    assert (run.final / SETTINGS_NAME).is_file()
+    assert stored["transfer_rate"] == 0.25 and stored["gqa_rule"] == "mean" and stored["normaliser"] == "original"
+    assert stored["attn_coefficient"] == "summed" and stored["train_on_inputs"] is False  # gsm8k: a math task
+    assert (stored["n_layers"], stored["k_ffn"], stored["k_attn"]) == (3, 24, 16)
+    # apply without settings: the stored ones (transfer rate 0.25, not the 0.1 default)
+    res = apply((teacher, tokenizer), (student, tokenizer), run.final, task="gsm8k", example=EXAMPLES[9],
+                out_dir=None, progress=False, cache_dir=tmp_path / "cache")
+    meta = res.record.meta
+    assert (meta["transfer_rate"], meta["gqa_rule"], meta["normaliser"]) == (0.25, "mean", "original")
+    assert all(len(e["indices"]) in (24, 16) for e in res.record.entries)
+    # the same values given explicitly are fine; a different one is a clear error naming both
+    apply((teacher, tokenizer), (student, tokenizer), run.final, task="gsm8k", example=EXAMPLES[9], out_dir=None,
+          progress=False, transfer_rate=0.25, gqa_rule="mean", cache_dir=tmp_path / "cache")
+    with pytest.raises(PktError, match=r"transfer_rate=0.1 but the translator was trained with transfer_rate=0.25"):
+        apply((teacher, tokenizer), (student, tokenizer), run.final, task="gsm8k", example=EXAMPLES[9],
+              out_dir=None, progress=False, transfer_rate=0.1)
+    with pytest.raises(PktError, match=r"gqa_rule='sum' but the translator was trained with gqa_rule='mean'"):
+        apply((teacher, tokenizer), (student, tokenizer), tmp_path / "run", task="gsm8k", example=EXAMPLES[9],
+              out_dir=None, progress=False, gqa_rule="sum")
+
+
+def test_train_on_inputs_defaults_per_family():
+    from pktlib.laten import default_train_on_inputs
+
+    assert default_train_on_inputs("mmlu") and default_train_on_inputs("pocket-knowledge")
+    assert not default_train_on_inputs("gsm8k") and not default_train_on_inputs("pocket-code")
+
+
+def test_training_works_inside_no_grad_but_not_inference_mode(llama_pair, tokenizer, tmp_path):
+    with torch.no_grad():
+        res = _train(llama_pair, tokenizer, tmp_path / "ng", steps=1, cache_dir=tmp_path / "cache")
+    assert res.log[0]["lm_loss_after"] != res.log[0]["lm_loss"]  # a real step was taken
+    with torch.inference_mode(), pytest.raises(PktError, match="inference_mode"):
+        _train(llama_pair, tokenizer, tmp_path / "im", steps=1, cache_dir=tmp_path / "cache")

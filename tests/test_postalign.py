@@ -104,7 +104,8 @@ def test_finetune_lowers_loss_logs_and_resumes(tmp_path, tokenizer):
         return pm, finetune(pm, str(task), split="train", lr=1e-2, epochs=epochs, batch_size=8, micro_batch=3,
                             out_dir=out, tokenizer=tokenizer, progress=False)
 
-    pm, full = run(tmp_path / "a", 2)
+    with torch.no_grad():  # fine-tuning enables gradients itself
+        pm, full = run(tmp_path / "a", 2)
     assert full.steps == 2 * 2 and len(full.log) == 4
     assert full.log[-1]["loss"] < full.log[0]["loss"]
     lines = (tmp_path / "a" / "log.jsonl").read_text().splitlines()

@@ -34,3 +34,21 @@ def test_scorecard_tables_from_records():
     md = to_markdown(math_t)
     assert "| LaTen (Pre-Align) |" in md and "31.50" in md
     assert scorecard_tables({})["math"]["project score"].isna().all()
+
+
+def test_scorecard_names_protocols_and_sets_only_the_papers_protocol_beside_the_paper():
+    from pktlib.scorecard import collect_scores, scorecard_tables
+
+    records = {"evaluation": {"metrics": {"scorecard": [
+        {"method": "student", "task": "gsm8k", "score": 3.0, "protocol": "open-instruct", "pair": "SmolLM2"},
+        {"method": "student", "task": "gsm8k", "score": 5.0, "protocol": "pkt", "pair": "SmolLM2"},
+        {"method": "student", "task": "pocket-math", "score": 40.0},  # no protocol named: the project's
+    ]}}}
+    assert [r.protocol for r in collect_scores(records)] == ["open-instruct", "pkt", "pkt"]
+    t = scorecard_tables(records)["math"]
+    rows = t[t["method"].str.startswith("Student")].set_index("project score")
+    paper = "paper: gsm8k (Llama-2-13b-chat -> Llama-2-7b-chat)"
+    assert list(t.columns).index("protocol") == list(t.columns).index("project task") + 1
+    assert rows.loc[3.0, "protocol"] == "open-instruct" and rows.loc[3.0, paper] == 16.07  # like for like
+    assert rows.loc[5.0, "protocol"] == "pkt" and rows.loc[5.0, paper] != rows.loc[5.0, paper]  # NaN: not comparable
+    assert rows.loc[40.0, "protocol"] == "pkt" and rows.loc[40.0, paper] == 16.07  # the pocket analogue

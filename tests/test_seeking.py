@@ -141,3 +141,14 @@ def test_seeking_extract_cuts_student_shapes(tokenizer):
     assert len(ex.matrices) == 2 * 4
     with pytest.raises(PktError, match="fewer than the student"):
         seeking_extract(student, sensitivity(student, tokenizer, PAIRS, progress=False), teacher, progress=False)
+
+
+def test_sensitivity_inside_no_grad_equals_outside(tokenizer):
+    model = make_model("llama", tokenizer=tokenizer, n_layers=2)
+    outside = sensitivity(model, tokenizer, PAIRS, progress=False)
+    with torch.no_grad():
+        inside = sensitivity(model, tokenizer, PAIRS, progress=False)
+    torch.testing.assert_close(inside.layer_totals, outside.layer_totals)
+    assert float(inside.layer_totals.sum()) > 0
+    with torch.inference_mode(), pytest.raises(PktError, match="inference_mode"):
+        sensitivity(model, tokenizer, PAIRS, progress=False)

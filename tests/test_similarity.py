@@ -245,3 +245,15 @@ def test_delta_histogram_and_deltas():
     with pytest.raises(PktError, match="no extracted"):
         seeking_deltas({(0, "q_proj"): torch.ones(1)})
 
+
+
+def test_unbiased_cka_is_translation_invariant_in_practice():
+    """Identical representations with a common offset of 3e3: CKA 1 (0.866 before centring)."""
+    x = _rand(n=40, d=12, seed=3)
+    for unbiased in (False, True):
+        assert linear_cka(x + 3e3, x + 3e3, unbiased=unbiased) == pytest.approx(1.0, abs=1e-9)
+        assert linear_cka(x, x + 3e3, unbiased=unbiased) == pytest.approx(1.0, abs=1e-9)
+        assert linear_cka(x + 3e3, _rand(n=40, d=7, seed=4) - 5e3, unbiased=unbiased) == pytest.approx(
+            linear_cka(x, _rand(n=40, d=7, seed=4), unbiased=unbiased), abs=1e-9)
+        grid = cka_grid([x + 3e3, x], [x - 7e3], unbiased=unbiased)
+        assert torch.allclose(grid, torch.ones(2, 1, dtype=torch.float64), atol=1e-9)

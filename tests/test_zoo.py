@@ -66,7 +66,7 @@ def test_split_sizes_and_meta(suite):
     assert zoo.SPLIT_SIZES["test"] >= 300
     for ex in suite["knowledge"]["test"]:
         assert ex.answer == f"The answer is: {ex.meta['value']}"
-        assert ex.meta["answer"] in "ABCD"
+        assert ex.meta["answer"] in ("A", "B", "C", "D")
         # the gold letter names the stored value among the four choices
         assert re.search(rf"^{ex.meta['answer']}\. {re.escape(ex.meta['value'])}$", ex.messages[0]["content"], re.M)
     for ex in suite["code"]["test"]:
@@ -333,3 +333,28 @@ def test_pair_is_current_tells_old_pairs_from_current_ones(cache):
     assert zoo.pair_is_current(current.with_name(f"pair-tiny-s3-{replace(zoo.PRESETS['tiny'], seq_len=64).key()}")) is False
     for other in ("/tmp/some-model", "meta-llama/Llama-2-7b-chat-hf", ""):
         assert zoo.pair_is_current(other) is None, other
+
+
+def test_training_steps_work_inside_no_grad():
+    tok = zoo.train_tokenizer(["hello world, the answer is: 42."] * 20, 300)
+    x = torch.randint(3, len(tok), (2, 16))
+    batches = [{"input_ids": x, "labels": x.clone()}] * 2
+    model = zoo.build_model(MICRO.student, tok, seed=0)
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    with torch.no_grad():
+        log = zoo._run_steps(model, batches, zoo.TrainConfig(epochs=1, batch_size=2, lr=1e-2), seed=0)
+    assert log.steps == 2 and not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch):
+    """Without native bf16 the preset trains in float32, under its own key (weights differ)."""
+    recipe = zoo.PRESETS["default"]
+    assert recipe.teacher.autocast == "bfloat16"
+    monkeypatch.setattr(zoo, "native_bf16", lambda: True)
+    assert zoo.get_preset("default") == recipe
+    native_dir = zoo.pair_dir("default", 0)
+    monkeypatch.setattr(zoo, "native_bf16", lambda: False)
+    cfg = zoo.get_preset("default")
+    assert cfg.teacher.autocast is None and cfg.student == recipe.student
+    assert cfg.key() != recipe.key() and zoo.pair_dir("default", 0) != native_dir
+    assert zoo.pair_is_current(zoo.pair_dir("default", 0)) is True

@@ -1,0 +1,208 @@
+"""The LaTen chapter's sweeps and tables (paper Tables 1, 3 and 5 on the pocket pair).
+
+:func:`run_sweeps` runs :func:`pktlib.laten.sweep` per learning-rate configuration and task and
+returns one tidy table of evaluations (the student, the teacher, and LaTen per transfer rate,
+seed and alignment step). The functions below reduce it to the chapter's tables and readings;
+spreads are over seeds (greedy evaluation is deterministic).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+from torch import nn
+
+from pktlib.laten import default_steps, memory_estimate, read_log, scale_matched_lr, sweep
+from pktlib.models import ModelSpec, reference_config
+
+__all__ = ["lr_configs", "run_sweeps", "mean_std", "memory_tables", "baselines", "student_scores", "final_runs", "main_curve",
+           "table1", "scorecard_rows", "score_vs_step", "score_vs_rate", "train_logs", "train_log_summary",
+           "injected_delta_rms", "instability_lines", "weight_rms", "regime_lines"]
+
+
+def lr_configs(lr: float, d_teacher: int, *, scale_matched: bool = True) -> dict[str, float]:
+    """``{"paper lr": lr}`` plus ``"scale-matched lr"`` (:func:`pktlib.laten.scale_matched_lr`)."""
+    configs = {"paper lr": lr}
+    if scale_matched:
+        configs["scale-matched lr"] = scale_matched_lr(lr, d_teacher)
+    return configs
+
+
+def run_sweeps(teacher: Any, student: Any, *, tasks: Sequence[str], configs: Mapping[str, float],
+               seeds: Sequence[int], transfer_rates: Sequence[float], main_rate: float, limit: int,
+               run_root: str | Path, align_batch: int, max_length: int,
+               eval_kwargs: Mapping[str, Any]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """One :func:`pktlib.laten.sweep` per (configuration, task): (table, its rows as logged).
+
+    Each row is a :class:`pktlib.laten.SweepRow` with its configuration's ``config`` name and ``lr``.
+
+    The paper lr runs every transfer rate and scores the baselines; other configurations run
+    ``main_rate`` only. Each configuration's runs live in ``run_root/lr<lr>`` and resume.
+    """
+    rows = []
+    for name, lr_value in configs.items():
+        rates = transfer_rates if name == "paper lr" else [main_rate]
+        for task in tasks:
+            out = sweep(teacher, student, task, seeds=seeds, transfer_rates=rates, main_rate=main_rate, limit=limit,
+                        run_root=Path(run_root) / f"lr{lr_value:g}", lr=lr_value, align_batch=align_batch,
+                        max_length=max_length, eval_kwargs=dict(eval_kwargs), baselines=(name == "paper lr"))
+            rows += [{**asdict(r), "config": name, "lr": lr_value} for r in out]
+    return pd.DataFrame(rows), rows
+
+
+def mean_std(x: pd.Series) -> pd.Series:
+    """mean, std over runs (ddof 1; NaN for one run) and the number of runs."""
+    return pd.Series({"mean": x.mean(), "std": x.std(ddof=1) if len(x) > 1 else float("nan"), "runs": len(x)})
+
+
+def memory_tables(ts: ModelSpec, ss: ModelSpec, *, preset: str, align_batch: int, max_length: int,
+                  transfer_rate: float) -> tuple[pd.DataFrame, Any, Any]:
+    """(table of one alignment step's memory: Llama-2 13B -> 7B in GiB and the pocket pair in MiB,
+    the Llama-2 estimate, the pocket estimate) (:func:`pktlib.laten.memory_estimate`)."""
+    llama = memory_estimate(reference_config("Llama-2-13b-chat"), reference_config("Llama-2-7b-chat"), dtype="bf16",
+                            batch=align_batch, seq_len=512, transfer_rate=transfer_rate)
+    pocket = memory_estimate(ts, ss, dtype="fp32", batch=align_batch, seq_len=max_length, transfer_rate=transfer_rate)
+    table = pd.DataFrame({f"Llama-2 13B -> 7B, bf16, P={align_batch} x 512 tokens (GiB)": dict(llama.table()),
+                          f"pocket pair ({preset}), fp32, P={align_batch} x {max_length} tokens (MiB)":
+                              {k: v * 1024 for k, v in pocket.table()}})
+    return table, llama, pocket
+
+
+def baselines(runs: pd.DataFrame) -> pd.DataFrame:
+    """The student's and the teacher's rows."""
+    return runs[runs.model.isin(["student", "teacher"])]
+
+
+def student_scores(runs: pd.DataFrame) -> dict[str, float]:
+    """task -> the student's score."""
+    b = baselines(runs)
+    return b[b.model == "student"].set_index("task").score.to_dict()
+
+
+def _base_scores(runs: pd.DataFrame, task: str) -> pd.Series:
+    b = baselines(runs)
+    return b[b.task == task].set_index("model").score
+
+
+def main_curve(runs: pd.DataFrame, main_rate: float) -> pd.DataFrame:
+    """LaTen at ``main_rate``: every checkpoint step of every seed and configuration."""
+    return runs[(runs.model == "laten") & (runs.transfer_rate == main_rate)]
+
+
+def final_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """LaTen rows at the task's Table 5 step (the last checkpoint)."""
+    laten = runs[runs.model == "laten"]
+    return laten[laten.step == laten.task.map(default_steps)]
+
+
+def table1(runs: pd.DataFrame, *, tasks: Sequence[str], configs: Sequence[str], main_rate: float
+           ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """(display table, its dict): per family the student, the teacher and "LaTen (<config>)" as
+    "mean ± std" at ``main_rate`` and the Table 5 step; the dict also holds ``_laten_<config>_mean``."""
+    final = final_runs(runs)
+    final = final[final.transfer_rate == main_rate]
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        fam = task.split("-")[1]
+        b = _base_scores(runs, task)
+        out[fam] = {"student": b["student"], "teacher": b["teacher"]}
+        for name in configs:
+            s = mean_std(final[(final.task == task) & (final.config == name)].score)
+            out[fam][f"LaTen ({name})"] = f"{s['mean']:.1f} ± {s['std']:.1f}"
+            out[fam][f"_laten_{name}_mean"] = s["mean"]
+    t1 = pd.DataFrame(out)
+    return t1.loc[[i for i in t1.index if not i.startswith("_")]], out
+
+
+def scorecard_rows(table: Mapping[str, Mapping[str, Any]], *, tasks: Sequence[str], pair: str,
+                   n: int) -> list[dict[str, Any]]:
+    """Scorecard rows of the student, the teacher and LaTen (paper lr) per task."""
+    return [{"method": m, "task": task, "score": float(table[task.split("-")[1]][k]), "n": n, "pair": pair}
+            for task in tasks for m, k in (("student", "student"), ("teacher", "teacher"),
+                                           ("laten", "_laten_paper lr_mean"))]
+
+
+def score_vs_step(curve: pd.DataFrame) -> pd.DataFrame:
+    """mean/std/runs of the score per configuration, task and alignment step."""
+    return curve.groupby(["config", "task", "step"]).score.apply(mean_std).unstack().reset_index()
+
+
+def score_vs_rate(runs: pd.DataFrame) -> pd.DataFrame:
+    """mean/std/runs of the last checkpoint's score per task and transfer rate, paper lr."""
+    last = final_runs(runs)
+    last = last[last.config == "paper lr"]
+    return last.groupby(["task", "transfer_rate"]).score.apply(mean_std).unstack().reset_index()
+
+
+_LOG_FIELDS = ("step", "lr", "lm_loss", "lm_loss_after", "student_lm_loss", "mse", "wall_s")
+
+
+def train_logs(runs: pd.DataFrame, main_rate: float) -> pd.DataFrame:
+    """Each ``main_rate`` run's ``log.jsonl`` rows, with ``lm_gain_vs_student`` (student loss minus
+    the injected loss after the step)."""
+    logs = []
+    for _, run in main_curve(runs, main_rate).drop_duplicates("run_dir").iterrows():
+        for r in read_log(run.run_dir):
+            logs.append({"config": run.config, "task": run.task, "seed": run.seed, **{k: r[k] for k in _LOG_FIELDS}})
+    logs = pd.DataFrame(logs, columns=["config", "task", "seed", *_LOG_FIELDS])
+    logs["lm_gain_vs_student"] = logs.student_lm_loss - logs.lm_loss_after
+    return logs
+
+
+def train_log_summary(logs: pd.DataFrame) -> list[dict[str, Any]]:
+    """mean/min/max of the loss gain, the penalty and the step time per configuration and task."""
+    return logs.groupby(["config", "task"])[["lm_gain_vs_student", "mse", "wall_s"]].agg(
+        ["mean", "min", "max"]).reset_index().to_dict("records")
+
+
+def injected_delta_rms(runs: pd.DataFrame) -> pd.DataFrame:
+    """min and max RMS of the injected deltas per configuration and task."""
+    return runs[runs.model == "laten"].groupby(["config", "task"]).translated_rms.agg(["min", "max"])
+
+
+def instability_lines(runs: pd.DataFrame, *, configs: Sequence[str], tasks: Sequence[str],
+                      main_rate: float) -> list[str]:
+    """Per configuration and task: LaTen's range against the student, its spread over seeds, the
+    teacher-student gap and the size of the injected deltas (Markdown list items)."""
+    curve = main_curve(runs, main_rate)
+    lines = []
+    for name in configs:
+        for task in tasks:
+            b = _base_scores(runs, task)
+            d = curve[(curve.config == name) & (curve.task == task)]
+            diff = d.score - b["student"]
+            per_step_std = d.groupby("step").score.std(ddof=1)
+            lines.append(
+                f"- **{task}, {name}**: over {len(d)} (seed, step) injections LaTen scored "
+                f"{diff.min():+.1f} to {diff.max():+.1f} points against the student "
+                f"({(diff > 0).sum()} above, {(diff == 0).sum()} equal, {(diff < 0).sum()} below); "
+                f"the spread across seeds at one step reaches {per_step_std.max():.1f} points (std); "
+                f"the teacher-student gap is {b['teacher'] - b['student']:+.1f}; injected deltas have an RMS of "
+                f"{d.translated_rms.min():.1e} to {d.translated_rms.max():.1e}.")
+    return lines
+
+
+def weight_rms(model: nn.Module) -> float:
+    """Root mean square of a model's matrix (2-D) parameters."""
+    mats = [p.detach() for p in model.parameters() if p.dim() == 2]
+    return float(sum(p.pow(2).sum() for p in mats) / sum(p.numel() for p in mats)) ** 0.5
+
+
+def regime_lines(runs: pd.DataFrame, *, configs: Sequence[str], main_rate: float, student_rms: float) -> list[str]:
+    """Per configuration: the share of injected students scoring exactly the student's score, the
+    largest gain and loss, and the injected deltas' RMS against the student's weights'."""
+    curve = main_curve(runs, main_rate)
+    student = baselines(runs)
+    student = student[student.model == "student"][["task", "score"]]
+    out = []
+    for name in configs:
+        d = curve[curve.config == name].merge(student, on="task", suffixes=("", "_student"))
+        same = (d.score == d.score_student).mean()
+        gaps = d.score - d.score_student
+        out.append(f"- **{name}**: {100 * same:.0f}% of the injected students score exactly the student's score; "
+                   f"the largest gain is {gaps.max():+.1f} and the largest loss {gaps.min():+.1f} points; "
+                   f"injected deltas have an RMS between {d.translated_rms.min():.1e} and {d.translated_rms.max():.1e} "
+                   f"(the student's weights have an RMS of {student_rms:.1e}).")
+    return out

@@ -1,0 +1,195 @@
+"""The Post-Align grid (paper Tables 1 and 2): LoRA initialisations x training sets x seeds.
+
+For each task family, training set (the first ``n_train`` training examples, or the small align
+split) and LoRA initialisation (random, PiSSA, Seeking; :func:`pktlib.postalign.lora_model`), a
+copy of the student is fine-tuned once per seed (:func:`pktlib.postalign.finetune`, resumable
+from its run folder) and scored on the same test questions. :func:`run_grid` returns the runs
+as a tidy table; the functions below it turn that table into the chapter's score table, its
+scorecard rows and the verdict of :mod:`pktlib.experiments.verdict`.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pktlib.data import load_task
+from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, families_with_teacher_gap
+from pktlib.experiments.verdict import Comparison, compare_runs, correctness_string
+from pktlib.extraction import sensitivity
+from pktlib.postalign import LORA_MODULES, finetune, finetune_defaults, lora_model, merged_copy
+
+__all__ = ["grid_settings", "setting_ids", "family_table", "PostAlignRuns", "run_grid", "score_table",
+           "scorecard_rows", "curve_bands", "PostAlignVerdict", "seeking_verdict"]
+
+Settings = Mapping[str, tuple[str, "int | None"]]  # name -> (split, first n examples or None: all)
+
+
+def grid_settings(n_train: int) -> dict[str, tuple[str, int | None]]:
+    """The paper's two training sets: ``"N=<n_train>"`` (train split) and ``"align"`` (N < 100)."""
+    return {f"N={n_train}": ("train", n_train), "align": ("align", None)}
+
+
+def setting_ids(settings: Settings) -> dict[str, str]:
+    """Scorecard names of the settings: ``small`` (align split), ``n1000`` (the paper's N) or ``n<N>``."""
+    return {s: ("small" if split == "align" else ("n1000" if n == 1000 else f"n{n}"))
+            for s, (split, n) in settings.items()}
+
+
+def family_table(families: Sequence[str]) -> pd.DataFrame:
+    """Per family: the paper's Table 4 learning rate and epochs, and the train/align split sizes."""
+    return pd.DataFrame({f: {"Table 4 lr": finetune_defaults(f"pocket-{f}")[0],
+                             "Table 4 epochs": finetune_defaults(f"pocket-{f}")[1],
+                             "train examples": len(load_task(f"pocket-{f}", "train")),
+                             "align examples": len(load_task(f"pocket-{f}", "align"))} for f in families})
+
+
+@dataclass
+class PostAlignRuns:
+    """Every fine-tuning run of the grid, scored."""
+
+    results: pd.DataFrame  # one row per (family, setting, init, seed): score, steps, ..., correct
+    curves: dict[tuple[str, str, str, int], list[tuple[int, float]]]  # training loss per step
+    refs: dict[str, dict[str, float]]  # family -> {"student", "teacher"} score without LoRA
+    seconds: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def metrics(self) -> dict[str, Any]:
+        """The record entries: reference scores, the runs, and the training curves."""
+        return {"reference_scores": self.refs, "postalign_runs": self.rows,
+                "training_curves": {"|".join(map(str, k)): v for k, v in self.curves.items()}}
+
+
+def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: BudgetedScorer, root: str | Path,
+             families: Sequence[str], settings: Settings, inits: Sequence[str], seeds: Sequence[int],
+             r: int = 16, alpha: int = 16, dropout: float = 0.05, epochs: int | None = None, batch_size: int = 64,
+             micro_batch: int = 8, lr: float | None = None, extract_limit: int = 32,
+             progress: bool = True) -> PostAlignRuns:
+    """Fine-tune and score every (family, setting, init, seed) of the grid.
+
+    ``teacher``/``student``: ``(model, tokenizer)``; the student is deep-copied for every run.
+    One Seeking sensitivity pass per family (on its first ``extract_limit`` extract examples)
+    serves all Seeking runs. Run folders are ``root/<family>-<setting>-<init>-s<seed>-e<epochs>-
+    b<batch_size>-x<extract_limit>``, so an interrupted grid resumes.
+    """
+    t_model, t_tok = teacher
+    s_model, s_tok = student
+    root = Path(root)
+    t0 = time.perf_counter()
+    refs = {f: {"student": scorer(s_model, f"pocket-{f}").score, "teacher": scorer(t_model, f"pocket-{f}").score}
+            for f in families}
+    sens = {f: sensitivity(t_model, t_tok, load_task(f"pocket-{f}", "extract", limit=extract_limit),
+                           modules=LORA_MODULES, progress=False) for f in families}
+    runs = [(f, s, i, sd) for f in families for s in settings for i in inits for sd in seeds]
+    rows, curves = [], {}
+    for fam, setting, init, sd in tqdm(runs, desc="LoRA runs", disable=not progress):
+        task = f"pocket-{fam}"
+        split, n = settings[setting]
+        pm = lora_model((copy.deepcopy(s_model), s_tok), init=init, teacher=(t_model, t_tok), pairs=sens[fam],
+                        r=r, alpha=alpha, dropout=dropout, seed=sd, progress=False)
+        out = root / f"{fam}-{setting}-{init}-s{sd}-e{epochs}-b{batch_size}-x{extract_limit}"
+        res = finetune(pm, task, split=split, n=n, lr=lr, epochs=epochs, batch_size=batch_size,
+                       micro_batch=micro_batch, seed=sd, out_dir=out, tokenizer=s_tok, progress=False)
+        ev = scorer(merged_copy(pm).eval(), task)
+        rows.append({"family": fam, "setting": setting, "init": init, "seed": sd, "score": ev.score,
+                     "steps": res.steps, "lr": res.lr, "epochs": res.epochs, "n_examples": res.n_examples,
+                     "final_loss": res.final_loss, "correct": correctness_string(rec.correct for rec in ev.records)})
+        curves[(fam, setting, init, sd)] = [(e["step"], e["loss"]) for e in res.log]
+    return PostAlignRuns(pd.DataFrame(rows), curves, refs, time.perf_counter() - t0, rows)
+
+
+def score_table(runs: PostAlignRuns, *, families: Sequence[str], settings: Settings,
+                inits: Sequence[str]) -> tuple[pd.DataFrame, dict[str, dict[str, list[float]]]]:
+    """(display table "mean ± std" with the student and teacher rows on top, the same as numbers).
+
+    The numbers are ``{init: {"family|setting": [mean, std]}}`` (std over seeds, ddof 1).
+    """
+    agg = runs.results.groupby(["init", "family", "setting"]).score.agg(["mean", "std"])
+    table = pd.DataFrame({(f, s): {i: f"{agg.loc[(i, f, s), 'mean']:.1f} ± {agg.loc[(i, f, s), 'std']:.1f}"
+                                   for i in inits} for f in families for s in settings})
+    top = pd.DataFrame({(f, s): {"student (no LoRA)": f"{runs.refs[f]['student']:.1f}",
+                                 "teacher": f"{runs.refs[f]['teacher']:.1f}"} for f in families for s in settings})
+    numbers = {i: {f"{f}|{s}": [float(agg.loc[(i, f, s), "mean"]), float(agg.loc[(i, f, s), "std"])]
+                   for f in families for s in settings} for i in inits}
+    return pd.concat([top, table]), numbers
+
+
+def scorecard_rows(runs: PostAlignRuns, *, pair: str, families: Sequence[str], settings: Settings,
+                   inits: Sequence[str], n: int) -> list[dict[str, Any]]:
+    """Scorecard rows ``postalign-<init>-<setting id>`` (mean over seeds) plus student and teacher."""
+    agg = runs.results.groupby(["init", "family", "setting"]).score.mean()
+    ids = setting_ids(settings)
+    return ([{"method": f"postalign-{i}-{ids[s]}", "task": f"pocket-{f}", "pair": pair,
+              "score": float(agg.loc[(i, f, s)]), "n": n} for i in inits for f in families for s in settings]
+            + [{"method": who, "task": f"pocket-{f}", "pair": pair, "score": float(runs.refs[f][who]), "n": n}
+               for f in families for who in ("student", "teacher")])
+
+
+def curve_bands(runs: PostAlignRuns) -> pd.DataFrame:
+    """Training loss per step, mean and std (ddof 0) over seeds, per (family, setting, init).
+
+    Columns: family, setting, init, step, mean, std. Every seed of a cell must log the same steps.
+    """
+    groups: dict[tuple[str, str, str], list[list[tuple[int, float]]]] = {}
+    for (fam, setting, init, _), c in runs.curves.items():
+        groups.setdefault((fam, setting, init), []).append(c)
+    rows = []
+    for (fam, setting, init), cs in groups.items():
+        steps = [s for s, _ in cs[0]]
+        losses = np.array([[l for _, l in c] for c in cs])  # (seeds, steps)
+        for step, m, sd in zip(steps, losses.mean(0), losses.std(0)):
+            rows.append({"family": fam, "setting": setting, "init": init, "step": step, "mean": m, "std": sd})
+    return pd.DataFrame(rows, columns=["family", "setting", "init", "step", "mean", "std"])
+
+
+@dataclass
+class PostAlignVerdict:
+    """Seeking against random and PiSSA initialisation, per family and setting."""
+
+    comparisons: dict[str, dict[str, Comparison]]  # "family|setting" -> other init -> Comparison
+    lines: list[str]
+    conclusion: str
+    families_with_teacher_gap: list[str]
+
+    def markdown(self) -> str:
+        return "\n".join(self.lines) + "\n\n**" + self.conclusion + "**"
+
+
+def seeking_verdict(runs: PostAlignRuns, *, families: Sequence[str], settings: Settings,
+                    inits: Sequence[str]) -> PostAlignVerdict:
+    """Compare Seeking with random and PiSSA initialisation (:func:`compare_runs`) and conclude."""
+    res = runs.results
+
+    def cell(init: str, fam: str, setting: str) -> pd.DataFrame:
+        return res[(res.init == init) & (res.family == fam) & (res.setting == setting)]
+
+    lines, comparisons = [], {}
+    for fam in families:
+        for setting in settings:
+            v = {other: compare_runs(cell("seeking", fam, setting), cell(other, fam, setting))
+                 for other in ("random", "pissa") if "seeking" in inits and other in inits}
+            comparisons[f"{fam}|{setting}"] = v
+            parts = [f"{c.gap:+.1f} vs {o} (2 s.e. over seeds {2 * c.se:.1f}, paired p = {c.p_value:.2g}: "
+                     f"{'real' if c.real else 'noise'})" for o, c in v.items()]
+            lines.append(f"- pocket-{fam}, {setting}: Seeking {'; '.join(parts)}")
+    vs_random = [v["random"] for v in comparisons.values() if "random" in v]
+    wins = sum(1 for c in vs_random if c.real and c.gap > 0)
+    losses = sum(1 for c in vs_random if c.real and c.gap < 0)
+    if wins == 0:
+        concl = (f"The teacher's parameters do not help: in none of the {len(vs_random)} family/training-set "
+                 f"combinations does Seeking beat random LoRA initialisation by more than the noise of training "
+                 f"and of the questions" + (f" (it is clearly worse in {losses})." if losses else "."))
+    else:
+        concl = (f"Seeking beats random LoRA initialisation beyond the noise in {wins} of {len(vs_random)} "
+                 f"family/training-set combinations (and is clearly worse in {losses}); whether that is the "
+                 "teacher's knowledge or only a better-conditioned starting point is what the PiSSA comparison, "
+                 "which uses no teacher, tells.")
+    gap = families_with_teacher_gap({f: runs.refs[f]["student"] for f in families},
+                                    {f: runs.refs[f]["teacher"] for f in families})
+    return PostAlignVerdict(comparisons, lines, concl if gap else NO_TEACHER_GAP, gap)

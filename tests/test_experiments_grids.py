@@ -1,0 +1,259 @@
+"""The transfer chapters' experiments: budgets, the verdict rule, the Post-Align, unaligned and LaTen tables."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_model
+from pktlib.baselines import grid
+from pktlib.data import load_task
+from pktlib.errors import PktError
+from pktlib.experiments import laten_sweep, postalign_grid, unaligned_grid
+from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, families_with_teacher_gap, generation_budget
+from pktlib.experiments.verdict import compare_runs, correctness_string
+from pktlib.models import spec
+
+
+def _words(text: str) -> dict:
+    """A word-level stand-in tokenizer: one token per whitespace-separated word."""
+    return {"input_ids": list(range(len(text.split())))}
+
+
+# ------------------------------------------------------------------------------ scoring
+def test_generation_budget_is_margin_times_the_longest_scored_answer():
+    answers = [ex.answer for ex in load_task("pocket-math", "test", limit=5)]
+    longest = max(len(a.split()) for a in answers)
+    assert generation_budget(_words, "pocket-math", limit=5, margin=1.5) == math.ceil(1.5 * longest) + 2
+    assert generation_budget(_words, "pocket-math", limit=5, margin=1.0) == longest + 2
+    # only the scored examples count: more examples can only raise the budget
+    assert generation_budget(_words, "pocket-math", limit=50, margin=1.0) >= longest + 2
+    with pytest.raises(PktError, match="margin"):
+        generation_budget(_words, "pocket-math", limit=5, margin=0)
+
+
+def test_budgeted_scorer_scores_limit_examples_within_the_budget(tokenizer):
+    model = make_model("llama", tokenizer=tokenizer, n_layers=1)
+    scorer = BudgetedScorer.for_tasks(tokenizer, ["pocket-math"], limit=3, margin=0.05)
+    res = scorer(model, "pocket-math")
+    assert res.n == 3 and res.max_new_tokens == scorer.budgets["pocket-math"]
+    with pytest.raises(PktError, match="no generation budget for task 'pocket-code'"):
+        scorer(model, "pocket-code")
+
+
+def test_families_with_teacher_gap():
+    assert families_with_teacher_gap({"math": 10, "code": 50}, {"math": 20, "code": 50}) == ["math"]
+
+
+# ------------------------------------------------------------------------------ verdict
+def _runs(scores, n_right):
+    return pd.DataFrame({"seed": range(len(scores)), "score": scores,
+                         "correct": [correctness_string([i < k for i in range(100)]) for k in n_right]})
+
+
+def test_compare_runs_real_gap_beats_both_noises():
+    a, b = _runs([60, 62, 61], [60, 62, 61]), _runs([40, 41, 39], [40, 41, 39])
+    c = compare_runs(a, b)
+    assert c.gap == pytest.approx(21.0)
+    assert c.se == pytest.approx(math.sqrt(1 / 3 + 1 / 3))
+    assert c.p_value < 1e-6 and c.real
+    assert compare_runs(b, a).gap == pytest.approx(-21.0) and compare_runs(b, a).real
+
+
+def test_compare_runs_gap_within_seed_noise_or_question_noise_is_not_real():
+    # spread over seeds larger than the gap
+    assert not compare_runs(_runs([70, 30, 50], [70, 30, 50]), _runs([45, 48, 42], [45, 48, 42])).real
+    # consistent over seeds, but one discordant question per seed (McNemar p = 2 / 2**3 > 0.05)
+    c = compare_runs(_runs([41, 41, 41], [41, 41, 41]), _runs([40, 40, 40], [40, 40, 40]))
+    assert c.se == 0 and c.p_value == pytest.approx(0.25) and not c.real
+
+
+def test_compare_runs_one_seed_and_mismatched_seeds():
+    c = compare_runs(_runs([80], [80]), _runs([20], [20]))
+    assert math.isnan(c.se) and c.real  # no spread to measure: the paired test decides
+    with pytest.raises(PktError, match="seeds differ"):
+        compare_runs(_runs([1, 2], [1, 2]), _runs([1], [1]))
+
+
+# ------------------------------------------------------------------------------ Post-Align
+def _postalign_runs(seeking_shift: float, teacher: float = 50.0) -> postalign_grid.PostAlignRuns:
+    rows, curves = [], {}
+    for setting in ("N=16", "align"):
+        for init, base in (("random", 40.0), ("pissa", 40.0), ("seeking", 40.0 + seeking_shift)):
+            for sd in (0, 1, 2):
+                score = base + sd  # the same spread over seeds for every init
+                k = int(score)
+                rows.append({"family": "math", "setting": setting, "init": init, "seed": sd, "score": score,
+                             "correct": correctness_string([i < k for i in range(100)])})
+                curves[("math", setting, init, sd)] = [(1, 2.0 + sd), (2, 1.0 + sd)]
+    return postalign_grid.PostAlignRuns(pd.DataFrame(rows), curves, {"math": {"student": 30.0, "teacher": teacher}})
+
+
+def test_postalign_settings_and_ids():
+    settings = postalign_grid.grid_settings(1000)
+    assert settings == {"N=1000": ("train", 1000), "align": ("align", None)}
+    assert postalign_grid.setting_ids(settings) == {"N=1000": "n1000", "align": "small"}
+    assert postalign_grid.setting_ids(postalign_grid.grid_settings(16))["N=16"] == "n16"
+
+
+def test_postalign_tables_from_runs():
+    runs = _postalign_runs(10.0)
+    settings = postalign_grid.grid_settings(16)
+    table, numbers = postalign_grid.score_table(runs, families=["math"], settings=settings, inits=["random", "seeking"])
+    assert numbers["seeking"]["math|N=16"] == [51.0, 1.0] and numbers["random"]["math|align"] == [41.0, 1.0]
+    assert table.loc["seeking", ("math", "N=16")] == "51.0 ± 1.0"
+    assert table.loc["student (no LoRA)", ("math", "align")] == "30.0"
+    rows = postalign_grid.scorecard_rows(runs, pair="p", families=["math"], settings=settings, inits=["seeking"], n=100)
+    assert {(r["method"], r["score"]) for r in rows} == {("postalign-seeking-n16", 51.0), ("postalign-seeking-small", 51.0),
+                                                         ("student", 30.0), ("teacher", 50.0)}
+    bands = postalign_grid.curve_bands(runs)
+    first = bands[(bands.setting == "N=16") & (bands.init == "random")]
+    assert list(first["mean"]) == [3.0, 2.0] and first["std"].iloc[0] == pytest.approx(math.sqrt(2 / 3))
+
+
+def test_postalign_verdict_counts_real_wins_and_needs_a_teacher_gap():
+    settings = postalign_grid.grid_settings(16)
+    inits = ["random", "pissa", "seeking"]
+    win = postalign_grid.seeking_verdict(_postalign_runs(10.0), families=["math"], settings=settings, inits=inits)
+    assert set(win.comparisons) == {"math|N=16", "math|align"}
+    assert all(c.real and c.gap == pytest.approx(10.0) for v in win.comparisons.values() for c in v.values())
+    assert win.conclusion.startswith("Seeking beats random LoRA initialisation beyond the noise in 2 of 2")
+    assert "real" in win.lines[0] and win.markdown().endswith("**")
+    tie = postalign_grid.seeking_verdict(_postalign_runs(0.0), families=["math"], settings=settings, inits=inits)
+    assert tie.conclusion.startswith("The teacher's parameters do not help: in none of the 2")
+    no_gap = postalign_grid.seeking_verdict(_postalign_runs(10.0, teacher=20.0), families=["math"],
+                                            settings=settings, inits=inits)
+    assert no_gap.conclusion == NO_TEACHER_GAP and no_gap.families_with_teacher_gap == []
+
+
+def test_postalign_run_grid_on_a_tiny_pair(tmp_path, tokenizer):
+    teacher = make_model("llama", tokenizer=tokenizer, hidden_size=96, intermediate_size=160, n_layers=3, seed=5)
+    student = make_model("llama", tokenizer=tokenizer, n_layers=2)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    scorer = BudgetedScorer(tokenizer, 2, {"pocket-math": 4})
+    kw = dict(scorer=scorer, root=tmp_path, families=["math"], settings={"N=4": ("train", 4)},
+              inits=["random", "seeking"], seeds=[0], r=4, alpha=4, epochs=1, batch_size=4, micro_batch=4,
+              extract_limit=2, progress=False)
+    runs = postalign_grid.run_grid((teacher, tokenizer), (student, tokenizer), **kw)
+    assert list(runs.results.init) == ["random", "seeking"]
+    assert (runs.results.steps == 1).all() and (runs.results.n_examples == 4).all()
+    assert runs.results.correct.str.len().eq(2).all()
+    assert set(runs.metrics()) == {"reference_scores", "postalign_runs", "training_curves"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["math-N=4-random-s0-e1-b4-x2", "math-N=4-seeking-s0-e1-b4-x2"]
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # each run trains a copy
+    # a rerun resumes from the run folders: the same results
+    again = postalign_grid.run_grid((teacher, tokenizer), (student, tokenizer), **kw)
+    pd.testing.assert_frame_equal(again.results, runs.results)
+
+
+# ------------------------------------------------------------------------------ unaligned grid
+def _unaligned_runs() -> unaligned_grid.UnalignedRuns:
+    rows = []
+    for i, cell in enumerate(grid()):
+        rows.append({"family": "math", **cell, "score": float(i), "ci95": [max(0.0, i - 5.0), i + 5.0],
+                     "teacher_layers": [0, 1], "rel_delta": 1.0 + (cell["hidden"] == "whitening")})
+    rows.append({"family": "math", "layers": "top", "hidden": "seeking", "neurons": "seeking", "score": 3.0,
+                 "ci95": [0.0, 9.0], "teacher_layers": [2, 3], "rel_delta": 0.5})
+    return unaligned_grid.UnalignedRuns(pd.DataFrame(rows), {"math": {"student": (4.0, [0.0, 9.0]),
+                                                                     "teacher": (20.0, [10.0, 30.0])}}, {}, rows)
+
+
+def test_unaligned_tables_and_verdict():
+    runs = _unaligned_runs()
+    summary = unaligned_grid.summary_table(runs, ["math"])
+    assert summary["math"].to_dict() == {"student": 4.0, "teacher": 20.0, "Seeking (no training)": 3.0,
+                                         "best grid cell": 17.0, "median grid cell": 8.5}
+    card = unaligned_grid.scorecard_rows(runs, summary, pair="p", families=["math"], n=40)
+    assert [(r["method"], r["score"]) for r in card] == [("seeking-unaligned", 3.0), ("unaligned-best", 17.0),
+                                                         ("unaligned-worst", 0.0)]
+    assert unaligned_grid.relative_delta(runs).loc["math"].to_dict() == {"embedding": 1.0, "pca": 1.0, "seeking": 0.5,
+                                                                         "whitening": 2.0}
+    mat = unaligned_grid.grid_matrices(runs, ["math"])["math"]
+    assert mat.shape == (3, 7) and mat.loc["top", "pca\nrandom"] == 0.0 and mat.loc["random", "embedding\nimportance"] == 17.0
+    assert mat.loc["top", "Seeking\n(top)"] == 3.0 and mat["Seeking\n(top)"].isna().sum() == 2
+    v = unaligned_grid.verdict(runs, ["math"])
+    # cells above 4: scores 5..17; clearly above (interval low > 9): scores 15, 16, 17
+    assert v.per_family["math"]["cells_above_student"] == 13
+    assert v.per_family["math"]["cells_clearly_above_student"] == 3
+    assert v.per_family["math"]["best_cell"] == "random/embedding/importance"
+    assert v.conclusion.startswith("3 cell(s) clearly improve")
+
+
+def test_unaligned_run_grid_on_a_tiny_pair(tokenizer):
+    teacher = make_model("llama", tokenizer=tokenizer, hidden_size=96, intermediate_size=160, n_layers=3, seed=1)
+    student = make_model("llama", tokenizer=tokenizer, n_layers=2, seed=2)
+    scorer = BudgetedScorer(tokenizer, 2, {"pocket-knowledge": 3})
+    runs = unaligned_grid.run_grid((teacher, tokenizer), (student, tokenizer), scorer=scorer, families=["knowledge"],
+                                   extract_limit=2, progress=False)
+    assert len(runs.results) == 19 and runs.results.rel_delta.gt(0).all()
+    assert len(runs.layer_totals["knowledge"]) == 3
+    assert set(runs.refs["knowledge"]) == {"student", "teacher"}
+    json.dumps(runs.metrics())  # the record entries are plain JSON
+
+
+# ------------------------------------------------------------------------------ LaTen tables
+def _laten_runs() -> pd.DataFrame:
+    rows = [{"task": "pocket-math", "model": "student", "score": 10.0, "config": "paper lr"},
+            {"task": "pocket-math", "model": "teacher", "score": 30.0, "config": "paper lr"}]
+    for config in ("paper lr", "scale-matched lr"):
+        for rate in ((0.1, 0.2) if config == "paper lr" else (0.1,)):
+            for seed in (0, 1):
+                steps = (1, 2, 3, 4) if rate == 0.1 else (4,)  # pocket-math: 4 steps (Table 5)
+                for st in steps:
+                    rows.append({"task": "pocket-math", "model": "laten", "score": 10.0 + seed * st * (config != "paper lr"),
+                                 "config": config, "transfer_rate": rate, "seed": seed, "step": st,
+                                 "translated_rms": 1e-5 * (1 + seed), "run_dir": f"/runs/{config}/{rate}/{seed}"})
+    return pd.DataFrame(rows)
+
+
+def test_laten_tables():
+    runs = _laten_runs()
+    t1, table = laten_sweep.table1(runs, tasks=["pocket-math"], configs=["paper lr", "scale-matched lr"], main_rate=0.1)
+    assert table["math"]["student"] == 10.0 and table["math"]["_laten_scale-matched lr_mean"] == 12.0
+    assert t1.loc["LaTen (scale-matched lr)", "math"] == "12.0 ± 2.8"
+    assert not any(i.startswith("_") for i in t1.index)
+    rows = laten_sweep.scorecard_rows(table, tasks=["pocket-math"], pair="p", n=30)
+    assert [(r["method"], r["score"]) for r in rows] == [("student", 10.0), ("teacher", 30.0), ("laten", 10.0)]
+    steps = laten_sweep.score_vs_step(laten_sweep.main_curve(runs, 0.1))
+    assert len(steps) == 8 and set(steps.columns) >= {"mean", "std", "runs"}
+    rates = laten_sweep.score_vs_rate(runs)
+    assert list(rates.transfer_rate) == [0.1, 0.2] and list(rates.runs) == [2, 2]
+    assert laten_sweep.student_scores(runs) == {"pocket-math": 10.0}
+    lines = laten_sweep.instability_lines(runs, configs=["scale-matched lr"], tasks=["pocket-math"], main_rate=0.1)
+    assert "over 8 (seed, step) injections LaTen scored +0.0 to +4.0 points" in lines[0]
+    assert "(4 above, 4 equal, 0 below)" in lines[0]
+    reading = laten_sweep.regime_lines(runs, configs=["paper lr"], main_rate=0.1, student_rms=0.5)
+    assert reading[0].startswith("- **paper lr**: 100% of the injected students score exactly the student's score")
+
+
+def test_laten_train_logs_read_each_main_rate_run(tmp_path):
+    runs = _laten_runs()
+    runs["run_dir"] = runs.run_dir.map(lambda d: str(tmp_path / d.strip("/")) if isinstance(d, str) else d)
+    for d in runs[runs.model == "laten"].run_dir.unique():
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+        (tmp_path / d / "log.jsonl").write_text("".join(json.dumps(
+            {"step": s, "lr": 1e-5, "lm_loss": 3.0, "lm_loss_after": 2.5, "student_lm_loss": 2.0 + s, "mse": 0.1,
+             "wall_s": 1.0}) + "\n" for s in (1, 2)))
+    logs = laten_sweep.train_logs(runs, 0.1)
+    assert len(logs) == 2 * 2 * 2  # runs at rate 0.1: 2 configs x 2 seeds, 2 logged steps each
+    assert list(logs.lm_gain_vs_student.unique()) == [0.5, 1.5]
+    summary = laten_sweep.train_log_summary(logs)
+    assert len(summary) == 2
+    rms = laten_sweep.injected_delta_rms(runs)
+    assert rms.loc[("paper lr", "pocket-math"), "max"] == pytest.approx(2e-5)
+
+
+def test_laten_configs_memory_and_weight_rms(tokenizer):
+    assert laten_sweep.lr_configs(3e-5, 5120) == {"paper lr": 3e-5, "scale-matched lr": pytest.approx(3e-5)}
+    assert list(laten_sweep.lr_configs(3e-5, 256, scale_matched=False)) == ["paper lr"]
+    model = make_model("llama", tokenizer=tokenizer, n_layers=1)
+    table, llama, pocket = laten_sweep.memory_tables(spec(model), spec(model), preset="tiny", align_batch=16,
+                                                     max_length=64, transfer_rate=0.1)
+    assert table.shape == (len(llama.table()), 2) and llama.total > 1000 * pocket.total
+    lin = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+    assert laten_sweep.weight_rms(lin) == pytest.approx(math.sqrt(25 / 4))
