@@ -581,6 +581,68 @@ def _screenshot(cdp: _CDP, sess: str, path: Path, *, full: bool) -> None:
     path.write_bytes(base64.b64decode(shot["data"]))
 
 
+def _check_page(cdp: _CDP, target: str, rel: str, url: str, base: str, proxy: _RefusingProxy, rep: Report, *,
+                settle_s: float, page_timeout_s: float, expected: int | None, shots: Path | None) -> None:
+    """Load one page in its own tab and add what is wrong with it to ``rep``."""
+    sess = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+    for dom in ("Runtime", "Log", "Network", "Page"):
+        cdp.call(f"{dom}.enable", session=sess)
+    _set_viewport(cdp, sess, VIEWPORT[1])
+    cdp.events.clear()
+    with proxy.lock:
+        proxy.log.clear()
+    cdp.call("Page.navigate", {"url": url}, session=sess)
+    deadline = time.monotonic() + page_timeout_s
+    loaded = False
+    while time.monotonic() < deadline and not loaded:
+        cdp.pump(0.1)
+        loaded = any(e["method"] == "Page.loadEventFired" and e.get("sessionId") == sess for e in cdp.events)
+    if not loaded:
+        rep.problems.append(Problem(rel, "failed-load", f"no load event within {page_timeout_s:.0f} s"))
+    cdp.pump(settle_s)  # late scripts (widget managers) report after load
+    mj = cdp.call("Runtime.evaluate", {"expression": _MATHJAX_READY, "awaitPromise": True, "returnByValue": True},
+                  session=sess, timeout=120)["result"].get("value")
+    if mj in ("timeout", "not-started"):
+        rep.problems.append(Problem(rel, "raw-latex", f"MathJax did not finish typesetting ({mj})"))
+    cdp.pump(settle_s)
+    probe = cdp.call("Runtime.evaluate", {"expression": _PAGE_PROBE, "returnByValue": True},
+                     session=sess, timeout=120)["result"].get("value") or {}
+    rep.problems += page_problems(rel, probe, expected)
+    if shots is not None:
+        for suffix, full in ((".png", False), (".full.png", True)):
+            _screenshot(cdp, sess, shots / Path(rel).with_suffix(suffix), full=full)
+            rep.screenshots.append(str(shots / Path(rel).with_suffix(suffix)))
+    cdp.pump(0.2)
+    urls = {e["params"]["requestId"]: e["params"]["request"]["url"]
+            for e in cdp.events if e["method"] == "Network.requestWillBeSent"}
+    external = {u for u in urls.values() if not _is_local(u, base)}
+    with proxy.lock:
+        proxied = {u for _, u in proxy.log}
+        proxy.log.clear()
+    # A tunnel (CONNECT host:443) names only the host: it is the same request as a URL of that
+    # host the page's events show; one the events do not show is counted.
+    hosts = {urlsplit(u).hostname for u in external}
+    external |= {u for u in proxied if u not in external
+                 and not (u.startswith("https://") and urlsplit(u).hostname in hosts)}
+    rep.external += [f"{rel}: {u}" for u in sorted(external)]
+    seen: set[tuple[str, str]] = set()
+    for ev in cdp.events:
+        if ev.get("sessionId") != sess:
+            continue
+        if ev["method"] == "Network.loadingFailed":
+            ev["params"]["_url"] = urls.get(ev["params"].get("requestId"), "")
+        c = _classify(ev)
+        if c is None:
+            continue
+        kind, detail, where = c
+        if where == f"{base}/favicon.ico" or (where and not _is_local(where, base)):
+            continue  # the browser's own favicon request; external ones are counted above
+        key = (kind, detail + where)
+        if key not in seen:
+            seen.add(key)
+            rep.problems.append(Problem(rel, kind, f"{detail} [{where}]" if where else detail))
+
+
 def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settle_s: float = 0.5,
                   page_timeout_s: float = 30.0, screenshots: str | os.PathLike | None = None,
                   progress: bool = True) -> Report:
@@ -613,64 +675,14 @@ def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settl
             if _is_redirect(page):
                 continue  # a redirect (index.html -> the root page): its target is checked itself
             target = cdp.call("Target.createTarget", {"url": "about:blank", "browserContextId": context})["targetId"]
-            sess = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-            for dom in ("Runtime", "Log", "Network", "Page"):
-                cdp.call(f"{dom}.enable", session=sess)
-            _set_viewport(cdp, sess, VIEWPORT[1])
-            cdp.events.clear()
-            cdp.call("Page.navigate", {"url": f"{base}/{rel}"}, session=sess)
-            deadline = time.monotonic() + page_timeout_s
-            loaded = False
-            while time.monotonic() < deadline and not loaded:
-                cdp.pump(0.1)
-                loaded = any(e["method"] == "Page.loadEventFired" and e.get("sessionId") == sess for e in cdp.events)
-            if not loaded:
-                rep.problems.append(Problem(rel, "failed-load", f"no load event within {page_timeout_s:.0f} s"))
-            cdp.pump(settle_s)  # late scripts (widget managers) report after load
-            mj = cdp.call("Runtime.evaluate", {"expression": _MATHJAX_READY, "awaitPromise": True,
-                                               "returnByValue": True}, session=sess, timeout=60)["result"].get("value")
-            if mj in ("timeout", "not-started"):
-                rep.problems.append(Problem(rel, "raw-latex", f"MathJax did not finish typesetting ({mj})"))
-            cdp.pump(settle_s)
-            probe = cdp.call("Runtime.evaluate", {"expression": _PAGE_PROBE, "returnByValue": True},
-                             session=sess)["result"].get("value") or {}
-            rep.problems += page_problems(rel, probe, expected_figures(root, page))
-            if shots is not None:
-                _screenshot(cdp, sess, shots / Path(rel).with_suffix(".png"), full=False)
-                _screenshot(cdp, sess, shots / Path(rel).with_suffix(".full.png"), full=True)
-                rep.screenshots.append(str(shots / Path(rel).with_suffix(".png")))
-                rep.screenshots.append(str(shots / Path(rel).with_suffix(".full.png")))
-            cdp.pump(0.2)
-            urls = {e["params"]["requestId"]: e["params"]["request"]["url"]
-                    for e in cdp.events if e["method"] == "Network.requestWillBeSent"}
-            external = {u for u in urls.values() if not _is_local(u, base)}
-            with proxy.lock:
-                proxied = {u for _, u in proxy.log}
-                proxy.log.clear()
-            # A tunnel (CONNECT host:443) names only the host: it is the same request as a URL
-            # of that host the page's events show; one the events do not show is counted.
-            hosts = {urlsplit(u).hostname for u in external}
-            external |= {u for u in proxied if u not in external
-                         and not (u.startswith("https://") and urlsplit(u).hostname in hosts)}
-            rep.external += [f"{rel}: {u}" for u in sorted(external)]
-            seen: set[tuple[str, str]] = set()
-            for ev in cdp.events:
-                if ev.get("sessionId") != sess:
-                    continue
-                if ev["method"] == "Network.loadingFailed":
-                    ev["params"]["_url"] = urls.get(ev["params"].get("requestId"), "")
-                c = _classify(ev)
-                if c is None:
-                    continue
-                kind, detail, url = c
-                if url == f"{base}/favicon.ico" or (url and not _is_local(url, base)):
-                    continue  # the browser's own favicon request; external ones are counted above
-                key = (kind, detail + url)
-                if key in seen:
-                    continue
-                seen.add(key)
-                rep.problems.append(Problem(rel, kind, f"{detail} [{url}]" if url else detail))
-            cdp.call("Target.closeTarget", {"targetId": target})
+            try:
+                _check_page(cdp, target, rel, f"{base}/{rel}", base, proxy, rep, settle_s=settle_s,
+                            page_timeout_s=page_timeout_s, expected=expected_figures(root, page),
+                            shots=shots)
+            except PktError as e:  # a page that hangs the browser is a problem of that page
+                rep.problems.append(Problem(rel, "failed-load", str(e)))
+            finally:
+                cdp.call("Target.closeTarget", {"targetId": target})
     return rep
 
 

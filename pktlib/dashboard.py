@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pktlib.scorecard import FAMILIES, FAMILY_OF_TASK, METHODS, PAPER, ScoreRow, collect_scores
 
-__all__ = ["PARADIGMS", "PAPER_SOURCES", "POCKET", "Gain", "source_of", "gains"]
+__all__ = ["PARADIGMS", "PAPER_SOURCES", "POCKET", "Gain", "source_of", "gains_from_rows", "gains"]
 
 # The methods shown, per paradigm, in the paper's order: id (of pktlib.scorecard.METHODS) -> short label.
 PARADIGMS: dict[str, dict[str, str]] = {
@@ -68,19 +68,19 @@ def _paradigm_of(method: str) -> str | None:
     return next((p for p, ms in PARADIGMS.items() if method in ms), None)
 
 
-def _paper_gains() -> list[Gain]:
+def _paper_gains(only_paradigms: bool) -> list[Gain]:
     out = []
     for ref, table in PAPER.items():
         student = table.get("student", {})
         for method, scores in table.items():
             paradigm = _paradigm_of(method)
-            if paradigm is None:
+            if paradigm is None and only_paradigms:
                 continue
             for fam in FAMILIES:
                 # a family with two paper tasks (code: HumanEval, MBPP) gets their mean gain
                 per_task = [s - student[t] for t, s in scores.items() if FAMILY_OF_TASK.get(t) == fam and t in student]
                 if per_task:
-                    out.append(Gain(paradigm, method, fam, PAPER_SOURCES.get(ref, ref), statistics.fmean(per_task),
+                    out.append(Gain(paradigm or "", method, fam, PAPER_SOURCES.get(ref, ref), statistics.fmean(per_task),
                                     n_rows=len(per_task)))
     return out
 
@@ -93,26 +93,33 @@ def _student_baseline(row: ScoreRow, students: list[ScoreRow]) -> float | None:
     return statistics.fmean(same_pair) if same_pair else None
 
 
-def gains(records: Mapping[str, Mapping[str, Any]], *, paper: bool = True) -> list[Gain]:
-    """Every bar of the dashboard, from ``records`` (as :func:`pktlib.records.load_records`
-    returns them): the paper's gains (if ``paper``) and each project pair's, per paradigm,
-    method and family. Rows of methods outside :data:`PARADIGMS`, of tasks outside the three
-    families, or without a student score to compare with are left out."""
-    rows = collect_scores(records)
+def gains_from_rows(rows: Sequence[ScoreRow], *, paper: bool = True, only_paradigms: bool = True) -> list[Gain]:
+    """The gains of scorecard ``rows`` (:func:`pktlib.scorecard.collect_scores`) and, if
+    ``paper``, of the paper's tables, per source, method and family. With ``only_paradigms``
+    (the dashboard) only the transfer methods of :data:`PARADIGMS`; without it every method,
+    the student and teacher included (their paradigm is ""). Rows of tasks outside the three
+    families, or without a student score to compare with, are left out."""
     students = [r for r in rows if r.method == "student"]
     grouped: dict[tuple[str, str, str, str], list[tuple[float, str]]] = {}
     for r in rows:
         paradigm, fam = _paradigm_of(r.method), FAMILY_OF_TASK.get(r.task)
-        if paradigm is None or fam is None:
+        if (paradigm is None and only_paradigms) or fam is None:
             continue
         base = _student_baseline(r, students)
         if base is None:
             continue
-        grouped.setdefault((paradigm, r.method, fam, source_of(r)), []).append((r.score - base, r.record))
-    out = _paper_gains() if paper else []
+        grouped.setdefault((paradigm or "", r.method, fam, source_of(r)), []).append((r.score - base, r.record))
+    out = _paper_gains(only_paradigms) if paper else []
     for (paradigm, method, fam, source), vals in sorted(grouped.items()):
         g = [v for v, _ in vals]
         out.append(Gain(paradigm, method, fam, source, statistics.fmean(g),
                         spread=statistics.stdev(g) if len(g) > 1 else None, n_rows=len(g),
                         records=sorted({rec for _, rec in vals})))
     return out
+
+
+def gains(records: Mapping[str, Mapping[str, Any]], *, paper: bool = True) -> list[Gain]:
+    """Every bar of the dashboard, from ``records`` (as :func:`pktlib.records.load_records`
+    returns them): the paper's gains (if ``paper``) and each project pair's, per paradigm,
+    method and family (:func:`gains_from_rows` with the methods of :data:`PARADIGMS`)."""
+    return gains_from_rows(collect_scores(records), paper=paper)

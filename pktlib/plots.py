@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 __all__ = ["plt", "bars", "lines_by_bin", "loss_curves", "loss_bands", "score_change_heatmaps", "layer_profiles",
            "neuron_heatmaps", "stability_curves", "heatmap_grid", "score_vs_step", "score_vs_rate", "loss_gain",
-           "structural_cosines", "delta_histograms", "quantile_curves", "gain_bars"]
+           "structural_cosines", "delta_histograms", "quantile_curves", "gain_bars", "results_dashboard"]
 
 ROLE_STYLES = {"teacher": "-o", "student": "--s"}
 KIND_LABELS = {"ffn": "FFN", "attn": "attention"}

@@ -21,7 +21,7 @@ their sources in ``notebooks/`` are left as they are.
   figure are reported as warnings (``pkt.caption``), and ``make check-book`` fails on a figure
   without a caption.
 * **The results dashboard** (:func:`write_dashboard`) is drawn from the records
-  (``book/*.record.json``, and ``runs/**/*.record.json`` of real pairs; config ``pkt_records``)
+  (``book/*.record.json``, and ``runs/scale/**/*.record.json`` of real pairs; config ``pkt_records``)
   into ``book/_generated/`` when the build starts; ``book/intro.md`` includes it and is
   rewritten on every build.
 * **Offline assets** must be installed (``make assets``, :mod:`pktlib.bookassets`): the build
@@ -206,7 +206,8 @@ def _output_cell(outputs: list[dict]) -> dict:
 def load_all_records(folders: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
     """Records of the chapters (``folders[0]``, keyed by chapter name) and of other runs
     (later folders, searched recursively, keyed by their path from beside the folder without
-    ``.record.json``, e.g. ``runs/PAIR/laten``, so two pairs' runs of one chapter stay apart). The scorecard's own record is left out."""
+    ``.record.json``, e.g. ``scale/PAIR/laten``, so two pairs' runs of one chapter stay apart).
+    The scorecard's own record is left out."""
     from pktlib.records import read_json
 
     out: dict[str, dict[str, Any]] = {}
@@ -323,7 +324,7 @@ def setup(app) -> dict[str, Any]:
     app.add_config_value("pkt_figures", "book/figures.yml", "env")
     app.add_config_value("pkt_figure_captions", {}, "env")
     app.add_config_value("pkt_assets", "book/_static/npm", "html")
-    app.add_config_value("pkt_records", ["book", "runs"], "env")
+    app.add_config_value("pkt_records", ["book", "runs/scale"], "env")
     app.add_config_value("pkt_dashboard_doc", "book/intro.md", "env")
     app.connect("config-inited", _config_inited)
     app.connect("builder-inited", _builder_inited)

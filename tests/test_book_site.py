@@ -193,19 +193,19 @@ def test_write_dashboard_files(tmp_path):
         (recs / f"{stem}.record.json").write_text(json.dumps(r))
     (recs / "scorecard.record.json").write_text(json.dumps({"metrics": {}}))
     # a real pair's run of the LaTen chapter, kept apart from the pocket pair's
-    run = tmp_path / "runs" / "qwen2.5-3b-1.5b-instruct"
+    run = tmp_path / "runs" / "scale" / "qwen2.5-3b-1.5b-instruct"
     run.mkdir(parents=True)
     (run / "laten.record.json").write_text(json.dumps({"metrics": {"scorecard": [
         {"method": "student", "task": "gsm8k", "score": 60.0, "pair": "qwen2.5-3b-1.5b-instruct"},
         {"method": "laten", "task": "gsm8k", "score": 62.5, "pair": "qwen2.5-3b-1.5b-instruct"}]}}))
-    dirs = [recs, tmp_path / "runs", tmp_path / "absent"]
-    assert set(load_all_records(dirs)) == {"laten", "postalign", "runs/qwen2.5-3b-1.5b-instruct/laten"}
+    dirs = [recs, tmp_path / "runs" / "scale", tmp_path / "absent"]
+    assert set(load_all_records(dirs)) == {"laten", "postalign", "scale/qwen2.5-3b-1.5b-instruct/laten"}
     png, md = write_dashboard(dirs, recs / "_generated")
     assert png.read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
     assert text.startswith(":::{figure} _generated/dashboard.png")
     assert "[laten](laten.ipynb)" in text and "[postalign](postalign.ipynb)" in text
-    assert "`runs/qwen2.5-3b-1.5b-instruct/laten`" in text
+    assert "`scale/qwen2.5-3b-1.5b-instruct/laten`" in text
     assert "Real pairs with records: llama-2-13b-7b-chat, qwen2.5-3b-1.5b-instruct" in text
     _, md2 = write_dashboard([tmp_path / "none"], tmp_path / "out")  # no records: paper bars only
     assert "no chapter yet" in md2.read_text() and "run it on your pair" in md2.read_text()

@@ -9,8 +9,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from pktlib.experiments.paper import TABLE1
-from pktlib.scorecard import FAMILY_OF_TASK, PAPER, ScoreRow
+from pktlib.dashboard import PAPER_SOURCES, POCKET, gains_from_rows
+from pktlib.experiments.paper import TABLE1, _reference
+from pktlib.scorecard import ScoreRow
 
 __all__ = ["PROJECT", "PAPER_SOURCE", "gains_over_student"]
 
@@ -21,19 +22,16 @@ PAPER_SOURCE = "paper (Llama-2 13B→7B)"
 def gains_over_student(rows: Sequence[ScoreRow], reference: str = TABLE1) -> pd.DataFrame:
     """Mean gain (points) of each method over the student, per source and family.
 
-    Project rows are compared with the mean student score on the same task (tasks without a
-    student score are left out); paper rows with the reference's student. Columns: source,
-    family, method, gain.
+    The gains are :func:`pktlib.dashboard.gains_from_rows`'s, for every method: a project row is
+    compared with the student's score on the same task in the same record, else with the mean
+    student score on that task for the same pair (tasks without a student score are left out);
+    paper rows with the reference's student. The pocket pair's rows are ``PROJECT``, a real
+    pair's keep its name. Columns: source, family, method, gain.
     """
-    gains = []
-    proj = pd.DataFrame([{"method": r.method, "task": r.task, "score": r.score} for r in rows],
-                        columns=["method", "task", "score"])
-    for task, g in proj.groupby("task"):
-        base = g[g.method == "student"].score
-        if len(base):
-            gains += [{"source": PROJECT, "family": FAMILY_OF_TASK.get(task, task), "method": r.method,
-                       "gain": r.score - base.mean()} for _, r in g.iterrows()]
-    paper = PAPER[reference]
-    gains += [{"source": PAPER_SOURCE, "family": FAMILY_OF_TASK[task], "method": m,
-               "gain": s - paper["student"][task]} for m, scores in paper.items() for task, s in scores.items()]
-    return pd.DataFrame(gains).groupby(["source", "family", "method"], as_index=False).gain.mean()
+    _reference(reference)  # an unknown reference is an error, not an empty comparison
+    paper = PAPER_SOURCES.get(reference, reference)
+    names = {paper: PAPER_SOURCE, POCKET: PROJECT}
+    gains = [{"source": names.get(g.source, g.source), "family": g.family, "method": g.method, "gain": g.gain}
+             for g in gains_from_rows(rows, only_paradigms=False)
+             if g.source == paper or g.source not in PAPER_SOURCES.values()]
+    return pd.DataFrame(gains, columns=["source", "family", "method", "gain"])
