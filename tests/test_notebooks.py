@@ -47,6 +47,8 @@ TINY: dict[str, dict] = {
     "real_model": {"preset": "tiny", "model": "{pair}/teacher-chat", "n_texts": 8,
                    "prompts": [["The capital of France is", " Paris"], ["The capital of Italy is", " Rome"]]},
     "reproduce": {},
+    "distillation": {"preset": "tiny", "families": ["math"], "budgets": [8], "seeds": [0], "eval_limit": 4,
+                     "torch_threads": 1, "run_dir": "{tmp}/distill-runs", "laten_record": "{tmp}/book/laten.record.json"},
     "scorecard": {"records_dir": "{tmp}/book"},  # run last: it reads the other chapters' records
 }
 
