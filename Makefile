@@ -46,7 +46,7 @@ notebooks: pocket  ## execute every notebook of the book (resumes: up-to-date on
 ASSETS := book/_static/npm
 assets: setup  ## install the HTML book's offline assets (MathJax, widget runtime) from npm, pinned
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
-	$(BIN)/python -m pktlib.bookassets install $(ASSETS)
+	$(BIN)/python -m pktlib.book.assets install $(ASSETS)
 
 html: setup assets  ## build the HTML book from the executed notebooks
 	$(BIN)/pkt book
@@ -58,7 +58,7 @@ book: notebooks html  ## set up, build the pocket pair, execute the notebooks, b
 check-book: setup  ## load every page of _build/html in headless Chromium: 0 external requests, 0 problems
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	chromium --version 2>/dev/null | head -1
-	$(BIN)/python -m pktlib.bookcheck _build/html --screenshots _build/screenshots
+	$(BIN)/python -m pktlib.book.check _build/html --screenshots _build/screenshots
 
 benchmarks: setup  ## run the benchmark scripts (ratios measured side by side)
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -158,7 +158,7 @@ def book(
                                           "re-executed with --execute, and refused by the HTML build)."),
 ) -> None:
     """Build the HTML book into _build/html (optionally executing the notebooks first)."""
-    from pktlib.book import build_book, execute_all, non_default_chapters
+    from pktlib.book.build import build_book, execute_all, non_default_chapters
 
     if execute:
         execute_all(force=force, only=only, keep_params=keep_params)

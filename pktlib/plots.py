@@ -7,13 +7,18 @@ In a notebook, assign the result (``fig = plots.x(...)``); the inline backend sh
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
+import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from pktlib.dashboard import PARADIGMS, POCKET
+from pktlib.scorecard import FAMILIES
 
 __all__ = ["plt", "bars", "lines_by_bin", "loss_curves", "loss_bands", "score_change_heatmaps", "layer_profiles",
            "neuron_heatmaps", "stability_curves", "heatmap_grid", "score_vs_step", "score_vs_rate", "loss_gain",
@@ -374,8 +379,6 @@ def results_dashboard(gains: Sequence["pktlib.dashboard.Gain"], *,  # noqa: F821
     several. ``gains`` come from :func:`pktlib.dashboard.gains`; methods are drawn in the order
     of :data:`pktlib.dashboard.PARADIGMS`. Bars carry their values, so the figure reads without
     the axis. Returns the Figure (not shown)."""
-    from pktlib.dashboard import PARADIGMS, POCKET
-    from pktlib.scorecard import FAMILIES
 
     sources = sorted({g.source for g in gains},
                      key=lambda s: (0 if s.startswith("paper") else 1 if s == POCKET else 2, s))
@@ -421,7 +424,6 @@ def results_dashboard(gains: Sequence["pktlib.dashboard.Gain"], *,  # noqa: F821
 
 def _source_colours(sources: Sequence[str]) -> list:
     """Greys for the paper's pairs, the first palette colour for the pocket pair, then the rest."""
-    import matplotlib as mpl
 
     greys = iter(["0.35", "0.65", "0.8"])
     palette = iter(mpl.colormaps["tab10"].colors)
@@ -443,9 +445,7 @@ def grouped_bars(values, *, errors=None, references=None, ylabel: str = "score (
     (e.g. the student's and the teacher's scores). Bars keep the order of first appearance.
     Returns the Figure.
     """
-    import math
 
-    import numpy as np
 
     panels = list(values)
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)

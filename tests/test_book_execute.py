@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 
 from pktlib import zoo
-from pktlib.book import stale_reason
+from pktlib.book.build import stale_reason
 from pktlib.records import record_path
 
 
@@ -58,7 +58,7 @@ def test_summary_stale_when_another_record_is_newer(tmp_path):
 
 
 def test_stale_when_run_with_non_default_parameters(tmp_path):
-    from pktlib.book import non_default_chapters
+    from pktlib.book.build import non_default_chapters
 
     src, out = _chapter(tmp_path, "a", {})
     nb = nbformat.v4.new_notebook()

@@ -1,4 +1,4 @@
-"""The rendered-book checker (pktlib.bookcheck): static link/image checks on a small fake site
+"""The rendered-book checker (pktlib.book.check): static link/image checks on a small fake site
 made here, the browser checks on the same site when Chromium is installed, and the real
 ``_build/html`` when a built book exists."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pktlib.bookcheck import check_book, check_browser, check_static, find_chromium, main
+from pktlib.book.check import check_book, check_browser, check_static, find_chromium, main
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
@@ -140,7 +140,7 @@ def test_browser_check_on_fake_site(tmp_path):
 
 
 def test_page_problems_rules():
-    from pktlib.bookcheck import page_problems
+    from pktlib.book.check import page_problems
 
     good = {"n_figures": 2, "is_chapter": True, "has_title": True, "cells_before_title": 0,
             "opening": "How far does LaTen move the student?"}
@@ -154,7 +154,7 @@ def test_page_problems_rules():
 
 
 def test_expected_figures_reads_the_source_notebook(tmp_path):
-    from pktlib.bookcheck import expected_figures
+    from pktlib.book.check import expected_figures
 
     (tmp_path / "_sources" / "book").mkdir(parents=True)
     nb = {"cells": [{"cell_type": "markdown", "source": "# T"},
@@ -206,7 +206,7 @@ def test_built_book_renders():
 def test_sphinx_fix_drops_duplicate_inline_scripts():
     from sphinx.builders.html._assets import _JavaScript
 
-    from pktlib.sphinx_fixes import dedupe_scripts
+    from pktlib.book.sphinx_fixes import dedupe_scripts
 
     body = 'const THEBE_JS_URL = "x"'
     scripts = [_JavaScript("_static/a.js"), _JavaScript(None, body=body), _JavaScript("_static/b.js"),

@@ -1,6 +1,6 @@
-"""The book as its readers see it: notebook shaping at build time (pktlib.sphinx_book), the
+"""The book as its readers see it: notebook shaping at build time (pktlib.book.sphinx_ext), the
 results dashboard (pktlib.dashboard, pktlib.plots.results_dashboard), the neuron explorer
-(pktlib.explorer) and the offline assets (pktlib.bookassets)."""
+(pktlib.explorer) and the offline assets (pktlib.book.assets)."""
 from __future__ import annotations
 
 import io
@@ -48,7 +48,7 @@ def _notebook():
 
 
 def test_clean_notebook_collapses_setup_drops_bars_and_captions_figures():
-    from pktlib.sphinx_book import clean_notebook
+    from pktlib.book.sphinx_ext import clean_notebook
 
     nb = _notebook()
     warnings = clean_notebook(nb, "delta_ranges", [
@@ -75,7 +75,7 @@ def test_clean_notebook_collapses_setup_drops_bars_and_captions_figures():
 
 
 def test_captioned_figure_cell_keeps_its_table_outside_the_figure():
-    from pktlib.sphinx_book import clean_notebook
+    from pktlib.book.sphinx_ext import clean_notebook
 
     nb = {"cells": [_md("# T\n\nWhy?"), _md("## A"),
                     _code("ax = rel.plot.bar()\nrel", outputs=[TABLE, PNG, STREAM_BAR, {"output_type": "stream", "name": "stdout", "text": "done"}])],
@@ -90,7 +90,7 @@ def test_captioned_figure_cell_keeps_its_table_outside_the_figure():
 
 
 def test_progress_detection_is_tight():
-    from pktlib.sphinx_book import is_progress_output
+    from pktlib.book.sphinx_ext import is_progress_output
 
     assert is_progress_output(BAR) and is_progress_output(STREAM_BAR)
     for text in ("accuracy 40% | 26/64 correct", "| 50% | 1/2 |", "loss 0.31, 100 steps"):
@@ -99,7 +99,7 @@ def test_progress_detection_is_tight():
 
 
 def test_load_captions_errors_name_the_file(tmp_path):
-    from pktlib.sphinx_book import load_captions
+    from pktlib.book.sphinx_ext import load_captions
 
     p = tmp_path / "figures.yml"
     assert load_captions(p) == {}
@@ -117,7 +117,7 @@ def test_load_captions_errors_name_the_file(tmp_path):
 
 
 def test_book_captions_file_is_valid():
-    from pktlib.sphinx_book import load_captions
+    from pktlib.book.sphinx_ext import load_captions
 
     caps = load_captions(Path(__file__).resolve().parents[1] / "book" / "figures.yml")
     notebooks = {p.stem for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")}
@@ -185,7 +185,7 @@ def test_results_dashboard_draws_every_bar():
 
 
 def test_write_dashboard_files(tmp_path):
-    from pktlib.sphinx_book import load_all_records, write_dashboard
+    from pktlib.book.sphinx_ext import load_all_records, write_dashboard
 
     recs = tmp_path / "book"
     recs.mkdir()
@@ -283,7 +283,7 @@ def test_explorer_views(explorer_inputs):
     payload = html.split('class="pkt-explorer-data">')[1].split("</script>")[0]
     assert json.loads(payload.replace("<\\/", "</")) == ex.data
     # the book redraws an explorer from its data with the current viewer
-    from pktlib.sphinx_book import clean_notebook
+    from pktlib.book.sphinx_ext import clean_notebook
 
     old = html.replace("document.querySelectorAll", "/* an older viewer */ document.querySelectorAll")
     nb = {"cells": [_md("# T\n\nWhy?"), _md("## A"), _code("ex", outputs=[
@@ -325,7 +325,7 @@ def _tarball(files: dict[str, bytes]) -> bytes:
 
 
 def test_assets_install_verifies_and_extracts_only_what_is_kept(tmp_path):
-    from pktlib.bookassets import NpmAsset, check, install, sri_sha512
+    from pktlib.book.assets import NpmAsset, check, install, sri_sha512
 
     tgz = _tarball({"package/package.json": b"{}", "package/dist/app.js": b"x=1", "package/dist/app.js.map": b"{}",
                     "package/README.md": b"hi"})

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from pktlib.errors import PktError
-from pktlib.sandbox import capabilities, run_code, run_many
+from pktlib.evaluation.sandbox import capabilities, run_code, run_many
 
 
 @pytest.fixture

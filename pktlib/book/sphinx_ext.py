@@ -24,7 +24,7 @@ their sources in ``notebooks/`` are left as they are.
   (``book/*.record.json``, and ``runs/scale/**/*.record.json`` of real pairs; config ``pkt_records``)
   into ``book/_generated/`` when the build starts; ``book/intro.md`` includes it and is
   rewritten on every build.
-* **Offline assets** must be installed (``make assets``, :mod:`pktlib.bookassets`): the build
+* **Offline assets** must be installed (``make assets``, :mod:`pktlib.book.assets`): the build
   stops with that instruction when they are not.
 """
 from __future__ import annotations
@@ -35,7 +35,16 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
+import yaml
+from sphinx.errors import ConfigError
+from sphinx.util import logging
+
+from pktlib import dashboard, plots
+from pktlib.book import assets
 from pktlib.errors import PktError
+from pktlib.records import atomic_path, atomic_write_text, read_json
 
 __all__ = ["PROGRESS_RE", "is_progress_output", "setup_cell_indices", "figure_cell_indices",
            "load_captions", "clean_notebook", "load_all_records", "write_dashboard", "setup"]
@@ -90,7 +99,6 @@ def figure_cell_indices(cells: Sequence[Mapping[str, Any]]) -> list[int]:
 
 def load_captions(path: str | Path) -> dict[str, list[dict[str, str]]]:
     """``book/figures.yml``: chapter name -> list of ``{match, caption, paper?}``."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
@@ -180,6 +188,7 @@ def _refresh_explorer(output: dict) -> None:
     html = (output.get("data") or {}).get("text/html")
     if not html:
         return
+    # Imported here: the explorer loads torch, which only pages that show an explorer need.
     from pktlib.explorer import data_from_html, viewer_html
 
     data = data_from_html(_text(html))
@@ -208,7 +217,6 @@ def load_all_records(folders: Sequence[str | Path]) -> dict[str, dict[str, Any]]
     (later folders, searched recursively, keyed by their path from beside the folder without
     ``.record.json``, e.g. ``scale/PAIR/laten``, so two pairs' runs of one chapter stay apart).
     The scorecard's own record is left out."""
-    from pktlib.records import read_json
 
     out: dict[str, dict[str, Any]] = {}
     for k, folder in enumerate(folders):
@@ -228,13 +236,9 @@ def write_dashboard(record_dirs: Sequence[str | Path], out_dir: str | Path) -> t
     the first is the chapters' folder) into ``out_dir``: ``dashboard.png`` and ``dashboard.md``,
     a MyST figure for ``{include}`` from a page beside ``out_dir``, whose caption links the
     chapters whose records it used and names the other runs."""
-    import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
-    from pktlib import dashboard, plots
-    from pktlib.records import atomic_path, atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,18 +281,15 @@ def _config_inited(app, config) -> None:
         # copied into the config so that a changed caption re-reads every chapter (rebuild="env")
         config.pkt_figure_captions = load_captions(path)
     except PktError as e:
-        from sphinx.errors import ConfigError
 
         raise ConfigError(str(e)) from None
 
 
 def _builder_inited(app) -> None:
-    from sphinx.errors import ConfigError
 
-    from pktlib import bookassets
 
     if app.builder.format == "html" and app.config.pkt_assets:
-        problems = bookassets.check(Path(app.srcdir) / app.config.pkt_assets)
+        problems = assets.check(Path(app.srcdir) / app.config.pkt_assets)
         if problems:
             raise ConfigError("offline assets missing: " + "; ".join(problems))
     if app.config.pkt_dashboard_doc:
@@ -299,7 +300,6 @@ def _builder_inited(app) -> None:
 def _source_read(app, docname: str, source: list[str]) -> None:
     if not str(app.env.doc2path(docname)).endswith(".ipynb"):
         return
-    from sphinx.util import logging
 
     try:
         nb = json.loads(source[0])

@@ -6,7 +6,7 @@ registered *after* ``Builder.init()`` (sphinx-thebe at ``env-before-read-docs``,
 sphinx-togglebutton at ``builder-inited``) was already added as ``filename=None``, and
 ``None != ''`` defeats the de-duplication. Every page then carries two copies, and the second
 ``const THEBE_JS_URL = ...`` throws "Identifier 'THEBE_JS_URL' has already been declared" in the
-browser (found by ``pktlib.bookcheck``). This drops the repeats from each page's script list.
+browser (found by ``pktlib.book.check``). This drops the repeats from each page's script list.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checking the rendered book: ``python -m pktlib.bookcheck _build/html``.
+"""Checking the rendered book: ``python -m pktlib.book.check _build/html``.
 
 Two layers of checks over a built HTML site:
 
@@ -34,42 +34,30 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import contextlib
 import functools
 import http.server
 import json
 import os
 import re
-import shutil
-import socketserver
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
+from tqdm.auto import tqdm
+
+from pktlib.book.chromium import (CDP, CHROMIUM_FLAGS, VIEWPORT, RefusingProxy, find_chromium, launch_chromium, refusing_proxy,
+                                  screenshot, serve, set_viewport)
 from pktlib.errors import PktError
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 __all__ = ["Problem", "Report", "check_static", "check_browser", "check_book", "find_chromium",
            "page_problems", "expected_figures", "CHROMIUM_FLAGS", "main"]
-
-# The flags the project uses everywhere for headless Chromium (ENV-NOTES.md); the host resolver
-# rule makes every non-local host fail at once instead of waiting for DNS on an offline machine.
-CHROMIUM_FLAGS: tuple[str, ...] = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--disable-default-apps", "--disable-extensions",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-)
-
-WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-VIEWPORT = (1280, 900)
-MAX_SHOT_HEIGHT = 16000  # px; longer pages are cut (Chromium's limit for one capture is 16384)
 
 
 @dataclass(frozen=True)
@@ -223,247 +211,9 @@ def check_static(root: str | os.PathLike, *, anchors: bool = True) -> Report:
 # ================================================================================ browser checks
 
 
-def find_chromium() -> str | None:
-    """Path of a Chromium binary (``$CHROMIUM`` first), or None."""
-    for cand in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # the report says what failed; no access log
-        pass
-
-
-@contextlib.contextmanager
-def _serve(root: Path) -> Iterator[str]:
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-class _RefusingProxy(socketserver.ThreadingTCPServer):
-    """An HTTP proxy that logs the target of every request it gets and refuses it (403).
-
-    The pages' browser context sends it every request for a host other than loopback, from the
-    page, its workers and its style sheets alike."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self) -> None:
-        self.log: list[tuple[float, str]] = []
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _RefusingHandler)
-
-
-class _RefusingHandler(socketserver.StreamRequestHandler):
-    timeout = 5
-
-    def handle(self) -> None:
-        try:
-            line = self.rfile.readline(8192).decode("latin-1").strip()
-            while self.rfile.readline(8192).strip():  # the headers
-                pass
-        except OSError:
-            return
-        parts = line.split()
-        if len(parts) >= 2:
-            method, target = parts[0], parts[1]
-            url = f"https://{target}" if method == "CONNECT" else target
-            with self.server.lock:  # type: ignore[attr-defined]
-                self.server.log.append((time.monotonic(), url))  # type: ignore[attr-defined]
-        with contextlib.suppress(OSError):
-            self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-
-
-@contextlib.contextmanager
-def _proxy() -> Iterator[_RefusingProxy]:
-    srv = _RefusingProxy()
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-@contextlib.contextmanager
-def _chromium(binary: str, timeout: float = 60.0) -> Iterator[str]:
-    """Start headless Chromium with a fresh profile; yield its browser DevTools websocket URL."""
-    profile = tempfile.mkdtemp(prefix="pkt-chromium-")
-    cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-           "--remote-allow-origins=*", f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "about:blank"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        ws_url, seen, t0 = None, [], time.monotonic()
-        assert proc.stderr is not None
-        while time.monotonic() - t0 < timeout:
-            line = proc.stderr.readline()
-            if not line:
-                if proc.poll() is not None:
-                    break
-                continue
-            seen.append(line.rstrip())
-            m = re.search(r"DevTools listening on (ws://\S+)", line)
-            if m:
-                ws_url = m.group(1)
-                break
-        if ws_url is None:
-            raise PktError(f"Chromium did not start ({binary}): {' | '.join(seen[-3:]) or 'no output'}")
-        # Keep draining stderr so Chromium never blocks on a full pipe.
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-        yield ws_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-class _CDP:
-    """A minimal DevTools-protocol client over one browser websocket (flattened sessions)."""
-
-    def __init__(self, ws) -> None:
-        self.ws, self.next_id = ws, 0
-        self.events: list[dict] = []
-
-    def call(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float = 30.0) -> dict:
-        self.next_id += 1
-        msg = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        self.ws.send(json.dumps(msg))
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PktError(f"DevTools {method}: no answer within {timeout:.0f} s")
-            try:
-                data = json.loads(self.ws.recv(timeout=left))
-            except TimeoutError:
-                raise PktError(f"DevTools {method}: no answer within {timeout:.0f} s") from None
-            if data.get("id") == self.next_id:
-                if "error" in data:
-                    raise PktError(f"DevTools {method} failed: {data['error']}")
-                return data.get("result", {})
-            if "method" in data:
-                self.events.append(data)
-
-    def pump(self, seconds: float) -> None:
-        """Collect events for ``seconds``."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                data = json.loads(self.ws.recv(timeout=left))
-            except TimeoutError:
-                return
-            if "method" in data:
-                self.events.append(data)
-
-
-# Waits (at most 20 s) for MathJax's first typeset when the page loads MathJax.
-_MATHJAX_READY = r"""
-(async () => {
-  const mj = window.MathJax;
-  if (!mj || !document.querySelector('script[src*="mathjax"]')) return 'none';
-  const t0 = Date.now();
-  while (!(mj.startup && mj.startup.promise) && Date.now() - t0 < 20000) await new Promise(r => setTimeout(r, 100));
-  if (!(mj.startup && mj.startup.promise)) return 'not-started';
-  const done = await Promise.race([mj.startup.promise.then(() => 'typeset'),
-                                   new Promise(r => setTimeout(() => r('timeout'), 20000))]);
-  return done;
-})()
-"""
-
-# Runs in the page after load and typesetting: what page_problems() judges.
-_PAGE_PROBE = r"""
-(() => {
-  // the page's content (a selector list would return the theme's <main>, which also holds a
-  // print-only copy of the title)
-  const main = ['article.bd-article', 'article', '[role="main"]', 'main'].map(q => document.querySelector(q))
-    .find(e => e) || document.body;
-  const FOLLOWING = Node.DOCUMENT_POSITION_FOLLOWING;
-  const visible = e => { const r = e.getBoundingClientRect(); return r.width >= 50 && r.height >= 50; };
-  const decoded = im => im.complete && im.naturalWidth > 0;
-  const bad_images = [...document.images].filter(im => !decoded(im))
-    .map(im => im.getAttribute('src') ? im.getAttribute('src').slice(0, 120) : '(no src)');
-  const shown = [...main.querySelectorAll('.cell_output img, figure img, .cell_output svg, figure svg')]
-    .filter(e => !e.closest('mjx-container') && !(e.tagName === 'svg' && e.closest('figure img')));
-  const rendered_figures = shown.filter(e => (e.tagName !== 'IMG' || decoded(e)) && visible(e));
-  const uncaptioned = rendered_figures.filter(e => {
-    const f = e.closest('figure'); const c = f && f.querySelector('figcaption');
-    return !(c && c.innerText.trim().length > 0);
-  }).map(e => (e.getAttribute('src') || e.tagName).slice(0, 100));
-  // raw LaTeX: untypeset math elements, then TeX left in visible text outside code
-  const untypeset = [...main.querySelectorAll('.math')]
-    .filter(e => !e.querySelector('mjx-container') && !e.closest('mjx-container'))
-    .map(e => e.textContent.trim().slice(0, 80));
-  const SKIP = 'pre, code, script, style, textarea, mjx-container, .highlight, .cell_input, .pkt-explorer, .math';
-  const TEX = /\\\(.+?\\\)|\\\[.+?\\\]|\$\$.+?\$\$|\\begin\{|\$[^$\n]{0,200}?\\[A-Za-z]{2,}[^$\n]*?\$/s;
-  const walker = document.createTreeWalker(main, NodeFilter.SHOW_TEXT);
-  const tex_text = [];
-  let chunk = '';
-  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
-    if (n.parentElement && n.parentElement.closest(SKIP)) continue;
-    chunk += n.textContent;
-  }
-  const m = chunk.match(TEX);
-  if (m) tex_text.push(m[0].slice(0, 80));
-  const out_text = [...main.querySelectorAll('.cell_output')].map(e => e.innerText || '').join('\n');
-  const tracebacks = [...main.querySelectorAll('.output.traceback, .output.error, .cell_output .traceback')]
-    .map(e => (e.innerText || '').trim().split('\n').slice(-1)[0].slice(0, 120));
-  if (!tracebacks.length && /Traceback \(most recent call last\)/.test(out_text)) tracebacks.push('Traceback in an output');
-  const stderr = [...main.querySelectorAll('.output.stderr')].map(e => (e.innerText || '').trim().slice(0, 100));
-  const pm = out_text.match(/\d{1,3}%\|[^|\n]*\|\s*[\d.]+[kMG]?\/[\d.?]+/);
-  const progress = pm ? [pm[0].slice(0, 80)] : [];
-  // the opening: title first, then a paragraph asking the chapter's question
-  const h1 = main.querySelector('h1');
-  const cells = [...main.querySelectorAll('.cell')];
-  const cells_before_title = h1 ? cells.filter(c => c.compareDocumentPosition(h1) & FOLLOWING).length : 0;
-  let opening = '';
-  if (h1) {
-    const stop = [...main.querySelectorAll('h2, .cell')].find(e => h1.compareDocumentPosition(e) & FOLLOWING);
-    opening = [...main.querySelectorAll('p, blockquote, li')]
-      .filter(p => (h1.compareDocumentPosition(p) & FOLLOWING) && !(stop && (stop.compareDocumentPosition(p) & FOLLOWING)))
-      .map(p => p.innerText || '').join(' ');
-  }
-  const widgets = [...document.querySelectorAll('script[type="__WIDGET_MIME__"]')];
-  const no_static = [];
-  for (const s of widgets) {
-    // The whole notebook cell: a static view may be another output of the same cell.
-    const cell = s.closest('.cell') || s.closest('.cell_output') || s.parentElement;
-    const rendered = cell.querySelector('.jupyter-widgets, .widget-area, .lm-Widget, .p-Widget');
-    const clone = cell.cloneNode(true);
-    clone.querySelectorAll('script, style, .cell_input, .highlight, button.copybtn').forEach(e => e.remove());
-    const text = (clone.innerText || clone.textContent || '').trim();
-    const img = clone.querySelector('img, svg');
-    if (!rendered && !text && !img) {
-      let model = '';
-      try { model = JSON.parse(s.textContent).model_id || ''; } catch (e) {}
-      no_static.push(model || s.textContent.slice(0, 60));
-    }
-  }
-  const explorers = [...main.querySelectorAll('.pkt-explorer')];
-  return {bad_images, n_figures: rendered_figures.length, uncaptioned, untypeset, tex_text, tracebacks, stderr,
-          progress, is_chapter: cells.length > 0, has_title: !!h1, cells_before_title,
-          opening: opening.slice(0, 2000), widgets: widgets.length, no_static,
-          explorers: explorers.length,
-          explorers_not_drawn: explorers.filter(e => !e.hasAttribute('data-ready')).map(e => e.id || '(no id)')};
-})()
-""".replace("__WIDGET_MIME__", WIDGET_MIME)
+# The page-side probes (JavaScript): MathJax readiness, then what the page shows (pktlib/book/probes.js).
+_MATHJAX_READY, _PAGE_PROBE = (resources.files("pktlib.book").joinpath("probes.js").read_text(encoding="utf-8")
+                               .replace("__WIDGET_MIME__", WIDGET_MIME).split("\n//== PAGE_PROBE ==\n"))
 
 
 def page_problems(page: str, probe: Mapping[str, Any], expected_figures: int | None = None) -> list[Problem]:
@@ -560,34 +310,13 @@ def _is_redirect(page: Path) -> bool:
         return bool(_REFRESH.search(fh.read(4096)))
 
 
-def _set_viewport(cdp: _CDP, sess: str, height: int) -> None:
-    cdp.call("Emulation.setDeviceMetricsOverride", {"width": VIEWPORT[0], "height": height,
-                                                    "deviceScaleFactor": 1, "mobile": False}, session=sess)
-
-
-def _screenshot(cdp: _CDP, sess: str, path: Path, *, full: bool) -> None:
-    """The first screen, or (``full``) the whole page: the viewport is made as tall as the page
-    (at most :data:`MAX_SHOT_HEIGHT`) for the capture, then set back."""
-    if full:
-        size = cdp.call("Page.getLayoutMetrics", session=sess).get("cssContentSize", {})
-        _set_viewport(cdp, sess, int(min(MAX_SHOT_HEIGHT, max(VIEWPORT[1], size.get("height", VIEWPORT[1])))))
-        cdp.pump(0.3)  # relayout
-    try:
-        shot = cdp.call("Page.captureScreenshot", {"format": "png"}, session=sess, timeout=60)
-    finally:
-        if full:
-            _set_viewport(cdp, sess, VIEWPORT[1])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(base64.b64decode(shot["data"]))
-
-
-def _check_page(cdp: _CDP, target: str, rel: str, url: str, base: str, proxy: _RefusingProxy, rep: Report, *,
+def _check_page(cdp: CDP, target: str, rel: str, url: str, base: str, proxy: RefusingProxy, rep: Report, *,
                 settle_s: float, page_timeout_s: float, expected: int | None, shots: Path | None) -> None:
     """Load one page in its own tab and add what is wrong with it to ``rep``."""
     sess = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
     for dom in ("Runtime", "Log", "Network", "Page"):
         cdp.call(f"{dom}.enable", session=sess)
-    _set_viewport(cdp, sess, VIEWPORT[1])
+    set_viewport(cdp, sess, VIEWPORT[1])
     cdp.events.clear()
     with proxy.lock:
         proxy.log.clear()
@@ -610,7 +339,7 @@ def _check_page(cdp: _CDP, target: str, rel: str, url: str, base: str, proxy: _R
     rep.problems += page_problems(rel, probe, expected)
     if shots is not None:
         for suffix, full in ((".png", False), (".full.png", True)):
-            _screenshot(cdp, sess, shots / Path(rel).with_suffix(suffix), full=full)
+            screenshot(cdp, sess, shots / Path(rel).with_suffix(suffix), full=full)
             rep.screenshots.append(str(shots / Path(rel).with_suffix(suffix)))
     cdp.pump(0.2)
     urls = {e["params"]["requestId"]: e["params"]["request"]["url"]
@@ -658,16 +387,15 @@ def check_browser(root: str | os.PathLike, *, chromium: str | None = None, settl
     pages = html_pages(root)
     rep = Report(pages=len(pages), browser=True)
     shots = Path(screenshots) if screenshots else None
-    with (_serve(root) as base, _proxy() as proxy, _chromium(binary) as ws_url,
+    with (serve(root) as base, refusing_proxy() as proxy, launch_chromium(binary) as ws_url,
           connect(ws_url, max_size=None, open_timeout=30) as ws):
-        cdp = _CDP(ws)
+        cdp = CDP(ws)
         # The pages' own context: its proxy sees every non-loopback request of the pages and
         # their workers, and none of the browser's background traffic.
         context = cdp.call("Target.createBrowserContext",
                            {"proxyServer": f"http://127.0.0.1:{proxy.server_address[1]}"})["browserContextId"]
         it = pages
         if progress:
-            from tqdm.auto import tqdm
 
             it = tqdm(pages, desc="pages", file=sys.stderr)
         for page in it:
@@ -703,7 +431,7 @@ def check_book(root: str | os.PathLike, *, browser: bool = True, screenshots: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pktlib.bookcheck", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pktlib.book.check", description=__doc__.splitlines()[0])
     ap.add_argument("root", nargs="?", default="_build/html", help="built HTML book (default _build/html)")
     ap.add_argument("--no-browser", action="store_true", help="static link/image checks only")
     ap.add_argument("--screenshots", metavar="DIR", help="save a screenshot of every page in DIR")

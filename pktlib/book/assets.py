@@ -4,8 +4,8 @@ The rendered book must work on a machine with no internet (cluster nodes, the bu
 so nothing it needs may come from a CDN. This module installs pinned npm packages into a folder
 that Sphinx serves as static files (``book/_static/npm``, see ``_config.yml``)::
 
-    python -m pktlib.bookassets install book/_static/npm   # `make assets`
-    python -m pktlib.bookassets check book/_static/npm
+    python -m pktlib.book.assets install book/_static/npm   # `make assets`
+    python -m pktlib.book.assets check book/_static/npm
 
 Each package is fetched with the ordinary npm client (``npm pack NAME@VERSION``; no install
 scripts run, nothing is imported or executed here), its tarball's SHA-512 is compared with the
@@ -181,7 +181,7 @@ def check(dest: str | os.PathLike, assets: Sequence[NpmAsset] = ASSETS) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pktlib.bookassets", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pktlib.book.assets", description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["install", "check"])
     ap.add_argument("dest", nargs="?", default="book/_static/npm")
     args = ap.parse_args(argv)

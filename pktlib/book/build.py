@@ -17,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
 import yaml
 
+from pktlib.book.assets import check
 from pktlib.errors import PktError
-from pktlib.records import record_path, run_notebook
+from pktlib.records import notebook_defaults, record_path, run_notebook
 
 __all__ = ["toc_entries", "notebook_chapters", "stale_reason", "parameter_drift", "non_default_chapters", "execute_all",
            "build_book"]
@@ -60,7 +62,6 @@ def notebook_chapters(root: str | Path = ".") -> list[tuple[Path, Path]]:
 
 def _is_summary(src: Path) -> bool:
     """A summary chapter (``metadata.pktlib.summary``) reads other chapters' records."""
-    import nbformat
 
     return bool(nbformat.read(src, as_version=4).metadata.get("pktlib", {}).get("summary"))
 
@@ -68,7 +69,6 @@ def _is_summary(src: Path) -> bool:
 def parameter_drift(src: Path, rec: Path) -> dict[str, tuple]:
     """``{name: (recorded, default)}`` for each parameter the record ``rec`` ran with that differs
     from the notebook ``src``'s current default (empty: it ran with the defaults)."""
-    from pktlib.records import notebook_defaults
 
     try:
         params = json.loads(rec.read_text(encoding="utf-8")).get("parameters") or {}
@@ -119,7 +119,8 @@ def stale_reason(src: Path, out: Path, root: Path, *, keep_params: bool = False)
     except ValueError:
         return f"unreadable record {rec}"
     # A chapter run on a pocket pair the code no longer builds (a preset or training change).
-    # Imported here: building the HTML alone should not load torch.
+    # Imported here, as the test of deferred imports records: the zoo loads torch, which building
+    # the HTML alone does not need.
     from pktlib.zoo import pair_is_current
 
     old = sorted(role for role, m in models.items() if pair_is_current(m.get("source", "")) is False)
@@ -153,7 +154,6 @@ def build_book(root: str | Path = ".", *, strict: bool = False) -> Path:
         raise PktError(f"_toc.yml lists pages that do not exist (execute the notebooks first?): {missing}")
     # The pages must work offline: MathJax and the widget runtime come from pinned npm
     # packages served with the book (the Sphinx extension checks too; this says it first).
-    from pktlib.bookassets import check
 
     missing_assets = check(root / "book" / "_static" / "npm")
     if missing_assets:
