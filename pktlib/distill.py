@@ -60,7 +60,7 @@ from trl import SFTConfig, SFTTrainer
 from pktlib.data import Example, collate, format_prompt, load_examples, load_task, tokenize_example
 from pktlib.errors import PktError
 from pktlib.evaluation import HFGenerator, stop_strings
-from pktlib.examples import write_examples
+from pktlib.data.examples import write_examples
 from pktlib.hooks import with_grad
 from pktlib.laten import default_steps
 from pktlib.models import check_pair, load_model, resolve_model, weights_hash

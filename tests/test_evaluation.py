@@ -61,11 +61,11 @@ def test_numbers_equal():
 
 def test_one_number_rule_for_gold_answers_and_completions():
     """The loaders read gold answers with the scorer's own rule (pktlib.data.extract_number)."""
-    from pktlib.data import _gsm_meta
+    from pktlib.data.answers import gsm_meta
 
     for ex in load_task("gsm8k", "extract"):
-        assert ex.meta["answer"] == extract_number(ex.answer) == _gsm_meta(ex.answer)["answer"]
-    assert _gsm_meta("So the answer is $\\boxed{1{,}450{,}000}$.") == {"answer": "1450000"}
+        assert ex.meta["answer"] == extract_number(ex.answer) == gsm_meta(ex.answer)["answer"]
+    assert gsm_meta("So the answer is $\\boxed{1{,}450{,}000}$.") == {"answer": "1450000"}
 
 
 @pytest.mark.parametrize("text, expected", [

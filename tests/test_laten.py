@@ -12,7 +12,7 @@ import torch
 from conftest import make_model
 from pktlib.attribution import Selection
 from pktlib.errors import PktError
-from pktlib.examples import Example, write_examples
+from pktlib.data.examples import Example, write_examples
 from pktlib.extraction import slice_neurons
 from pktlib.hypernet import Translator, TranslatorConfig, load_translator, save_translator
 from pktlib.injection import add_delta, forward_injected, inject_, pair_deltas

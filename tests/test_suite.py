@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pktlib import suite
+from pktlib.data import suite
 from pktlib.data import load_task
 from pktlib.errors import PktError
 

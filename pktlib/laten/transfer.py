@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pktlib.data import load_task
 from pktlib.errors import PktError
-from pktlib.examples import Example
+from pktlib.data.examples import Example
 from pktlib.hypernet import load_translator
 from pktlib.injection import GQA_RULES, ChangeRecord, inject_, pair_deltas
 from pktlib.laten.method import (APPLY_SETTINGS, check_locate_settings, check_pair, find_checkpoint, locate,

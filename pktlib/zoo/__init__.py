@@ -7,10 +7,10 @@
   :func:`pocket_pair`;
 * :mod:`pktlib.zoo.cards`: checkpoint folders with their cards, and :func:`score_pair`.
 
-The tasks the pair learns are the pocket suite, :mod:`pktlib.suite`.
+The tasks the pair learns are the pocket suite, :mod:`pktlib.data.suite`.
 """
 from pktlib.cache import cache_dir
-from pktlib.suite import (FAMILIES, SPLIT_SIZES, SuiteConfig, base_corpus, chat_examples, generate_suite, suite_dir,
+from pktlib.data.suite import (FAMILIES, SPLIT_SIZES, SuiteConfig, base_corpus, chat_examples, generate_suite, suite_dir,
                           suite_file)
 from pktlib.zoo.build import (TrainLog, base_batches, build_model, build_pair, chat_batches, pocket_pair,
                               train_base, train_chat, train_stage, with_replay)

@@ -4,7 +4,7 @@ No weights can be downloaded on the machines this project runs on, so pktlib shi
 cross-scale pair (DESIGN.md section 3): two Llama-architecture decoders, a deeper and wider
 *teacher* and a *student*, each as a ``base`` checkpoint (trained on a plain corpus) and a
 ``chat`` checkpoint (the base fine-tuned on prompt/answer pairs), like Llama-2-13B/7B and
-their chat versions. Everything is generated (:mod:`pktlib.suite`) and trained from seeds with
+their chat versions. Everything is generated (:mod:`pktlib.data.suite`) and trained from seeds with
 the one training loop of :mod:`pktlib.training`: nothing is downloaded.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from pktlib.cache import locked
 from pktlib.data import collate, format_prompt, tokenize_example
 from pktlib.errors import PktError
-from pktlib.examples import Example
+from pktlib.data.examples import Example
 from pktlib.models import spec
 from pktlib.records import write_json
-from pktlib.suite import base_corpus, chat_examples
+from pktlib.data.suite import base_corpus, chat_examples
 from pktlib.training import Checkpointed, RunDir, Schedule, train_steps
 from pktlib.zoo.cards import read_card, save_checkpoint
 from pktlib.zoo.config import (CHECKPOINTS, ModelConfig, PairConfig, PocketPair, TrainConfig, for_this_machine,

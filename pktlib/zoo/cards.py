@@ -14,7 +14,7 @@ from typing import Any
 from pktlib.errors import PktError
 from pktlib.evaluation import evaluate
 from pktlib.records import atomic_dir, write_json
-from pktlib.suite import FAMILIES
+from pktlib.data.suite import FAMILIES
 from pktlib.zoo.config import PocketPair
 
 __all__ = ["MAX_NEW_TOKENS", "save_checkpoint", "card_markdown", "read_card", "score_pair"]

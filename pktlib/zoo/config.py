@@ -25,7 +25,7 @@ import torch
 
 from pktlib.cache import cache_dir
 from pktlib.errors import PktError
-from pktlib.suite import SUITE_VERSION, SuiteConfig
+from pktlib.data.suite import SUITE_VERSION, SuiteConfig
 
 __all__ = ["BUILD_VERSION", "CHECKPOINTS", "ModelConfig", "TrainConfig", "PairConfig", "PRESETS", "native_bf16",
            "for_this_machine", "get_preset", "PocketPair", "pair_dir", "pair_is_current"]

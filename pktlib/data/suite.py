@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 from pktlib.cache import cache_dir, locked
 from pktlib.errors import PktError
-from pktlib.examples import Example, load_examples, write_examples
-from pktlib.prompts import code_user_prompt, gsm_user_prompt, mmlu_user_prompt
+from pktlib.data.examples import Example, load_examples, write_examples
+from pktlib.data.prompts import code_user_prompt, gsm_user_prompt, mmlu_user_prompt
 from pktlib.records import atomic_write_text
 
 __all__ = [

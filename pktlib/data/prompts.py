@@ -1,5 +1,5 @@
 """The user prompts of the paper's task kinds (original code's templates), shared by the real tasks
-(:mod:`pktlib.data`) and the pocket suite (:mod:`pktlib.suite`), which asks its questions in the
+(:mod:`pktlib.data`) and the pocket suite (:mod:`pktlib.data.suite`), which asks its questions in the
 same words as MMLU, GSM8K and the code benchmarks."""
 from __future__ import annotations
 
