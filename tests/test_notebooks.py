@@ -23,8 +23,6 @@ from pktlib import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-# The evaluation chapter is being reworked separately; its remaining helper goes with that rework.
-HAS_DEF_FOR_NOW = {"evaluation"}
 
 # Per chapter: the parameters of the tiny run (as few questions, seeds and steps as still exercise
 # every cell). "{tmp}" is replaced by the run's scratch folder, "{pair}" by the tiny pair's folder.
@@ -70,8 +68,6 @@ def test_every_chapter_has_tiny_parameters_it_accepts():
 
 def test_notebooks_define_no_functions_or_classes():
     for nb in NOTEBOOKS:
-        if nb.stem in HAS_DEF_FOR_NOW:
-            continue
         for i, src in enumerate(_code(nb)):
             src = "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!")))
             defs = [n.name for n in ast.walk(ast.parse(src))
