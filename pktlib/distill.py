@@ -57,7 +57,7 @@ from torch import nn
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from pktlib.data import Example, collate, format_prompt, load_examples, load_task, tokenize_example
+from pktlib.data import Example, answer_token_budget, collate, format_prompt, load_examples, load_task, tokenize_example
 from pktlib.errors import PktError
 from pktlib.evaluation import HFGenerator, stop_strings
 from pktlib.data.examples import write_examples
@@ -192,12 +192,6 @@ def budget_examples(task: str, budget: str | int) -> tuple[list[Example], str]:
     if not 0 < n <= len(train):
         raise PktError(f"budget N={n} but task {task!r} has {len(train)} train examples")
     return train[:n], f"train:{n}"
-
-
-def _answer_budget(tokenizer, examples: Sequence[Example], margin: float = 1.5) -> int:
-    """New tokens for generated answers: ``margin`` x the longest reference answer (+2 for EOS)."""
-    longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
-    return int(math.ceil(margin * longest)) + 2
 
 
 def teacher_answers(teacher: nn.Module, tokenizer, examples: Sequence[Example], *, max_new_tokens: int,
@@ -351,7 +345,7 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
         lr=float(lr if lr is not None else finetune_defaults(task)[0]), epochs=float(epochs), batch_size=batch_size,
         micro_batch=micro_batch, lora=lora, r=r, alpha=alpha, lmbda=eff_lmbda, beta=m.beta if beta is None else beta,
         temperature=temperature,
-        max_new_tokens=int(max_new_tokens or (_answer_budget(tok, examples) if generates else 0)),
+        max_new_tokens=int(max_new_tokens or (answer_token_budget(tok, [ex.answer for ex in examples], 1.5) if generates else 0)),
         max_length=max_length, seed=seed, teacher_sha256=weights_hash(t_model), student_sha256=weights_hash(s_model),
     )
     out = Path(out_dir)

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pktlib.dashboard import PARADIGMS, POCKET
+from pktlib.dashboard import PARADIGMS, POCKET, Gain
 from pktlib.scorecard import FAMILIES
 
 __all__ = ["plt", "bars", "lines_by_bin", "loss_curves", "loss_bands", "score_change_heatmaps", "layer_profiles",
@@ -371,7 +371,7 @@ def gain_bars(gains: pd.DataFrame, families: Sequence[str], *, title: str | None
 __all__ += ["results_dashboard"]
 
 
-def results_dashboard(gains: Sequence["pktlib.dashboard.Gain"], *,  # noqa: F821
+def results_dashboard(gains: Sequence[Gain], *,
                       width: float = 10.0) -> "plt.Figure":
     """The intro page's figure: per paradigm (rows) and task family (columns), each method's
     gain over the student in points, one bar per source (the paper's pairs first, then the

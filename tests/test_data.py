@@ -161,7 +161,8 @@ def test_tokenize_example_is_the_joined_text_with_prompt_masked(prompt, answer, 
 
 
 def test_every_pair_tokeniser_is_tokenize_example(tokenizer):
-    """Attribution, Seeking, LaTen and fine-tuning read the same ids for a (prompt, answer) pair."""
+    """Attribution, Seeking, LaTen, fine-tuning, the zoo's training and distillation read the same ids for a
+    (prompt, answer) pair."""
     from pktlib.attribution import STRIP_CHARS, _encode
 
     tok = _sentencepiece_tokenizer()
@@ -169,9 +170,11 @@ def test_every_pair_tokeniser_is_tokenize_example(tokenizer):
     assert _encode(tok, [pair])[0] == tok(pair[0] + pair[1].rstrip(STRIP_CHARS))["input_ids"]
     import inspect
 
-    from pktlib import extraction, laten, postalign, zoo
+    from pktlib import distill, postalign, seeking
+    from pktlib.laten import method as laten_method
+    from pktlib.zoo import build as zoo_build
 
-    for mod in (extraction, laten, postalign, zoo):
+    for mod in (seeking, laten_method, postalign, zoo_build, distill):
         src = inspect.getsource(mod)
         assert "tokenize_example(" in src, mod.__name__
         assert "add_special_tokens=False" not in src, mod.__name__  # no separate answer tokenisation

@@ -140,7 +140,7 @@ def test_delta_stats_histograms_and_variants(tokenizer):
     with torch.no_grad():
         for p in chat.parameters():
             p.add_(0.001 * torch.randn_like(p))
-    from pktlib.analysis.deltas import sft_deltas
+    from pktlib.analysis.deltas import delta_stats, sft_deltas
 
     sft = sft_deltas(base, chat)
     seek = {k: 0.2 * torch.randn_like(v) for k, v in sft.items()}
@@ -156,7 +156,7 @@ def test_delta_stats_histograms_and_variants(tokenizer):
     assert counts.shape == (11,) and float(edges[0]) == lo
     assert int(counts.sum()) == sum(v.numel() for k, v in seek.items() if k[1] == "up_proj")
     variants, scale = deltas.injection_variants((chat, tokenizer), (base, tokenizer), sources)
-    assert scale == pytest.approx(similarity.delta_stats(sft).std / similarity.delta_stats(seek).std)
+    assert scale == pytest.approx(delta_stats(sft).std / delta_stats(seek).std)
     assert list(variants)[:2] == ["student-chat", "student-base"]
     assert deltas.sft_roundtrip(variants["student-base + own SFT delta"][0], chat, sft) < 1e-6
     assert deltas.sft_roundtrip(base, chat, sft) > 1e-4

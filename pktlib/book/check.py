@@ -35,7 +35,6 @@ import argparse
 import base64
 import binascii
 import functools
-import http.server
 import json
 import os
 import re

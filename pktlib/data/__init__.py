@@ -19,8 +19,8 @@ from __future__ import annotations
 from pktlib.data.examples import Example, load_examples, write_examples
 from pktlib.data.answers import LETTERS, DECIMAL_REL_TOL, extract_number, numbers_equal, extract_choice
 from pktlib.data.tasks import SPLITS, TASKS, TaskInfo, MBPP_PLUS_HOLDOUT, data_dir, task_info, load_task
-from pktlib.data.tokens import format_prompt, prompt_answer_pairs, Batch, tokenize_example, collate
+from pktlib.data.tokens import Batch, answer_token_budget, collate, format_prompt, prompt_answer_pairs, tokenize_example
 
 __all__ = ["Example", "load_examples", "write_examples", "LETTERS", "DECIMAL_REL_TOL", "extract_number",
            "numbers_equal", "extract_choice", "SPLITS", "TASKS", "TaskInfo", "MBPP_PLUS_HOLDOUT", "data_dir",
-           "task_info", "load_task", "format_prompt", "prompt_answer_pairs", "Batch", "tokenize_example", "collate"]
+           "task_info", "load_task", "format_prompt", "prompt_answer_pairs", "answer_token_budget", "Batch", "tokenize_example", "collate"]

@@ -2,6 +2,7 @@
 string, the prompt masked by character offsets), and batching."""
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -11,7 +12,7 @@ import torch
 from pktlib.errors import PktError
 from pktlib.data.examples import Example
 
-__all__ = ["format_prompt", "prompt_answer_pairs", "Batch", "tokenize_example", "collate"]
+__all__ = ["format_prompt", "prompt_answer_pairs", "answer_token_budget", "Batch", "tokenize_example", "collate"]
 
 
 def format_prompt(messages: Sequence[dict[str, str]], *, tokenizer=None, template: str = "default") -> str:
@@ -128,3 +129,18 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, *, padding_side: str =
     if n_trunc:
         warnings.warn(f"{n_trunc} of {B} examples were truncated to {T} tokens", stacklevel=2)
     return Batch(ids, mask, labels, n_trunc)
+
+
+def answer_token_budget(tokenizer, answers: Sequence[str], margin: float) -> int:
+    """New tokens to allow for generated answers: ``ceil(margin x longest answer) + 2``.
+
+    The longest of ``answers`` is measured in ``tokenizer`` tokens (as the tokenizer encodes a
+    text by default, special tokens included); the 2 leave room for an end-of-sequence token.
+    A damaged model fills any budget with garbage, so the budget follows the reference answers.
+    Raises PktError when ``answers`` is empty or ``margin <= 0``.
+    """
+    if margin <= 0:
+        raise PktError(f"generation margin must be positive, got {margin}")
+    if not answers:
+        raise PktError("no reference answers to size the generation budget from")
+    return int(math.ceil(margin * max(len(tokenizer(a)["input_ids"]) for a in answers))) + 2

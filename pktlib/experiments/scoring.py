@@ -11,11 +11,10 @@ from one pair. They share two rules, kept here once:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from pktlib.data import load_task
+from pktlib.data import answer_token_budget, load_task
 from pktlib.errors import PktError
 from pktlib.evaluation import EvalResult, evaluate
 
@@ -27,18 +26,14 @@ NO_TEACHER_GAP = ("The teacher does not outscore the student on any family in th
 
 
 def generation_budget(tokenizer, task: str, *, limit: int | None, margin: float, split: str = "test") -> int:
-    """New tokens allowed on ``task``: ``ceil(margin x longest reference answer) + 2``.
-
-    The longest answer is taken over the first ``limit`` examples of ``split`` (the ones scored),
-    measured in ``tokenizer`` tokens. Raises PktError if the split is empty or ``margin <= 0``.
+    """New tokens allowed on ``task``: :func:`pktlib.data.answer_token_budget` over the reference
+    answers of the first ``limit`` examples of ``split`` (the ones scored). Raises PktError if the
+    split is empty or ``margin <= 0``.
     """
-    if margin <= 0:
-        raise PktError(f"generation margin must be positive, got {margin}")
     examples = load_task(task, split, limit=limit)
     if not examples:
         raise PktError(f"task {task!r} split {split!r} has no examples (limit={limit})")
-    longest = max(len(tokenizer(e.answer)["input_ids"]) for e in examples)
-    return int(math.ceil(margin * longest)) + 2
+    return answer_token_budget(tokenizer, [e.answer for e in examples], margin)
 
 
 @dataclass

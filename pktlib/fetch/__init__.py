@@ -37,7 +37,6 @@ import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 

@@ -3,7 +3,6 @@ and the assembled GGUF file's sha256 and size. Changing a pin is a reviewed edit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import version
 from typing import Sequence
 
 
