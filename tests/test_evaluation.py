@@ -213,6 +213,7 @@ def test_mbpp_reference_solutions_pass_subset():
 
 
 @pytest.mark.slow
+@pytest.mark.full_benchmark  # all 500 MBPP test references: about two minutes; `make test-all`
 def test_mbpp_reference_solutions_pass_all():
     examples = load_task("mbpp")
     assert [ex.meta["task_id"] for ex in examples] == list(range(11, 511))
@@ -392,42 +393,7 @@ def test_cli_eval_writes_results(tiny_dir, tmp_path, pkt):
     assert code == 1 and err.startswith("error: unknown task")
 
 
-# ---------------------------------------------------------------------------- vLLM agreement
-def _agreement_model(tmp_path_factory) -> str:
-    """The pocket student when the tiny pair is built, else a tiny random Llama (head_dim 64)."""
-    try:
-        from pktlib import zoo
-
-        student = zoo.pair_dir("tiny") / "student-chat"
-        if (student / "config.json").is_file():
-            return str(student)
-    except Exception:  # the zoo is optional here; the random model below is always available
-        pass
-    d = tmp_path_factory.mktemp("tiny-llama-128")
-    tok = make_tokenizer()
-    make_model("llama", tokenizer=tok, hidden_size=128, intermediate_size=256, n_layers=4, n_heads=2,
-               num_key_value_heads=2, max_position_embeddings=512).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-@pytest.mark.slow
-def test_hf_and_vllm_agree(tmp_path_factory):
-    pytest.importorskip("vllm")
-    from pktlib.evaluation import free_engines
-
-    model_dir = _agreement_model(tmp_path_factory)
-    try:
-        results = {b: evaluate(model_dir, "pocket-math", limit=64, backend=b, max_new_tokens=24, progress=False)
-                   for b in ("hf", "vllm")}
-    finally:
-        free_engines()
-    hf, vl = results["hf"].records, results["vllm"].records
-    same = sum(a.completion == b.completion for a, b in zip(hf, vl))
-    assert same >= 0.95 * 64, [(a.completion, b.completion) for a, b in zip(hf, vl) if a.completion != b.completion][:3]
-    assert abs(results["hf"].n_correct - results["vllm"].n_correct) <= 1
-
-
+# ---------------------------------------------------------------------------- vLLM
 def test_engine_key_follows_the_weights_not_the_directory(tmp_path, tokenizer):
     from pktlib.evaluation import engine_key
 
@@ -445,13 +411,15 @@ def test_engine_key_follows_the_weights_not_the_directory(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-def test_vllm_engine_follows_new_weights_and_scores_next_tokens(tmp_path):
+def test_vllm_engine_follows_new_weights_and_agrees_with_hf(tmp_path):
     """After other weights are saved into the same directory, vLLM serves the new model; its
-    next-token log-probabilities match Hugging Face's."""
+    next-token log-probabilities match Hugging Face's, and scoring a task through either backend
+    gives the same completions (one engine start per weights: each start costs most of a minute)."""
     pytest.importorskip("vllm")
     import torch
 
-    from pktlib.evaluation import _ENGINES, free_engines
+    from pktlib.evaluation import free_engines
+    from pktlib.evaluation.backends import _ENGINES
 
     tok = make_tokenizer()
     d = tmp_path / "m"
@@ -474,5 +442,14 @@ def test_vllm_engine_follows_new_weights_and_scores_next_tokens(tmp_path):
             assert sum(a == b for a, b in zip(outs[-1], hf.generate(prompts, 12, []))) >= 3
         assert len(_ENGINES) == 1  # the first engine was shut down when the weights changed
         assert outs[0] != outs[1] and lps[0] != lps[1]
+        # the whole evaluate path, on the engine already serving these weights
+        results = {b: evaluate(str(d) if b == "vllm" else (model, tok), "pocket-math", limit=64, backend=b,
+                               max_new_tokens=24, progress=False) for b in ("hf", "vllm")}
+        assert len(_ENGINES) == 1
     finally:
         free_engines()
+    hf_rec, vl_rec = results["hf"].records, results["vllm"].records
+    same = sum(a.completion == b.completion for a, b in zip(hf_rec, vl_rec))
+    assert same >= 0.95 * 64, [(a.completion, b.completion) for a, b in zip(hf_rec, vl_rec)
+                               if a.completion != b.completion][:3]
+    assert abs(results["hf"].n_correct - results["vllm"].n_correct) <= 1
