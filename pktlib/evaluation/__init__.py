@@ -80,10 +80,10 @@ from pktlib.analysis.stats import PairedTest, paired_test, wilson_interval
 from pktlib.data import LETTERS, extract_choice, extract_number, load_task, numbers_equal, task_info
 from pktlib.errors import PktError
 from pktlib.evaluation.scoring import (DEFAULT_MAX_NEW_TOKENS, extract_code, build_program, truncate_at_stop,
-                                       stop_strings, ExampleRecord, EvalResult, example_rows, score_completions,
+                                       stop_strings, ExampleRecord, EvalResult, example_rows,
                                        score_choice, score_number, score_exact, SCORERS, group_scores)
 from pktlib.evaluation.protocols import (oi_chat_prompt, oi_last_number, oi_exact_match, EvalProtocol, PROTOCOLS,
-                                         get_protocol)
+                                         get_protocol, score_completions)
 from pktlib.evaluation.backends import (Generator, HFGenerator, engine_key, VLLMGenerator, free_engines, model_name,
                                         make_generator, BACKENDS)
 

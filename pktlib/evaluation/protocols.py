@@ -8,12 +8,13 @@ from typing import Any, Callable, Sequence
 
 from pktlib.data import LETTERS, Example, TaskInfo, format_prompt
 from pktlib.errors import PktError
+from pktlib.evaluation.sandbox import ExecResult, run_many
 from pktlib.evaluation.scoring import (DEFAULT_MAX_NEW_TOKENS, extract_code, build_program, test_asserts, stop_strings,
-                                       gold_text, SCORERS)
+                                       gold_text, SCORERS, ExampleRecord)
 
 __all__ = ["OI_GSM_PREFIX", "OI_CODE_INSTRUCTION", "OI_CODE_PREFILL", "OI_HUMANEVAL_STOPS", "OI_MBPP_STOPS",
            "OI_MAX_NEW_TOKENS", "oi_chat_prompt", "oi_last_number", "oi_exact_match", "EvalProtocol", "PROTOCOLS",
-           "get_protocol"]
+           "get_protocol", "score_completions"]
 
 
 OI_GSM_PREFIX = "Answer the following question.\n\n"
@@ -187,3 +188,37 @@ def get_protocol(name: str) -> EvalProtocol:
     if name not in PROTOCOLS:
         raise PktError(f"unknown evaluation protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
+
+
+# ----------------------------------------------------------------------------------------
+# Scoring with a protocol (beside the dispatch it needs)
+
+
+def score_completions(examples: Sequence[Example], completions: Sequence[str], family: str, *,
+                      prompts: Sequence[str] | None = None, workers: int = 2, timeout: float = 10.0,
+                      progress: bool = False, protocol: str = "pkt") -> list[ExampleRecord]:
+    """Score each output of its example with ``protocol``'s scorer for ``family`` (module docstring).
+
+    For the open-instruct protocol's knowledge family an output is the predicted letter.
+    """
+    if len(examples) != len(completions):
+        raise PktError(f"{len(examples)} examples but {len(completions)} completions")
+    proto = get_protocol(protocol)
+    prompts = prompts if prompts is not None else [format_prompt(ex.messages) for ex in examples]
+    records = []
+    if family == "code":
+        programs = [proto.program(c, ex.meta) for ex, c in zip(examples, completions)]
+        results: list[ExecResult] = run_many(programs, workers=workers, timeout=timeout, progress=progress,
+                                             desc="running tests")
+        for ex, p, c, prog, r in zip(examples, prompts, completions, programs, results):
+            gold = "\n".join(test_asserts(ex.meta)) if "tests" in ex.meta else f"check({ex.meta.get('entry_point')})"
+            records.append(ExampleRecord(ex.id, p, c, prog, gold, r.passed, r.status))
+        return records
+    scorers = proto.scorers
+    if family not in scorers:
+        raise PktError(f"the {proto.name} protocol has no scorer for task family {family!r}; "
+                       f"expected one of code, {', '.join(scorers)}")
+    for ex, p, c in zip(examples, prompts, completions):
+        pred, gold, ok = scorers[family](c, ex)
+        records.append(ExampleRecord(ex.id, p, c, pred, gold, ok, group=str(ex.meta.get("subject", ""))))
+    return records

@@ -7,12 +7,11 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pktlib.data import Example, extract_choice, extract_number, format_prompt, numbers_equal
+from pktlib.data import Example, extract_choice, extract_number, numbers_equal
 from pktlib.errors import PktError
-from pktlib.evaluation.sandbox import ExecResult, run_many
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "CHAT_STOPS", "PYTHON_FENCES", "extract_code", "build_program", "test_asserts",
-           "truncate_at_stop", "stop_strings", "ExampleRecord", "EvalResult", "example_rows", "score_completions",
+           "truncate_at_stop", "stop_strings", "ExampleRecord", "EvalResult", "example_rows",
            "gold_text", "score_choice", "score_number", "score_exact", "SCORERS", "group_scores"]
 
 # Long enough for each family's reference answers with room to spare; knowledge needs a letter.
@@ -149,40 +148,6 @@ def example_rows(result: EvalResult, k: int = 3, width: int = 200) -> list[dict[
     recs = [r for r in result.records if r.correct][:k] + [r for r in result.records if not r.correct][:k]
     return [{"id": r.id, "correct": r.correct, "status": r.status, "gold": (r.gold or "")[:80],
              "extracted": (r.extracted or "")[:80], "completion": r.completion[:width]} for r in recs]
-
-
-# ----------------------------------------------------------------------------------------
-# Scoring (the project's protocol)
-
-
-def score_completions(examples: Sequence[Example], completions: Sequence[str], family: str, *,
-                      prompts: Sequence[str] | None = None, workers: int = 2, timeout: float = 10.0,
-                      progress: bool = False, protocol: str = "pkt") -> list[ExampleRecord]:
-    """Score each output of its example with ``protocol``'s scorer for ``family`` (module docstring).
-
-    For the open-instruct protocol's knowledge family an output is the predicted letter.
-    """
-    if len(examples) != len(completions):
-        raise PktError(f"{len(examples)} examples but {len(completions)} completions")
-    proto = get_protocol(protocol)
-    prompts = prompts if prompts is not None else [format_prompt(ex.messages) for ex in examples]
-    records = []
-    if family == "code":
-        programs = [proto.program(c, ex.meta) for ex, c in zip(examples, completions)]
-        results: list[ExecResult] = run_many(programs, workers=workers, timeout=timeout, progress=progress,
-                                             desc="running tests")
-        for ex, p, c, prog, r in zip(examples, prompts, completions, programs, results):
-            gold = "\n".join(test_asserts(ex.meta)) if "tests" in ex.meta else f"check({ex.meta.get('entry_point')})"
-            records.append(ExampleRecord(ex.id, p, c, prog, gold, r.passed, r.status))
-        return records
-    scorers = proto.scorers
-    if family not in scorers:
-        raise PktError(f"the {proto.name} protocol has no scorer for task family {family!r}; "
-                       f"expected one of code, {', '.join(scorers)}")
-    for ex, p, c in zip(examples, prompts, completions):
-        pred, gold, ok = scorers[family](c, ex)
-        records.append(ExampleRecord(ex.id, p, c, pred, gold, ok, group=str(ex.meta.get("subject", ""))))
-    return records
 
 
 def gold_text(ex: Example) -> str:
