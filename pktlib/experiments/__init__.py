@@ -4,12 +4,14 @@ A chapter notebook keeps its parameters, calls into these modules and :mod:`pktl
 comments on the results; everything it computes lives here, under test. One module per chapter
 or concept:
 
-* :mod:`~pktlib.experiments.scoring`: generation budgets and the scorer shared by the transfer grids;
+* :mod:`~pktlib.experiments.scoring`: generation budgets, the scorer shared by the transfer grids and
+  scores cached beside a run;
 * :mod:`~pktlib.experiments.verdict`: when one method beats another (2 s.e. over seeds and McNemar);
 * :mod:`~pktlib.experiments.paper`: the paper's numbers as the chapters show them (from the scorecard);
 * :mod:`~pktlib.experiments.postalign_grid`: the Post-Align grid (Tables 1 and 2);
 * :mod:`~pktlib.experiments.unaligned_grid`: the unaligned Pre-Align grid (Figure 2);
 * :mod:`~pktlib.experiments.laten_sweep`: LaTen's sweeps (Tables 1, 3 and 5);
+* :mod:`~pktlib.experiments.distillation`: the distillation baselines beside LaTen (Tables 7 and 8);
 * :mod:`~pktlib.experiments.locating`: what attribution locates (depth, sparsity, stability);
 * :mod:`~pktlib.experiments.cka`, :mod:`~pktlib.experiments.structural`, :mod:`~pktlib.experiments.deltas`:
   the three faces of neural incompatibility (Figures 3, 4 and 7-9);

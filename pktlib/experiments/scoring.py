@@ -8,17 +8,26 @@ from one pair. They share two rules, kept here once:
   (in tokens of the scoring tokenizer), plus 2;
 * the **teacher gap**: a transfer can only be judged on a family where the teacher outscores the
   student; without such a family a run tests the code, not the question.
+
+Models kept on disk (a chapter's student and teacher, each distilled student) are scored once:
+:func:`cached_score` keeps the score beside the run as JSON, named by :func:`score_path` after
+the weights' hash and the scoring settings, so a rerun reads it back without generating.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pktlib.data import answer_token_budget, load_task
 from pktlib.errors import PktError
 from pktlib.evaluation import EvalResult, evaluate
+from pktlib.models import weights_hash
+from pktlib.records import cpu_seconds, read_json, write_json
 
-__all__ = ["generation_budget", "BudgetedScorer", "families_with_teacher_gap", "NO_TEACHER_GAP"]
+__all__ = ["generation_budget", "BudgetedScorer", "families_with_teacher_gap", "NO_TEACHER_GAP", "CachedScore",
+           "score_path", "cached_score"]
 
 NO_TEACHER_GAP = ("The teacher does not outscore the student on any family in this run (as with the barely "
                   "trained `tiny` preset), so there is no teacher knowledge to transfer: this run tests the "
@@ -62,3 +71,61 @@ class BudgetedScorer:
 def families_with_teacher_gap(student: Mapping[str, float], teacher: Mapping[str, float]) -> list[str]:
     """The families (keys of ``student``, in order) on which the teacher scores higher."""
     return [f for f in student if teacher[f] > student[f]]
+
+
+@dataclass(frozen=True)
+class CachedScore:
+    """A model's score on a task as kept beside its run (:func:`cached_score`).
+
+    ``score``: percent correct (0-100) over ``n`` questions; ``cpu_s``: CPU seconds the scoring
+    took when it ran (the cost from nothing, also when read back); ``correct``: per-question
+    correctness as ``"1"``/``"0"`` characters in the task's order; ``from_cache``: read back
+    rather than scored by this call.
+    """
+
+    score: float
+    n: int
+    cpu_s: float
+    correct: str
+    from_cache: bool = False
+
+    @property
+    def answers(self) -> list[bool]:
+        """Per-question correctness as booleans (for :func:`pktlib.evaluation.paired_test`)."""
+        return [q == "1" for q in self.correct]
+
+
+def score_path(folder: str | os.PathLike, weights: Any, *, limit: int | None, max_new_tokens: int,
+               who: str | None = None, family: str | None = None) -> Path:
+    """``folder/scores-[<who>-]<hash>[-<family>]-n<limit or "all">-t<max_new_tokens>.json``.
+
+    ``weights``: a model folder (hashed over its safetensors files) or an ``nn.Module`` (over its
+    tensors), as :func:`pktlib.models.weights_hash`; the name keeps the hash's first 8 hex digits. Another model, another number of questions or another budget gets
+    another file, so a cached score never stands for different settings.
+    """
+    parts = ["scores", who, weights_hash(weights)[:8], family, f"n{limit or 'all'}", f"t{max_new_tokens}"]
+    return Path(folder) / ("-".join(p for p in parts if p) + ".json")
+
+
+def cached_score(path: str | os.PathLike, model: Any, task: str, *, limit: int | None, max_new_tokens: int,
+                 batch_size: int) -> CachedScore:
+    """Score ``model`` on ``task``'s first ``limit`` test questions once; later calls read ``path``.
+
+    ``model``: ``(model, tokenizer)``, or a function of no argument returning it, called only
+    when the score is not on disk (so a rerun loads no weights). Greedy generation of at most
+    ``max_new_tokens`` new tokens, ``batch_size`` prompts per call
+    (:func:`pktlib.evaluation.evaluate`). The JSON (``score``, ``n``, ``cpu_s``, ``correct``) is
+    written atomically (:func:`pktlib.records.write_json`); the caller names the file after the
+    settings (:func:`score_path`). Raises PktError if ``path`` holds malformed JSON.
+    """
+    path = Path(path)
+    if path.is_file():
+        sc = read_json(path)
+        return CachedScore(float(sc["score"]), int(sc["n"]), float(sc["cpu_s"]), str(sc["correct"]), True)
+    c0 = cpu_seconds()
+    pair = model() if callable(model) else model
+    ev = evaluate(pair, task, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+    out = {"score": ev.score, "n": ev.n, "cpu_s": round(cpu_seconds() - c0, 1),
+           "correct": "".join("1" if r.correct else "0" for r in ev.records)}
+    write_json(path, out)
+    return CachedScore(float(out["score"]), int(out["n"]), float(out["cpu_s"]), out["correct"], False)

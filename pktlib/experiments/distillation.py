@@ -1,0 +1,364 @@
+"""The distillation baselines beside LaTen (paper Section 5.3, Tables 7 and 8).
+
+For each task family, data budget (``"laten"``: the examples LaTen is given; ``N``: the first N
+train examples; :func:`pktlib.distill.budget_examples`), method (supervised KD, SeqKD, GKD;
+:data:`pktlib.distill.METHODS`) and seed, the student is distilled from the teacher
+(:func:`pktlib.distill.distill`, resumable from its run folder) and scored once on the test
+questions (:func:`pktlib.experiments.scoring.cached_score`). :func:`run_grid` returns the runs as
+a tidy table; the functions below it turn that table into the chapter's Table 7/8 analogue, its
+scorecard rows, the paired tests against the student, the comparison with the LaTen chapter's
+rows (Wilson intervals, as that chapter keeps no per-question results), the summary and the cost.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pktlib.data import load_task
+from pktlib.distill import budget_examples, distill
+from pktlib.evaluation import paired_test, wilson_interval
+from pktlib.experiments.scoring import cached_score, families_with_teacher_gap, generation_budget, score_path
+from pktlib.models import weights_hash
+from pktlib.records import read_json
+
+__all__ = ["NOTHING_TO_DISTIL", "budget_label", "budget_id", "run_root", "DistillSetup", "setup", "References",
+           "reference_scores", "DistillRuns", "run_grid", "score_table", "scorecard_rows", "bar_values",
+           "curve_panels", "paired_vs_student", "LatenRows", "laten_rows", "compare_with_laten", "summary",
+           "cost_from_nothing", "cost_text"]
+
+NOTHING_TO_DISTIL = ("The teacher does not outscore the student on any family in this run (as with the barely "
+                     "trained `tiny` preset): there is nothing to distil, and this run tests the code, not the "
+                     "question.")
+
+Pair = tuple[Any, Any]  # (model, tokenizer)
+
+
+def budget_label(budget: str) -> str:
+    """How figures name a budget: ``"matched"`` for ``"laten"``, else ``"N=<budget>"``."""
+    return "matched" if budget == "laten" else f"N={budget}"
+
+
+def budget_id(budget: str) -> str:
+    """How scorecard methods name a budget: ``"matched"`` for ``"laten"``, else ``"n<budget>"``."""
+    return "matched" if budget == "laten" else f"n{budget}"
+
+
+def run_root(base: str | Path, preset: str, student: str | Path, teacher: str | Path) -> Path:
+    """``base/<preset>-<student hash>-<teacher hash>``: one folder of runs per pair build (8 hex digits each)."""
+    return Path(base) / f"{preset}-{weights_hash(student)[:8]}-{weights_hash(teacher)[:8]}"
+
+
+@dataclass
+class DistillSetup:
+    """Per family: training examples per budget, test questions scored, new tokens per answer."""
+
+    sizes: dict[str, dict[str, int]]  # family -> budget -> training examples
+    n_test: dict[str, int]  # family -> test questions scored
+    gen_tokens: dict[str, int]  # family -> generation budget (new tokens)
+
+    def table(self) -> pd.DataFrame:
+        """Columns: families; rows: ``training examples (<budget>)``, ``test questions``, ``new tokens per answer``."""
+        return pd.DataFrame({f: {**{f"training examples ({b})": n for b, n in self.sizes[f].items()},
+                                 "test questions": self.n_test[f], "new tokens per answer": self.gen_tokens[f]}
+                             for f in self.sizes})
+
+
+def setup(tokenizer: Any, *, families: Sequence[str], budgets: Sequence[str], limit: int | None,
+          margin: float) -> DistillSetup:
+    """The budgets' sizes and each family's generation budget
+    (:func:`pktlib.experiments.scoring.generation_budget` on the first ``limit`` test questions).
+
+    Raises PktError (from :func:`pktlib.distill.budget_examples`) for an unknown budget.
+    """
+    return DistillSetup(
+        sizes={f: {b: len(budget_examples(f"pocket-{f}", b)[0]) for b in budgets} for f in families},
+        n_test={f: len(load_task(f"pocket-{f}", "test", limit=limit)) for f in families},
+        gen_tokens={f: generation_budget(tokenizer, f"pocket-{f}", limit=limit, margin=margin) for f in families})
+
+
+@dataclass
+class References:
+    """The student's and the teacher's scores without training, per family."""
+
+    scores: dict[str, dict[str, float]]  # family -> {"student", "teacher"} -> score (0-100)
+    student_correct: dict[str, list[bool]]  # family -> the student's per-question correctness
+    cpu: dict[tuple[str, str], float]  # (family, who) -> CPU seconds of the scoring when it ran
+    seconds: float = 0.0  # wall seconds of this call
+
+    def table(self) -> pd.DataFrame:
+        """Columns: families; rows: student, teacher (scores rounded to 0.1)."""
+        return pd.DataFrame(self.scores).round(1)
+
+    def metrics(self) -> dict[str, Any]:
+        """The record entries ``reference_scores``, ``reference_seconds``, ``reference_cpu_seconds``."""
+        return {"reference_scores": self.scores, "reference_seconds": round(self.seconds, 1),
+                "reference_cpu_seconds": {f"{f}|{w}": c for (f, w), c in self.cpu.items()}}
+
+
+def reference_scores(student: Pair, teacher: Pair, *, paths: Mapping[str, str | Path], root: str | Path,
+                     families: Sequence[str], gen_tokens: Mapping[str, int], limit: int | None,
+                     batch_size: int) -> References:
+    """Score the student and the teacher on each family once, kept in ``root`` (:func:`cached_score`).
+
+    ``student``/``teacher``: ``(model, tokenizer)``, both scored with the teacher's tokenizer (the
+    pair shares it); ``paths``: ``{"student": folder, "teacher": folder}``, whose weights name the
+    cached files ``scores-<who>-<hash>-<family>-n<limit>-t<tokens>.json``.
+    """
+    t0 = time.perf_counter()
+    tok = teacher[1]
+    models = {"student": student[0], "teacher": teacher[0]}
+    scores: dict[str, dict[str, float]] = {}
+    correct, cpu = {}, {}
+    for fam in families:
+        for who in ("student", "teacher"):
+            path = score_path(root, paths[who], limit=limit, max_new_tokens=gen_tokens[fam], who=who, family=fam)
+            sc = cached_score(path, (models[who], tok), f"pocket-{fam}", limit=limit,
+                              max_new_tokens=gen_tokens[fam], batch_size=batch_size)
+            scores.setdefault(fam, {})[who] = sc.score
+            cpu[(fam, who)] = sc.cpu_s
+            if who == "student":
+                correct[fam] = sc.answers
+    return References(scores, correct, cpu, time.perf_counter() - t0)
+
+
+@dataclass
+class DistillRuns:
+    """Every distillation run of the grid, scored."""
+
+    results: pd.DataFrame  # one row per (family, budget, method, seed): score, n, ..., correct
+    curves: dict[tuple[str, str], dict[str, list[tuple[int, float]]]]  # (budget, family) -> label -> loss per step
+    seconds: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def n_from_record(self) -> int:
+        """Trainings read back from finished run folders."""
+        return int(self.results.from_record.sum()) if len(self.results) else 0
+
+    def metrics(self) -> dict[str, Any]:
+        """The record entries ``distill_runs``, ``runs_seconds``, ``training_curves``."""
+        return {"distill_runs": self.rows, "runs_seconds": round(self.seconds, 1),
+                "training_curves": {f"{b}|{f}|{label}": c for (b, f), d in self.curves.items()
+                                    for label, c in d.items()}}
+
+
+def run_grid(student: Pair, teacher: Pair, *, root: str | Path, families: Sequence[str], budgets: Sequence[str],
+             methods: Sequence[str], seeds: Sequence[int], epochs: float, batch_size: int, lr: float | None,
+             gen_tokens: Mapping[str, int], limit: int | None, eval_batch: int,
+             progress: bool = True) -> DistillRuns:
+    """Distil and score every (family, budget, method, seed); runs resume from their folders.
+
+    Run folders are ``root/<family>-<budget>-<method>-s<seed>-e<epochs>-b<batch_size>``; each
+    distilled student is scored with the teacher's tokenizer and kept as
+    ``scores-<hash>-n<limit>-t<tokens>.json`` in its run folder, loaded only when not scored yet.
+    Columns of ``results``: family, budget, method, seed, score (0-100), n, examples, steps, lr,
+    final_loss, train_cpu_s, eval_cpu_s (CPU seconds when they ran), from_record, correct.
+    """
+    tok = teacher[1]
+    runs = [(f, b, m, sd) for f in families for b in budgets for m in methods for sd in seeds]
+    rows, curves = [], {}
+    t0 = time.perf_counter()
+    for fam, budget, method, sd in tqdm(runs, desc="distillation runs", disable=not progress):
+        task = f"pocket-{fam}"
+        res_dir = Path(root) / f"{fam}-{budget}-{method}-s{sd}-e{epochs:g}-b{batch_size}"
+        res = distill(student, teacher, task, method=method, budget=budget, lr=lr, epochs=epochs,
+                      batch_size=batch_size, micro_batch=batch_size, seed=sd, progress=False, out_dir=res_dir)
+        path = score_path(res_dir, res.student_dir, limit=limit, max_new_tokens=gen_tokens[fam])
+        sc = cached_score(path, lambda res=res: (res.load_student()[0], tok), task, limit=limit,
+                          max_new_tokens=gen_tokens[fam], batch_size=eval_batch)
+        rows.append({"family": fam, "budget": budget, "method": method, "seed": sd, "score": sc.score, "n": sc.n,
+                     "examples": res.config.n_examples, "steps": res.steps, "lr": res.config.lr,
+                     "final_loss": res.final_loss, "train_cpu_s": res.cpu_s, "eval_cpu_s": sc.cpu_s,
+                     "from_record": res.from_record, "correct": sc.correct})
+        curves.setdefault((budget, fam), {})[f"{method} (seed {sd})"] = res.curve()
+    return DistillRuns(pd.DataFrame(rows), curves, time.perf_counter() - t0, rows)
+
+
+def _agg(results: pd.DataFrame) -> pd.DataFrame:
+    return results.groupby(["method", "budget", "family"]).score.agg(["mean", "std"])
+
+
+def score_table(results: pd.DataFrame, refs: Mapping[str, Mapping[str, float]], *, families: Sequence[str],
+                budgets: Sequence[str], methods: Sequence[str]) -> tuple[pd.DataFrame, dict[str, list[float]]]:
+    """(the Table 7/8 analogue for display, the same as numbers).
+
+    Display: columns families; rows ``student``, ``teacher``, then ``<method> (<budget>)`` as the
+    mean over seeds, ``"mean ± std"`` when there are several seeds. Numbers:
+    ``{"<method>|<budget>|<family>": [mean, std]}`` (std over seeds, ddof 1; NaN with one seed).
+    """
+    agg = _agg(results)
+    several = results.seed.nunique() > 1
+    table = pd.DataFrame({f: {"student": f"{refs[f]['student']:.1f}", "teacher": f"{refs[f]['teacher']:.1f}",
+                              **{f"{m} ({b})": f"{agg.loc[(m, b, f), 'mean']:.1f}"
+                                 + (f" ± {agg.loc[(m, b, f), 'std']:.1f}" if several else "")
+                                 for b in budgets for m in methods}} for f in families})
+    numbers = {f"{m}|{b}|{f}": [float(agg.loc[(m, b, f), "mean"]), float(agg.loc[(m, b, f), "std"])]
+               for m in methods for b in budgets for f in families}
+    return table, numbers
+
+
+def scorecard_rows(results: pd.DataFrame, *, pair: str, families: Sequence[str], budgets: Sequence[str],
+                   methods: Sequence[str], n_test: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Scorecard rows ``distill-<method>-<budget id>`` (:func:`budget_id`; mean over seeds) per family."""
+    agg = _agg(results)
+    return [{"method": f"distill-{m}-{budget_id(b)}", "task": f"pocket-{f}", "pair": pair,
+             "score": float(agg.loc[(m, b, f), "mean"]), "n": n_test[f]}
+            for m in methods for b in budgets for f in families]
+
+
+def bar_values(results: pd.DataFrame, refs: Mapping[str, Mapping[str, float]], *, families: Sequence[str],
+               budgets: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
+    """Keyword arguments of :func:`pktlib.plots.grouped_bars`: panels ``pocket-<family>``, groups
+    :func:`budget_label`, bars methods (mean over seeds, std as error), student and teacher as lines."""
+    agg = _agg(results)
+    return {"values": {f"pocket-{f}": {budget_label(b): {m: agg.loc[(m, b, f), "mean"] for m in methods}
+                                       for b in budgets} for f in families},
+            "errors": {f"pocket-{f}": {budget_label(b): {m: agg.loc[(m, b, f), "std"] for m in methods}
+                                       for b in budgets} for f in families},
+            "references": {f"pocket-{f}": {"student": refs[f]["student"], "teacher": refs[f]["teacher"]}
+                           for f in families}}
+
+
+def curve_panels(runs: DistillRuns, *, families: Sequence[str],
+                 budgets: Sequence[str]) -> dict[tuple[str, str], dict[str, list[tuple[int, float]]]]:
+    """Training curves keyed ``(budget label, "pocket-<family>")`` for :func:`pktlib.plots.curve_grid`."""
+    return {(budget_label(b), f"pocket-{f}"): runs.curves[(b, f)] for b in budgets for f in families}
+
+
+def paired_vs_student(results: pd.DataFrame, refs: Mapping[str, Mapping[str, float]],
+                      student_correct: Mapping[str, Sequence[bool]], *, alpha: float = 0.05) -> pd.DataFrame:
+    """Each (family, budget, method) against the student: exact McNemar over the same questions.
+
+    Each seed's run is paired with the one student and the seeds pooled (the student's
+    correctness repeated once per seed). Columns: family, budget, method, gap (mean score minus
+    the student's, points, 1 decimal), only distilled, only student (discordant questions), p,
+    verdict (``"better"``/``"worse"`` by the sign of the gap when p < ``alpha``, else
+    ``"no difference"``). Rows sorted by family, budget, method. Raises PktError (from
+    :func:`pktlib.evaluation.paired_test`) when a run scored other questions than the student.
+    """
+    rows = []
+    for (fam, budget, method), g in results.groupby(["family", "budget", "method"]):
+        a = [q == "1" for q in "".join(g.sort_values("seed").correct)]
+        pt = paired_test(a, list(student_correct[fam]) * len(g))
+        gap = g.score.mean() - refs[fam]["student"]
+        rows.append({"family": fam, "budget": budget, "method": method, "gap": round(gap, 1),
+                     "only distilled": pt.a_only, "only student": pt.b_only, "p": pt.p_value,
+                     "verdict": ("better" if gap > 0 else "worse") if pt.p_value < alpha else "no difference"})
+    return pd.DataFrame(rows, columns=["family", "budget", "method", "gap", "only distilled", "only student", "p",
+                                       "verdict"])
+
+
+@dataclass
+class LatenRows:
+    """The LaTen chapter's scorecard rows, when its record exists and was run on the same pair."""
+
+    found: bool  # the record exists
+    same_pair: bool  # its teacher and student have the same weights' sha256 as this run's
+    rows: dict[str, dict[str, tuple[float, int]]]  # family -> LaTen method -> (score 0-100, questions)
+
+    def note(self, record: str | Path) -> str | None:
+        """Markdown saying why no LaTen rows are shown, or None when they are."""
+        if not self.found:
+            return f"No LaTen record at `{record}`: execute the LaTen chapter first to fill this section."
+        if not self.same_pair:
+            return (f"The LaTen record at `{record}` was run on another pocket pair; its rows are not set "
+                    "beside these.")
+        return None
+
+
+def laten_rows(record: str | Path, *, teacher: str | Path, student: str | Path,
+               families: Sequence[str]) -> LatenRows:
+    """Read the LaTen rows (scorecard methods starting ``laten``) of ``families`` from ``record``.
+
+    The rows count only if the record's ``models.teacher``/``models.student`` ``weights_sha256``
+    equal :func:`pktlib.models.weights_hash` of ``teacher``/``student`` (model folders). A missing
+    record gives ``found=False``; raises PktError if it holds malformed JSON.
+    """
+    path = Path(record)
+    laten = read_json(path) if path.is_file() else None
+    same = bool(laten) and all((laten.get("models") or {}).get(r, {}).get("weights_sha256") == weights_hash(p)
+                               for r, p in (("teacher", teacher), ("student", student)))
+    rows: dict[str, dict[str, tuple[float, int]]] = {}
+    if same:
+        for row in (laten.get("metrics") or {}).get("scorecard", []):
+            fam = row.get("task", "").removeprefix("pocket-")
+            if row.get("method", "").startswith("laten") and fam in families:
+                rows.setdefault(fam, {})[row["method"]] = (float(row["score"]), int(row.get("n") or 0))
+    return LatenRows(bool(laten), same, rows)
+
+
+def compare_with_laten(results: pd.DataFrame, laten: LatenRows, *, methods: Sequence[str]) -> pd.DataFrame:
+    """Each LaTen row against each method at the matched budget, by Wilson 95% intervals.
+
+    The distilled score is the mean over seeds, its questions the sum over seeds. Verdict:
+    ``"LaTen higher"`` / ``"distillation higher"`` when the intervals do not overlap, else
+    ``"overlap"``. Empty when there are no LaTen rows or the matched budget (``"laten"``) was not run.
+    """
+    best = results[results.budget == "laten"].groupby(["family", "method"]).agg(score=("score", "mean"),
+                                                                                 n=("n", "sum"))
+    rows = []
+    for fam, by_method in laten.rows.items():
+        for lname, (lscore, ln) in by_method.items():
+            lo, hi = wilson_interval(round(lscore * ln / 100), ln)
+            for method in methods:
+                if (fam, method) not in best.index:
+                    continue
+                s, n = best.loc[(fam, method), "score"], int(best.loc[(fam, method), "n"])
+                dlo, dhi = wilson_interval(round(s * n / 100), n)
+                rows.append({"family": fam, "LaTen row": lname, "LaTen": round(lscore, 1), "LaTen n": ln,
+                             "LaTen 95%": f"[{lo:.1f}, {hi:.1f}]", "method (matched)": method,
+                             "distilled": round(s, 1), "distilled 95%": f"[{dlo:.1f}, {dhi:.1f}]",
+                             "verdict": ("LaTen higher" if lo > dhi else "distillation higher" if dlo > hi
+                                         else "overlap")})
+    return pd.DataFrame(rows)
+
+
+def summary(tests: pd.DataFrame, compare: pd.DataFrame, refs: Mapping[str, Mapping[str, float]], *,
+            families: Sequence[str], budgets: Sequence[str], methods: Sequence[str]) -> tuple[list[str], str]:
+    """(one markdown line per family and budget, the conclusion) from :func:`paired_vs_student`
+    and :func:`compare_with_laten`; :data:`NOTHING_TO_DISTIL` when the teacher outscores the
+    student on no family."""
+    lines = []
+    for fam in families:
+        for budget in budgets:
+            t = tests[(tests.family == fam) & (tests.budget == budget)].set_index("method")
+            name = "matched budget" if budget == "laten" else f"N = {budget}"
+            parts = [f"{m} {t.loc[m, 'gap']:+.1f} (p = {t.loc[m, 'p']:.2g}, {t.loc[m, 'verdict']})" for m in methods]
+            lines.append(f"- **pocket-{fam}, {name}** (teacher {refs[fam]['teacher'] - refs[fam]['student']:+.1f} "
+                         f"over the student): " + "; ".join(parts))
+    helped, hurt = (tests.verdict == "better").sum(), (tests.verdict == "worse").sum()
+    text = (f"Against the student, {helped} of {len(tests)} method/budget/family runs score higher and {hurt} "
+            f"lower by the paired test (p < 0.05); the others do not differ from it.")
+    if len(compare):
+        text += (f" Beside the LaTen rows of the LaTen chapter, at the matched budget: "
+                 f"{(compare.verdict == 'LaTen higher').sum()} comparisons favour LaTen, "
+                 f"{(compare.verdict == 'distillation higher').sum()} favour distillation and "
+                 f"{(compare.verdict == 'overlap').sum()} overlap.")
+    if not families_with_teacher_gap({f: refs[f]["student"] for f in families},
+                                     {f: refs[f]["teacher"] for f in families}):
+        text = NOTHING_TO_DISTIL
+    return lines, text
+
+
+def cost_from_nothing(runs: DistillRuns, refs: References) -> dict[str, float]:
+    """CPU seconds of the chapter from nothing, as stored when each step ran (a rerun reads them back).
+
+    Keys: ``training``, ``scoring`` (the distilled students), ``student and teacher``.
+    """
+    return {"training": float(runs.results.train_cpu_s.sum()), "scoring": float(runs.results.eval_cpu_s.sum()),
+            "student and teacher": float(sum(refs.cpu.values()))}
+
+
+def cost_text(cost: Mapping[str, float], *, threads: int, chapter_s: float, cpu_s: float, n_from_record: int,
+              n_runs: int) -> str:
+    """The chapter's cost sentence: from nothing (:func:`cost_from_nothing`) and this execution, in minutes."""
+    return (f"Cost from nothing: {sum(cost.values()) / 60:.1f} CPU-minutes (training "
+            f"{cost['training'] / 60:.1f}, scoring the distilled students {cost['scoring'] / 60:.1f}, "
+            f"the student and teacher {cost['student and teacher'] / 60:.1f}), torch on "
+            f"{threads} threads. This execution: {chapter_s / 60:.1f} minutes, "
+            f"{cpu_s / 60:.1f} CPU-minutes ({n_from_record} of {n_runs} trainings read back from finished runs).")
