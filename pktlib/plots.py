@@ -440,13 +440,11 @@ def grouped_bars(values, *, errors=None, references=None, ylabel: str = "score (
                  width: float = 4.2, height: float = 3.2):
     """One panel per key of ``values``; in each, groups of bars: ``values[panel][group][bar]``.
 
-    ``errors`` has the same nesting (error-bar half widths, e.g. one std over seeds; missing or
-    NaN: none). ``references[panel]`` maps a label to a value drawn as a horizontal line
-    (e.g. the student's and the teacher's scores). Bars keep the order of first appearance.
-    Returns the Figure.
+    ``errors`` has the same nesting (error-bar half widths, e.g. one std over seeds, or
+    ``(below, above)`` pairs, e.g. a score's interval; missing or NaN: none). ``references[panel]``
+    maps a label to a value drawn as a horizontal line (e.g. the student's and the teacher's
+    scores). Bars keep the order of first appearance. Returns the Figure.
     """
-
-
     panels = list(values)
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
     styles = [dict(color="gray", ls=":"), dict(color="tab:red", ls="--"), dict(color="tab:green", ls="-."),
@@ -459,8 +457,9 @@ def grouped_bars(values, *, errors=None, references=None, ylabel: str = "score (
             x = np.arange(len(groups)) + (i - (len(bars) - 1) / 2) * w
             y = [values[panel][g].get(bar, np.nan) for g in groups]
             e = [((errors or {}).get(panel, {}).get(g, {}) or {}).get(bar, np.nan) for g in groups]
-            e = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in e]
-            ax.bar(x, y, w, yerr=e, capsize=2, label=bar)
+            e = [(0.0, 0.0) if v is None or (isinstance(v, float) and math.isnan(v))
+                 else tuple(v) if isinstance(v, (tuple, list)) else (v, v) for v in e]
+            ax.bar(x, y, w, yerr=np.array(e, dtype=float).T, capsize=2, label=bar)
         for j, (label, v) in enumerate(((references or {}).get(panel) or {}).items()):
             ax.axhline(v, lw=1.2, label=label, **styles[j % len(styles)])
         ax.set_xticks(np.arange(len(groups)), groups)
