@@ -459,7 +459,7 @@ def grouped_bars(values, *, errors=None, references=None, ylabel: str = "score (
             e = [((errors or {}).get(panel, {}).get(g, {}) or {}).get(bar, np.nan) for g in groups]
             e = [(0.0, 0.0) if v is None or (isinstance(v, float) and math.isnan(v))
                  else tuple(v) if isinstance(v, (tuple, list)) else (v, v) for v in e]
-            ax.bar(x, y, w, yerr=np.array(e, dtype=float).T, capsize=2, label=bar)
+            ax.bar(x, y, w, yerr=[[float(lo) for lo, _ in e], [float(hi) for _, hi in e]], capsize=2, label=bar)
         for j, (label, v) in enumerate(((references or {}).get(panel) or {}).items()):
             ax.axhline(v, lw=1.2, label=label, **styles[j % len(styles)])
         ax.set_xticks(np.arange(len(groups)), groups)
