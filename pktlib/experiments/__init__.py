@@ -16,6 +16,7 @@ or concept:
 * :mod:`~pktlib.experiments.cka`, :mod:`~pktlib.experiments.structural`, :mod:`~pktlib.experiments.deltas`:
   the three faces of neural incompatibility (Figures 3, 4 and 7-9);
 * :mod:`~pktlib.experiments.real_model`: attribution on a pre-trained model;
+* :mod:`~pktlib.experiments.measurement`: the Evaluation chapter (scorer checks, backends, protocols);
 * :mod:`~pktlib.experiments.overview`, :mod:`~pktlib.experiments.pocket`: the pairs and tasks;
 * :mod:`~pktlib.experiments.scale`: commands and memory for the paper's real pairs;
 * :mod:`~pktlib.experiments.gains`: gains over the student for the scorecard.
