@@ -141,3 +141,21 @@ def test_structural_delta_and_gain_figures():
                           "gain": [3.0, 4.4]})
     fig = plots.gain_bars(gains, ["knowledge", "math"])
     assert len(fig.axes[1].patches) == 2 and not fig.axes[0].patches
+
+
+def test_pair_gap_draws_scores_intervals_and_paper_markers():
+    table = pd.DataFrame({"teacher": [60.0, 40.0], "teacher_lo": [50.0, 30.0], "teacher_hi": [70.0, 50.0],
+                          "student": [50.0, 45.0], "student_lo": [40.0, 35.0], "student_hi": [60.0, 55.0],
+                          "gap": [10.0, -5.0], "gap_lo": [2.0, -12.0], "gap_hi": [18.0, 2.0]},
+                         index=["GSM8K", "MMLU"])
+    paper = pd.DataFrame({"Qwen": [11.2, np.nan], "Llama": [4.5, 8.7]}, index=["GSM8K", "MMLU"])
+    fig = plots.pair_gap(table, paper, title="gap")
+    left, right = _visible_axes(fig)
+    assert [round(p.get_height(), 1) for p in left.patches] == [60.0, 40.0, 50.0, 45.0]
+    assert [t.get_text() for t in right.get_xticklabels()] == ["GSM8K", "MMLU"]
+    assert list(right.lines[0].get_ydata()) == [10.0, -5.0]  # the gaps
+    labels = right.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["paper: Llama", "paper: Qwen", "this pair (paired 95% interval)"]
+    offsets = right.collections[-1].get_offsets()
+    assert [round(float(v), 1) for v in offsets[:, 1]] == [4.5, 8.7]
+    assert fig._suptitle.get_text() == "gap"

