@@ -181,7 +181,7 @@ def score_model(model_dir: str | Path, task: str, indices: Sequence[int], *, set
 
 
 def score_pair(pair: str | Pair, limits: Mapping[str, int | None], *, settings: ScoreSettings = ScoreSettings(),
-               subset_seed: int = 0, root: str | Path | None = None, chunk: int = 16, progress: bool = True,
+               subset_seed: int = 0, root: str | Path | None = None, chunk: int = 20, progress: bool = True,
                roles: Sequence[str] = ("teacher", "student")) -> dict[str, dict[str, EvalResult]]:
     """``{role: {task: EvalResult}}``: both models of ``pair`` on the ``subset_indices`` of each task.
 
