@@ -1,7 +1,7 @@
 """Where the time of attribution goes at a 152k vocabulary: the real pair's teacher beside the pocket teacher.
 
-    .venv/bin/python benchmarks/real_pair_attribution.py [--n 2] [--layers 1] [--threads 2]
-        [--pocket-preset default] [--models teacher,student] [--chunk 1024] [--out results.json]
+    .venv/bin/python benchmarks/real_pair_attribution.py [--n 2] [--layers 1] [--fraction 0.25]
+        [--threads 2] [--pocket-preset default] [--models teacher,student] [--chunk 1024] [--out results.json]
 
 For each model, in one run: ``--n`` GSM8K extract examples are attributed phase by phase, as
 :func:`pktlib.attribution.attribute` does it:
@@ -12,8 +12,9 @@ For each model, in one run: ``--n`` GSM8K extract examples are attributed phase 
 * ``lse``: per layer and example, the log-sum-exp over the vocabulary for every neuron
   (``V x (N + A)`` exponentials).
 
-On the real models only ``--layers`` layers (the last ones) are scored and the per-layer
-times are extrapolated to all layers; on the pocket teacher every layer is, and the full
+On the real models only the first ``--fraction`` of the neurons of ``--layers`` layers (the last
+ones) are scored, and the times are extrapolated linearly to every neuron of every layer (both
+phases are linear in the number of neurons and of layers); on the pocket teacher every layer is, and the full
 :func:`~pktlib.attribution.attribute` call is timed too, to check the phase sum against it.
 It prints the phases side by side with the ratios to the pocket teacher, and the ratios the
 shapes predict (``L x V x d x (N + A)`` for U, ``L x V x (N + A)`` per example for lse).
@@ -39,8 +40,9 @@ from pktlib.pairs import get_pair  # noqa: E402
 
 
 @torch.no_grad()
-def phases(model, tok, pairs, *, layers: int | None, chunk: int) -> dict:
-    """Seconds of each phase for ``pairs`` (scoring ``layers`` last layers, None: all) and the shapes."""
+def phases(model, tok, pairs, *, layers: int | None, chunk: int, fraction: float = 1.0) -> dict:
+    """Seconds of each phase for ``pairs`` (scoring the first ``fraction`` of the neurons of the
+    ``layers`` last layers, None: all, extrapolated to the whole model) and the shapes."""
     s = spec(model)
     lens = LogitLens.of(model, s)
     seqs = A._encode(tok, pairs)
@@ -55,6 +57,8 @@ def phases(model, tok, pairs, *, layers: int | None, chunk: int) -> dict:
         x, r = rec.x[:, l], rec.x[:, l] + rec.attn_out[:, l]
         for kind, base, coef in (("attn", x, rec.attn_coef[:, l]), ("ffn", r, rec.ffn_coef[:, l])):
             W = s.weight(model, l, VALUE_MODULES[kind]).detach()
+            keep = max(1, int(round(W.shape[1] * fraction)))
+            W, coef = W[:, :keep], coef[:, :keep]
             t0 = time.perf_counter()
             for c0 in range(0, W.shape[1], chunk):  # U alone, in the same chunks
                 lens.directions_t(W[:, c0:c0 + chunk])
@@ -63,9 +67,10 @@ def phases(model, tok, pairs, *, layers: int | None, chunk: int) -> dict:
             t2 = time.perf_counter()
             u_s += t1 - t0
             lse_s += max(0.0, (t2 - t1) - (t1 - t0))
-    k = s.n_layers / len(scored)
+    k = s.n_layers / len(scored) / fraction
     return {"vocab": s.vocab_size, "hidden": s.hidden_size, "neurons_per_layer": s.intermediate_size + s.attn_size,
-            "layers": s.n_layers, "layers_timed": len(scored), "examples": len(pairs),
+            "layers": s.n_layers, "layers_timed": len(scored), "neuron_fraction_timed": fraction,
+            "examples": len(pairs),
             "forward_s": round(forward, 3), "U_s": round(u_s * k, 2), "lse_s": round(lse_s * k, 2),
             "total_s": round(forward + (u_s + lse_s) * k, 2)}
 
@@ -74,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--layers", type=int, default=1, help="layers of the real models scored (then extrapolated)")
+    ap.add_argument("--fraction", type=float, default=0.25, help="share of each timed layer's neurons (real models)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pocket-preset", default="default")
     ap.add_argument("--models", default="teacher", help="real-pair roles to time: teacher, student or both")
@@ -94,12 +100,13 @@ def main() -> None:
         t0 = time.perf_counter()
         model, tok = load_model(getattr(real, role))
         load_s = time.perf_counter() - t0
-        rows[f"real {role}"] = {**phases(model, tok, pairs, layers=args.layers, chunk=args.chunk),
+        rows[f"real {role}"] = {**phases(model, tok, pairs, layers=args.layers, chunk=args.chunk,
+                                         fraction=args.fraction),
                                 "load_s": round(load_s, 1)}
         del model
     base = rows["pocket teacher"]
     print(f"attribution of {args.n} GSM8K extract examples, {args.threads} threads; real models: "
-          f"{args.layers} layer(s) timed, extrapolated to all")
+          f"{args.fraction:.0%} of the neurons of {args.layers} layer(s) timed, extrapolated to all")
     head = ("model", "V", "d", "N+A", "L", "forward s", "U s", "lse s", "total s", "x pocket", "U x shapes", "lse x shapes")
     print("  ".join(f"{h:>14}" for h in head))
     for name, r in rows.items():
