@@ -71,8 +71,8 @@ def phases(model, tok, pairs, *, layers: int | None, chunk: int, fraction: float
     return {"vocab": s.vocab_size, "hidden": s.hidden_size, "neurons_per_layer": s.intermediate_size + s.attn_size,
             "layers": s.n_layers, "layers_timed": len(scored), "neuron_fraction_timed": fraction,
             "examples": len(pairs),
-            "forward_s": round(forward, 3), "U_s": round(u_s * k, 2), "lse_s": round(lse_s * k, 2),
-            "total_s": round(forward + (u_s + lse_s) * k, 2)}
+            "forward_s": round(forward, 4), "U_s": round(u_s * k, 4), "lse_s": round(lse_s * k, 4),
+            "total_s": round(forward + (u_s + lse_s) * k, 4)}
 
 
 def main() -> None:
