@@ -107,7 +107,8 @@ def main() -> None:
     base = rows["pocket teacher"]
     print(f"attribution of {args.n} GSM8K extract examples, {args.threads} threads; real models: "
           f"{args.fraction:.0%} of the neurons of {args.layers} layer(s) timed, extrapolated to all")
-    head = ("model", "V", "d", "N+A", "L", "forward s", "U s", "lse s", "total s", "x pocket", "U x shapes", "lse x shapes")
+    head = ("model", "V", "d", "N+A", "L", "forward s", "U s", "lse s", "total s", "x pocket", "U x shapes",
+            "lse x shapes")
     print("  ".join(f"{h:>14}" for h in head))
     for name, r in rows.items():
         u_pred = (r["layers"] * r["vocab"] * r["hidden"] * r["neurons_per_layer"]) / (

@@ -29,8 +29,8 @@ import yaml
 from pktlib.errors import PktError
 from pktlib.records import record_path, run_notebook
 
-__all__ = ["toc_entries", "notebook_chapters", "optional_need", "stale_reason", "parameter_drift", "non_default_chapters",
-           "execute_all", "book_toc", "build_book"]
+__all__ = ["toc_entries", "notebook_chapters", "optional_need", "stale_reason", "parameter_drift",
+           "non_default_chapters", "execute_all", "book_toc", "build_book"]
 
 
 def toc_entries(root: str | Path = ".") -> list[str]:

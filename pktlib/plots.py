@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 __all__ = ["plt", "bars", "lines_by_bin", "loss_curves", "loss_bands", "score_change_heatmaps", "layer_profiles",
            "neuron_heatmaps", "stability_curves", "heatmap_grid", "score_vs_step", "score_vs_rate", "loss_gain",
-           "structural_cosines", "delta_histograms", "quantile_curves", "gain_bars", "results_dashboard", "pair_gap"]
+           "structural_cosines", "delta_histograms", "quantile_curves", "gain_bars", "results_dashboard"]
 
 ROLE_STYLES = {"teacher": "-o", "student": "--s"}
 KIND_LABELS = {"ffn": "FFN", "attn": "attention"}
@@ -438,9 +438,9 @@ def grouped_bars(values, *, errors=None, references=None, ylabel: str = "score (
                  width: float = 4.2, height: float = 3.2):
     """One panel per key of ``values``; in each, groups of bars: ``values[panel][group][bar]``.
 
-    ``errors`` has the same nesting (error-bar half widths, e.g. one std over seeds; missing or
-    NaN: none). ``references[panel]`` maps a label to a value drawn as a horizontal line
-    (e.g. the student's and the teacher's scores). Bars keep the order of first appearance.
+    ``errors`` has the same nesting (half widths, e.g. one std over seeds, or ``(below, above)``
+    for an asymmetric interval; missing or NaN: none). ``references[panel]`` maps a label to a
+    value drawn as a horizontal line (e.g. the student's and the teacher's scores). Bars keep the order of first appearance.
     Returns the Figure.
     """
     import math
@@ -459,7 +459,8 @@ def grouped_bars(values, *, errors=None, references=None, ylabel: str = "score (
             x = np.arange(len(groups)) + (i - (len(bars) - 1) / 2) * w
             y = [values[panel][g].get(bar, np.nan) for g in groups]
             e = [((errors or {}).get(panel, {}).get(g, {}) or {}).get(bar, np.nan) for g in groups]
-            e = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in e]
+            e = np.array([(0.0, 0.0) if v is None or (isinstance(v, float) and math.isnan(v)) else
+                          (v, v) if np.isscalar(v) else tuple(v) for v in e], dtype=float).T  # (2, groups)
             ax.bar(x, y, w, yerr=e, capsize=2, label=bar)
         for j, (label, v) in enumerate(((references or {}).get(panel) or {}).items()):
             ax.axhline(v, lw=1.2, label=label, **styles[j % len(styles)])
@@ -495,39 +496,5 @@ def curve_grid(curves, *, xlabel: str = "step", ylabel: str = "loss", width: flo
                 ax.set_yscale("log")
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def pair_gap(table: pd.DataFrame, paper: pd.DataFrame | None = None, *, title: str | None = None) -> Figure:
-    """Two panels from :func:`pktlib.experiments.real_pair.gap_table` (one row per benchmark).
-
-    Left: the teacher's and the student's scores with their 95% intervals (columns ``teacher``,
-    ``teacher_lo``, ``teacher_hi``, likewise ``student``). Right: the gap (teacher - student)
-    with its paired 95% interval (``gap``, ``gap_lo``, ``gap_hi``), and each column of ``paper``
-    (reference name -> gap per benchmark, NaN where unreported) as a marker.
-    """
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    x = np.arange(len(table))
-    for i, role in enumerate(("teacher", "student")):
-        y = table[role].to_numpy(float)
-        err = np.vstack([y - table[f"{role}_lo"].to_numpy(float), table[f"{role}_hi"].to_numpy(float) - y])
-        left.bar(x + (i - 0.5) * 0.38, y, 0.38, yerr=err, capsize=3, label=role)
-    left.set_xticks(x, table.index)
-    left.set_ylabel("score (%)")
-    left.legend(fontsize=8)
-    left.set_title("scores (95% Wilson intervals)", fontsize=10)
-    gap = table["gap"].to_numpy(float)
-    err = np.vstack([gap - table["gap_lo"].to_numpy(float), table["gap_hi"].to_numpy(float) - gap])
-    right.errorbar(x, gap, yerr=err, fmt="o", color="black", capsize=4, label="this pair (paired 95% interval)")
-    right.axhline(0, color="grey", ls=":", lw=1)
-    for j, (ref, col) in enumerate((paper if paper is not None else pd.DataFrame()).items()):
-        vals = [col.get(b, np.nan) for b in table.index]
-        right.scatter(x + 0.12 * (j + 1), vals, marker="D^"[j % 2], s=30, label=f"paper: {ref}")
-    right.set_xticks(x, table.index)
-    right.set_ylabel("teacher - student (points)")
-    right.legend(fontsize=7)
-    right.set_title("the teacher's lead", fontsize=10)
-    _title(fig, title, "")
     fig.tight_layout()
     return fig

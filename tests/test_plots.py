@@ -143,19 +143,14 @@ def test_structural_delta_and_gain_figures():
     assert len(fig.axes[1].patches) == 2 and not fig.axes[0].patches
 
 
-def test_pair_gap_draws_scores_intervals_and_paper_markers():
-    table = pd.DataFrame({"teacher": [60.0, 40.0], "teacher_lo": [50.0, 30.0], "teacher_hi": [70.0, 50.0],
-                          "student": [50.0, 45.0], "student_lo": [40.0, 35.0], "student_hi": [60.0, 55.0],
-                          "gap": [10.0, -5.0], "gap_lo": [2.0, -12.0], "gap_hi": [18.0, 2.0]},
-                         index=["GSM8K", "MMLU"])
-    paper = pd.DataFrame({"Qwen": [11.2, np.nan], "Llama": [4.5, 8.7]}, index=["GSM8K", "MMLU"])
-    fig = plots.pair_gap(table, paper, title="gap")
-    left, right = _visible_axes(fig)
-    assert [round(p.get_height(), 1) for p in left.patches] == [60.0, 40.0, 50.0, 45.0]
-    assert [t.get_text() for t in right.get_xticklabels()] == ["GSM8K", "MMLU"]
-    assert list(right.lines[0].get_ydata()) == [10.0, -5.0]  # the gaps
-    labels = right.get_legend_handles_labels()[1]
-    assert sorted(labels) == ["paper: Llama", "paper: Qwen", "this pair (paired 95% interval)"]
-    offsets = right.collections[-1].get_offsets()
-    assert [round(float(v), 1) for v in offsets[:, 1]] == [4.5, 8.7]
-    assert fig._suptitle.get_text() == "gap"
+
+def test_grouped_bars_takes_asymmetric_intervals():
+    values = {"gap": {"GSM8K": {"pair": 10.0, "paper": 11.2}, "MMLU": {"pair": -5.0, "paper": np.nan}}}
+    errors = {"gap": {"GSM8K": {"pair": (8.0, 8.0)}, "MMLU": {"pair": (7.0, 2.0)}}}
+    fig = plots.grouped_bars(values, errors=errors)
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches]
+    assert [round(b.get_height(), 1) for b in bars[:2]] == [10.0, -5.0]
+    caps = [c for c in ax.collections if len(c.get_segments())]  # error-bar line collections
+    segs = caps[0].get_segments()
+    assert [(round(s[0][1], 1), round(s[1][1], 1)) for s in segs] == [(2.0, 18.0), (-12.0, -3.0)]

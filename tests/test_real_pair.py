@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from conftest import make_model
@@ -137,7 +138,8 @@ def test_score_pair_and_the_paired_gap_table(pair_root, tmp_path):
     with pytest.raises(PktError, match=r"cover gsm8k, mmlu, humaneval, mbpp; not \['pocket-math'\]"):
         rp.score_pair(str(pair_root), {"pocket-math": 2}, settings=SETTINGS, root=tmp_path, progress=False)
     with pytest.raises(PktError, match="teacher and the student were scored on different questions"):
-        rp.gap_table({"teacher": {"gsm8k": scores["teacher"]["gsm8k"]}, "student": {"gsm8k": scores["teacher"]["mmlu"]}})
+        rp.gap_table({"teacher": {"gsm8k": scores["teacher"]["gsm8k"]},
+                      "student": {"gsm8k": scores["teacher"]["mmlu"]}})
 
 
 def test_paper_gaps_come_from_the_scorecard():
@@ -145,3 +147,17 @@ def test_paper_gaps_come_from_the_scorecard():
     assert gaps.loc["GSM8K", rp.QWEN_TABLE8] == pytest.approx(73.24 - 62.02)
     assert gaps.loc["MMLU"].isna()[rp.QWEN_TABLE8]
     assert gaps.loc["HumanEval", rp.TABLE1] == pytest.approx(18.75 - 14.05)
+
+
+def test_gap_figure_panels_and_asymmetric_intervals():
+    gaps = pd.DataFrame({"teacher": [60.0], "teacher_lo": [50.0], "teacher_hi": [68.0], "student": [40.0],
+                         "student_lo": [31.0], "student_hi": [50.0], "gap": [20.0], "gap_lo": [5.0], "gap_hi": [33.0]},
+                        index=["GSM8K"])
+    values, errors = rp.gap_figure(gaps, rp.paper_gaps(["gsm8k"]))
+    assert values["scores"]["GSM8K"] == {"teacher": 60.0, "student": 40.0}
+    assert errors["scores"]["GSM8K"] == {"teacher": (10.0, 8.0), "student": (9.0, 10.0)}
+    assert errors["teacher - student"]["GSM8K"] == {"this pair": (15.0, 13.0)}
+    assert values["teacher - student"]["GSM8K"] == {"this pair": 20.0, f"paper: {rp.QWEN_TABLE8}": pytest.approx(11.22),
+                                                    f"paper: {rp.TABLE1}": pytest.approx(4.48)}
+    values, _ = rp.gap_figure(gaps.rename(index={"GSM8K": "MMLU"}), rp.paper_gaps(["mmlu"]))
+    assert list(values["teacher - student"]["MMLU"]) == ["this pair", f"paper: {rp.TABLE1}"]  # Qwen: none reported

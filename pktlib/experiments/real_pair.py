@@ -39,7 +39,7 @@ from pktlib.records import read_json, write_json
 from pktlib.scorecard import PAPER
 
 __all__ = ["BENCHMARKS", "QWEN_TABLE8", "ScoreSettings", "subset_indices", "score_cache_path", "score_model",
-           "score_pair", "gap_table", "cost_table", "paper_gaps"]
+           "score_pair", "gap_table", "cost_table", "paper_gaps", "gap_figure"]
 
 BENCHMARKS = ("gsm8k", "mmlu", "humaneval", "mbpp")
 QWEN_TABLE8 = "Qwen2.5-3B -> Qwen2.5-1.5B (Table 8)"
@@ -260,3 +260,25 @@ def paper_gaps(tasks: Sequence[str] = BENCHMARKS) -> pd.DataFrame:
         t, s = PAPER[ref]["teacher"], PAPER[ref]["student"]
         out[ref] = [round(t[k] - s[k], 2) if k in t and k in s else float("nan") for k in tasks]
     return pd.DataFrame(out, index=[TASK_LABELS.get(k, k) for k in tasks])
+
+
+def gap_figure(gaps: pd.DataFrame, paper: pd.DataFrame | None = None) -> tuple[dict, dict]:
+    """``(values, errors)`` for :func:`pktlib.plots.grouped_bars` from :func:`gap_table`.
+
+    Two panels: "scores" (teacher and student per benchmark, with their Wilson intervals) and
+    "teacher - student" (this pair's gap with its paired interval, beside each column of
+    ``paper``, e.g. :func:`paper_gaps`, where the paper reports one). Intervals are
+    ``(below, above)`` the value, as ``grouped_bars`` takes them.
+    """
+    values: dict[str, dict] = {"scores": {}, "teacher - student": {}}
+    errors: dict[str, dict] = {"scores": {}, "teacher - student": {}}
+    for b, r in gaps.iterrows():
+        values["scores"][b] = {role: r[role] for role in ("teacher", "student")}
+        errors["scores"][b] = {role: (r[role] - r[f"{role}_lo"], r[f"{role}_hi"] - r[role])
+                               for role in ("teacher", "student")}
+        values["teacher - student"][b] = {"this pair": r["gap"]}
+        errors["teacher - student"][b] = {"this pair": (r["gap"] - r["gap_lo"], r["gap_hi"] - r["gap"])}
+        for ref, col in (paper if paper is not None else pd.DataFrame()).items():
+            if b in col.index and col[b] == col[b]:  # not NaN
+                values["teacher - student"][b][f"paper: {ref}"] = col[b]
+    return values, errors
