@@ -161,3 +161,13 @@ def test_gap_figure_panels_and_asymmetric_intervals():
                                                     f"paper: {rp.TABLE1}": pytest.approx(4.48)}
     values, _ = rp.gap_figure(gaps.rename(index={"GSM8K": "MMLU"}), rp.paper_gaps(["mmlu"]))
     assert list(values["teacher - student"]["MMLU"]) == ["this pair", f"paper: {rp.TABLE1}"]  # Qwen: none reported
+
+
+def test_bodiless_counts_completions_without_an_indented_line():
+    from pktlib.evaluation import EvalResult, ExampleRecord
+
+    recs = [ExampleRecord(id=str(i), prompt="", completion=c, extracted=None, gold=None, correct=False)
+            for i, c in enumerate(["from typing import List\n\n", "    return a + b\n", "", "x = 1\n   \n"])]
+    res = EvalResult(task="humaneval", split="test", metric="pass@1", score=0.0, n=4, n_correct=0, ci95=(0.0, 60.0),
+                     backend="hf", model="m", max_new_tokens=8, records=recs)
+    assert rp.bodiless(res) == 3

@@ -39,7 +39,7 @@ from pktlib.records import read_json, write_json
 from pktlib.scorecard import PAPER
 
 __all__ = ["BENCHMARKS", "QWEN_TABLE8", "ScoreSettings", "subset_indices", "score_cache_path", "score_model",
-           "score_pair", "gap_table", "cost_table", "paper_gaps", "gap_figure"]
+           "score_pair", "gap_table", "cost_table", "paper_gaps", "gap_figure", "bodiless"]
 
 BENCHMARKS = ("gsm8k", "mmlu", "humaneval", "mbpp")
 QWEN_TABLE8 = "Qwen2.5-3B -> Qwen2.5-1.5B (Table 8)"
@@ -282,3 +282,15 @@ def gap_figure(gaps: pd.DataFrame, paper: pd.DataFrame | None = None) -> tuple[d
             if b in col.index and col[b] == col[b]:  # not NaN
                 values["teacher - student"][b][f"paper: {ref}"] = col[b]
     return values, errors
+
+
+def bodiless(result: EvalResult) -> int:
+    """How many code completions of ``result`` hold no indented line, i.e. no function body.
+
+    Under open-instruct's HumanEval prompt without HumanEvalPack (the only one available offline)
+    the assistant turn starts a fresh code block, so a chat model tends to restate the prompt's
+    imports and signature; the Codex stop sequence ``"\\ndef"`` then ends the completion before
+    any body is written, and the program fails whatever the model knows. This counts them.
+    """
+    return sum(1 for r in result.records
+               if not any(line[:1].isspace() and line.strip() for line in r.completion.splitlines()))
