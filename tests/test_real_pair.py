@@ -171,3 +171,16 @@ def test_bodiless_counts_completions_without_an_indented_line():
     res = EvalResult(task="humaneval", split="test", metric="pass@1", score=0.0, n=4, n_correct=0, ci95=(0.0, 60.0),
                      backend="hf", model="m", max_new_tokens=8, records=recs)
     assert rp.bodiless(res) == 3
+
+
+def test_the_vllm_backend_gets_a_step_timeout_for_a_busy_cpu(monkeypatch):
+    made = {}
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.setattr(rp, "make_generator", lambda model, backend, **kw: made.update(backend=backend, **kw) or "gen")
+    assert rp.ScoreSettings(kv_cache_gib=0.5, max_model_len=1024).generator("m") == "gen"
+    assert made["backend"] == "vllm" and made["kv_cache_memory_bytes"] == 2**29 and made["max_model_len"] == 1024
+    import os
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == str(rp.VLLM_STEP_TIMEOUT_S)
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "60")  # a user's setting wins
+    rp.ScoreSettings().generator("m")
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "60"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import sys
 import time
@@ -43,6 +44,7 @@ __all__ = ["BENCHMARKS", "QWEN_TABLE8", "ScoreSettings", "subset_indices", "scor
 
 BENCHMARKS = ("gsm8k", "mmlu", "humaneval", "mbpp")
 QWEN_TABLE8 = "Qwen2.5-3B -> Qwen2.5-1.5B (Table 8)"
+VLLM_STEP_TIMEOUT_S = 6 * 3600  # vLLM's limit on one model step (its default, 300 s, is too short on a busy CPU)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class ScoreSettings:
 
     def generator(self, model_dir: str, *, seed: int = 0) -> Generator:
         if self.backend == "vllm":
+            # vLLM gives up on a model step after 300 s; a float32 1.5B prefilling a batch on a
+            # shared 2-core machine at low priority takes longer (seen: EngineDeadError).
+            os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", str(VLLM_STEP_TIMEOUT_S))
             return make_generator(model_dir, "vllm", seed=seed, dtype=self.dtype, max_model_len=self.max_model_len,
                                   kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
         return make_generator(model_dir, self.backend, batch_size=self.batch_size, seed=seed, dtype=self.dtype)
