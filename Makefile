@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PKT_PRESET ?= default
 
-.PHONY: setup test test-all test-fast book pocket real-pair notebooks assets html check-book benchmarks clean help
+.PHONY: setup test test-all test-fast book book-real pocket real-pair notebooks assets html check-book benchmarks clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,6 +43,10 @@ real-pair: setup  ## fetch, verify and convert the real pair (Qwen2.5-Coder 1.5B
 
 notebooks: pocket  ## execute every notebook of the book (resumes: up-to-date ones are kept)
 	$(BIN)/pkt book --execute --no-html
+
+# The part "A real pair" is optional: `make book` includes its chapters once they have been executed.
+book-real: real-pair  ## execute the real pair's chapters (resumable; scores cached), then `make book` includes them
+	$(BIN)/pkt book --execute --optional --no-html
 
 # The book's offline assets: MathJax 4 and the Jupyter widget runtime, pinned npm packages whose
 # tarballs are checked against their SHA-512 before unpacking (pktlib/bookassets.py).

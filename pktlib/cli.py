@@ -156,12 +156,16 @@ def book(
     keep_params: bool = typer.Option(False, "--keep-params",
                                      help="Keep chapters executed with non-default parameters (else they are "
                                           "re-executed with --execute, and refused by the HTML build)."),
+    optional: bool = typer.Option(False, "--optional",
+                                  help="With --execute: execute the optional chapters (the real pair's, which need "
+                                       "`make real-pair`) instead of the default ones. The HTML build includes an "
+                                       "optional chapter once it has been executed."),
 ) -> None:
     """Build the HTML book into _build/html (optionally executing the notebooks first)."""
     from pktlib.book.build import build_book, execute_all, non_default_chapters
 
     if execute:
-        execute_all(force=force, only=only, keep_params=keep_params)
+        execute_all(force=force, only=only, keep_params=keep_params, optional=optional)
     if html:
         odd = [] if keep_params else non_default_chapters()
         if odd:

@@ -207,6 +207,19 @@ def pair_names() -> list[str]:
     return list(PAIRS)
 
 
+def _is_pair_folder(name: str) -> bool:
+    return all((Path(name) / role / "config.json").is_file() for role in ("teacher-chat", "student-chat"))
+
+
+def _folder_pair(root: Path) -> Pair:
+    """A pair laid out as the pocket pair is (``teacher-chat/``, ``student-chat/`` and optional
+    ``*-base/`` checkpoints in one folder), e.g. ``zoo.pair_dir("tiny", 0)``."""
+    base = {f"{role}_base": str(root / f"{role}-base") for role in ("teacher", "student")
+            if (root / f"{role}-base" / "config.json").is_file()}
+    return Pair(name=root.name, kind="pocket", teacher=str(root / "teacher-chat"), student=str(root / "student-chat"),
+                description=f"the pair in {root}", fetch_hint="the folder lacks a checkpoint", **base)
+
+
 def get_pair(name: str | Pair, *, transfer: str | None = None, preset: str = "default", seed: int = 0,
              build: bool = False, require: bool = False) -> Pair:
     """The :class:`Pair` called ``name`` (a :class:`Pair` passes through).
@@ -215,14 +228,20 @@ def get_pair(name: str | Pair, *, transfer: str | None = None, preset: str = "de
     choose the pocket pair. Resolving never downloads anything; ``build`` builds (or reuses)
     the pocket pair through :func:`pktlib.zoo.pocket_pair`, and ``require`` checks that a local
     pair's checkpoints exist (:meth:`Pair.require`: the fetched pair says to run
-    ``make real-pair``). Raises :class:`PktError` for an unknown name, listing the known ones.
+    ``make real-pair``). ``name`` may also be a folder laid out as the pocket pair's
+    (``teacher-chat/``, ``student-chat/``, optional ``teacher-base/``, ``student-base/``).
+    Raises :class:`PktError` for an unknown name, listing the known ones.
     """
     if isinstance(name, Pair):
         pair = name
     else:
-        if name not in PAIRS:
-            raise PktError(f"unknown pair {name!r}; known: {', '.join(PAIRS)}")
-        pair = PAIRS[name](preset, seed)
+        if name in PAIRS:
+            pair = PAIRS[name](preset, seed)
+        elif _is_pair_folder(name):
+            pair = _folder_pair(Path(name))
+        else:
+            raise PktError(f"unknown pair {name!r}; known: {', '.join(PAIRS)} (or a folder holding "
+                           "teacher-chat/ and student-chat/ checkpoints)")
     if transfer is not None:
         pair = pair.with_transfer(transfer)
     if build and pair.kind == "pocket" and pair.missing():

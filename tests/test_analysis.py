@@ -8,7 +8,7 @@ import torch
 
 from pktlib.analysis.cka import cka_grid, cka_matrix, hsic, layer_representations, linear_cka, rbf_cka
 from pktlib.analysis.deltas import delta_histogram, delta_stats, seeking_deltas, sft_deltas
-from pktlib.analysis.stats import paired_test, wilson_interval
+from pktlib.analysis.stats import paired_difference_interval, paired_test, wilson_interval
 from pktlib.analysis.structure import structural_cosines, structural_similarity
 from pktlib.errors import PktError
 from pktlib.injection import apply_deltas
@@ -280,3 +280,25 @@ def test_paired_test_is_exact_mcnemar():
     assert paired_test([True, False], [False, True]).p_value == 1.0  # capped, not 1.5
     with pytest.raises(PktError, match="same questions"):
         paired_test([True], [True, False])
+
+
+def test_paired_difference_interval_is_agresti_min():
+    # 3 questions only a got right, 1 only b, 6 agreed: half a question added to each cell, n + 2
+    a = [True] * 3 + [False] + [True] * 3 + [False] * 3
+    b = [False] * 3 + [True] + [True] * 3 + [False] * 3
+    lo, hi = paired_difference_interval(a, b)
+    diff, var = 2 / 12, (5 - 4 / 12) / 144
+    assert (lo, hi) == (pytest.approx(100 * (diff - 1.959964 * var ** 0.5)),
+                        pytest.approx(100 * (diff + 1.959964 * var ** 0.5)))
+    assert lo < 20 < hi  # the raw difference, 2 of 10 questions
+    assert paired_difference_interval(b, a) == (pytest.approx(-hi), pytest.approx(-lo))
+    lo4, hi4 = paired_difference_interval(a * 4, b * 4)  # the same proportions on 4x the questions: narrower
+    assert hi4 - lo4 < (hi - lo) * 0.6 and lo4 > 0
+    # agreement everywhere: an interval around 0 that does not collapse; all discordant: clipped to 100
+    lo0, hi0 = paired_difference_interval([True, False] * 10, [True, False] * 10)
+    assert lo0 < 0 < hi0 and hi0 == pytest.approx(-lo0)
+    assert paired_difference_interval([True] * 50, [False] * 50)[1] <= 100
+    with pytest.raises(PktError, match="same questions for both systems: got 2 and 1"):
+        paired_difference_interval([True, False], [True])
+    with pytest.raises(PktError, match="at least one question"):
+        paired_difference_interval([], [])

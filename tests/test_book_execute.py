@@ -74,3 +74,34 @@ def test_stale_when_run_with_non_default_parameters(tmp_path):
     assert stale_reason(src, out, tmp_path, keep_params=True) is None
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n- file: book/a\n")
     assert non_default_chapters(tmp_path) == [f"{out} ran with limit=2 (default 64)"]
+
+
+def test_optional_chapters_run_on_request_and_join_the_toc_once_executed(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from pktlib import book
+
+    _chapter(tmp_path, "a", {})
+    src, out = _chapter(tmp_path, "real", {})
+    nb = nbformat.read(src, as_version=4)
+    nb.metadata["pktlib"] = {"optional": "the real pair (make real-pair)"}
+    nbformat.write(nb, src)
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nparts:\n- caption: Main\n  chapters:\n  - file: book/a\n"
+        "- caption: A real pair\n  chapters:\n  - file: book/real\n")
+    assert book.optional_need(src) == "the real pair (make real-pair)" and book.optional_need(tmp_path / "notebooks" / "a.ipynb") is None
+    ran = []
+    monkeypatch.setattr(book, "run_notebook", lambda s, o, cwd=None: ran.append(s.stem))
+    book.execute_all(tmp_path, force=True)
+    assert ran == ["a"] and "real: optional (needs the real pair (make real-pair))" in capsys.readouterr().out
+    book.execute_all(tmp_path, force=True, optional=True)
+    assert ran == ["a", "real"]
+    book.execute_all(tmp_path, force=True, only=["real"])
+    assert ran == ["a", "real", "real"]
+    # executed (record present): the toc is _toc.yml itself; not executed: a copy without it and its empty part
+    assert book.book_toc(tmp_path) == (tmp_path / "_toc.yml", [])
+    record_path(out).unlink()
+    toc_file, left_out = book.book_toc(tmp_path)
+    assert left_out == ["book/real"] and toc_file == tmp_path / "_build" / "_toc.yml"
+    toc = yaml.safe_load(toc_file.read_text())
+    assert toc["parts"] == [{"caption": "Main", "chapters": [{"file": "book/a"}]}] and toc["root"] == "intro"

@@ -45,6 +45,10 @@ TINY: dict[str, dict] = {
     "real_model": {"preset": "tiny", "model": "{pair}/teacher-chat", "n_texts": 8,
                    "prompts": [["The capital of France is", " Paris"], ["The capital of Italy is", " Rome"]]},
     "reproduce": {},
+    # The tiny pocket pair stands in for the real pair (`make real-pair`, 10 GiB, not in CI).
+    "real_pair_scores": {"pair": "{pair}", "limits": {"gsm8k": 2, "mmlu": 4, "humaneval": 2, "mbpp": 2},
+                         "backend": "hf", "max_new_tokens": 8, "score_dir": "{tmp}/pair-scores", "progress": False},
+    "real_pair_cka": {"pair": "{pair}", "n_texts": 6, "modules": ["up_proj", "o_proj"]},
     "distillation": {"preset": "tiny", "families": ["math"], "budgets": [8], "seeds": [0], "eval_limit": 4,
                      "torch_threads": 1, "run_dir": "{tmp}/distill-runs", "laten_record": "{tmp}/book/laten.record.json"},
     "scorecard": {"records_dir": "{tmp}/book"},  # run last: it reads the other chapters' records

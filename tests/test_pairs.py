@@ -23,8 +23,22 @@ def test_registry_names_and_unknown_name():
     assert pairs.pair_names() == ["pocket", "qwen2.5-coder-1.5b-0.5b", "llama-2-13b-7b-chat",
                                   "qwen2.5-3b-1.5b-instruct"]
     with pytest.raises(PktError, match="unknown pair 'gpt'; known: pocket, qwen2.5-coder-1.5b-0.5b, "
-                                       "llama-2-13b-7b-chat, qwen2.5-3b-1.5b-instruct"):
+                                       r"llama-2-13b-7b-chat, qwen2.5-3b-1.5b-instruct \(or a folder holding "
+                                       r"teacher-chat/ and student-chat/ checkpoints\)"):
         pairs.get_pair("gpt")
+
+
+def test_a_folder_laid_out_as_the_pocket_pair_is_a_pair(tmp_path, tokenizer):
+    root = tmp_path / "my-pair"
+    with pytest.raises(PktError, match="unknown pair"):
+        pairs.get_pair(str(root))
+    for role, seed in (("teacher-chat", 1), ("student-chat", 2), ("student-base", 3)):
+        _save(make_model("qwen2", tokenizer=tokenizer, seed=seed), tokenizer, root / role)
+    p = pairs.get_pair(str(root), require=True)
+    assert (p.name, p.kind, p.teacher, p.student) == ("my-pair", "pocket", str(root / "teacher-chat"),
+                                                      str(root / "student-chat"))
+    assert (p.student_base, p.teacher_base) == (str(root / "student-base"), None)
+    assert p.modules == pairs.TRANSFER_SETS["llama"]
 
 
 def test_hub_pairs_by_id_and_their_shapes_without_download():

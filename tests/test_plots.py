@@ -141,3 +141,16 @@ def test_structural_delta_and_gain_figures():
                           "gain": [3.0, 4.4]})
     fig = plots.gain_bars(gains, ["knowledge", "math"])
     assert len(fig.axes[1].patches) == 2 and not fig.axes[0].patches
+
+
+
+def test_grouped_bars_takes_asymmetric_intervals():
+    values = {"gap": {"GSM8K": {"pair": 10.0, "paper": 11.2}, "MMLU": {"pair": -5.0, "paper": np.nan}}}
+    errors = {"gap": {"GSM8K": {"pair": (8.0, 8.0)}, "MMLU": {"pair": (7.0, 2.0)}}}
+    fig = plots.grouped_bars(values, errors=errors)
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches]
+    assert [round(b.get_height(), 1) for b in bars[:2]] == [10.0, -5.0]
+    caps = [c for c in ax.collections if len(c.get_segments())]  # error-bar line collections
+    segs = caps[0].get_segments()
+    assert [(round(s[0][1], 1), round(s[1][1], 1)) for s in segs] == [(2.0, 18.0), (-12.0, -3.0)]

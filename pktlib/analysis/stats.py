@@ -12,7 +12,7 @@ from typing import Sequence
 
 from pktlib.errors import PktError
 
-__all__ = ["wilson_interval", "PairedTest", "paired_test"]
+__all__ = ["wilson_interval", "PairedTest", "paired_test", "paired_difference_interval"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -51,3 +51,27 @@ def paired_test(a: Sequence[bool], b: Sequence[bool]) -> PairedTest:
     d = a_only + b_only
     tail = sum(math.comb(d, k) for k in range(min(a_only, b_only) + 1)) / 2 ** d
     return PairedTest(len(a), a_only, b_only, min(1.0, 2 * tail))
+
+
+def paired_difference_interval(a: Sequence[bool], b: Sequence[bool], z: float = 1.959964) -> tuple[float, float]:
+    """95% interval of the difference of accuracies ``a - b`` on the same questions, in points.
+
+    Agresti and Min (2005), the adjusted Wald interval for paired proportions: half a question
+    is added to each cell of the 2x2 table (both right, a only, b only, both wrong) before the
+    Wald interval of the paired difference is taken; unlike the plain Wald interval it keeps
+    close to its nominal coverage at the ~20-100 questions a CPU run scores, and its width
+    reflects the discordant questions only. Clipped to [-100, 100]. Raises PktError when the
+    two lists differ in length or are empty.
+    """
+    if len(a) != len(b):
+        raise PktError(f"paired_difference_interval needs the same questions for both systems: got {len(a)} "
+                       f"and {len(b)} results")
+    if not a:
+        raise PktError("paired_difference_interval needs at least one question")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y) + 0.5
+    b_only = sum(1 for x, y in zip(a, b) if y and not x) + 0.5
+    n = len(a) + 2.0
+    diff = (a_only - b_only) / n
+    var = ((a_only + b_only) - (a_only - b_only) ** 2 / n) / n ** 2
+    half = z * math.sqrt(max(var, 0.0))
+    return 100 * max(-1.0, diff - half), 100 * min(1.0, diff + half)

@@ -7,6 +7,12 @@ stale for another reason (it ran on a pocket pair the code no longer builds, it 
 parameters other than the notebook's defaults, or it is a summary older than the records it
 reads). A chapter executed with other parameters (``pkt run -p ...`` writes to ``book/`` too) is
 not the book's chapter: it is executed again, or kept only when the user asks (``keep_params``).
+
+Optional chapters (``metadata.pktlib.optional`` names what they need, e.g. "the real pair:
+make real-pair") are not executed by the default run, which must work on any machine:
+``execute_all(optional=True)`` (``pkt book --execute --optional``, ``make book-real``) executes
+them, and the HTML build includes an optional chapter only once its record exists
+(:func:`book_toc` writes the table of contents without the others).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import yaml
@@ -24,8 +31,8 @@ from pktlib.book.assets import check
 from pktlib.errors import PktError
 from pktlib.records import notebook_defaults, record_path, run_notebook
 
-__all__ = ["toc_entries", "notebook_chapters", "stale_reason", "parameter_drift", "non_default_chapters", "execute_all",
-           "build_book"]
+__all__ = ["toc_entries", "notebook_chapters", "optional_need", "stale_reason", "parameter_drift",
+           "non_default_chapters", "execute_all", "book_toc", "build_book"]
 
 
 def toc_entries(root: str | Path = ".") -> list[str]:
@@ -58,6 +65,14 @@ def notebook_chapters(root: str | Path = ".") -> list[tuple[Path, Path]]:
         if src.is_file():
             pairs.append((src, root / "book" / f"{name}.ipynb"))
     return pairs
+
+
+def optional_need(src: Path) -> str | None:
+    """What an optional chapter needs (``metadata.pktlib.optional``), or None for a default chapter."""
+    import nbformat
+
+    need = nbformat.read(src, as_version=4).metadata.get("pktlib", {}).get("optional")
+    return str(need) if need else None
 
 
 def _is_summary(src: Path) -> bool:
@@ -128,12 +143,19 @@ def stale_reason(src: Path, out: Path, root: Path, *, keep_params: bool = False)
 
 
 def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] | None = None,
-                keep_params: bool = False) -> None:
+                keep_params: bool = False, optional: bool = False) -> None:
     """Execute the book's notebooks in toc order (skipping up-to-date ones unless ``force``;
-    ``keep_params``: see :func:`stale_reason`)."""
+    ``keep_params``: see :func:`stale_reason`). ``optional``: execute the optional chapters
+    instead of the default ones (module docstring); a chapter named in ``only`` runs either way."""
     root = Path(root)
     for src, out in notebook_chapters(root):
         if only and src.stem not in only:
+            continue
+        need = optional_need(src)
+        if not only and bool(need) != optional:
+            if need:
+                print(f"[book] {src.stem}: optional (needs {need}); `pkt book --execute --optional` runs it",
+                      flush=True)
             continue
         rec = record_path(out)
         reason = "forced" if force else stale_reason(src, out, root, keep_params=keep_params)
@@ -146,10 +168,48 @@ def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] 
         print(f"[book] {src.stem}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def build_book(root: str | Path = ".", *, strict: bool = False) -> Path:
-    """Run ``jupyter-book build`` (notebooks are not executed by the build) -> ``_build/html``."""
+def _drop_entries(node: Any, drop: set[str]) -> Any:
+    """``node`` of a toc without the files in ``drop``; parts left without chapters go too."""
+    if isinstance(node, list):
+        kept = [_drop_entries(n, drop) for n in node if not (isinstance(n, dict) and n.get("file") in drop)]
+        return [n for n in kept if not (isinstance(n, dict) and "chapters" in n and not n["chapters"]
+                                        and "file" not in n)]
+    if isinstance(node, dict):
+        return {k: _drop_entries(v, drop) for k, v in node.items()}
+    return node
+
+
+def book_toc(root: str | Path = ".") -> tuple[Path, list[str]]:
+    """The table of contents to build with, and the optional chapters it leaves out.
+
+    ``_toc.yml`` itself when every optional chapter has its executed copy and record; else a
+    copy without those chapters (and without parts they leave empty) in ``_build/``.
+    """
     root = Path(root)
-    missing = [e for e in toc_entries(root) if not any((root / f"{e}{ext}").is_file() for ext in ("", ".md", ".ipynb"))]
+    drop = sorted(f"book/{src.stem}" for src, out in notebook_chapters(root)
+                  if optional_need(src) and not (out.is_file() and record_path(out).is_file()))
+    toc_file = root / "_toc.yml"
+    if not drop:
+        return toc_file, []
+    toc = _drop_entries(yaml.safe_load(toc_file.read_text()), set(drop))
+    out = root / "_build" / "_toc.yml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(toc, sort_keys=False))
+    return out, drop
+
+
+def build_book(root: str | Path = ".", *, strict: bool = False) -> Path:
+    """Run ``jupyter-book build`` (notebooks are not executed by the build) -> ``_build/html``.
+
+    Optional chapters not executed yet are left out of the table of contents (:func:`book_toc`).
+    """
+    root = Path(root)
+    toc_file, left_out = book_toc(root)
+    if left_out:
+        print(f"[book] left out (optional, not executed): {', '.join(left_out)}", flush=True)
+    left = set(left_out)
+    missing = [e for e in toc_entries(root) if e not in left
+               and not any((root / f"{e}{ext}").is_file() for ext in ("", ".md", ".ipynb"))]
     if missing:
         raise PktError(f"_toc.yml lists pages that do not exist (execute the notebooks first?): {missing}")
     # The pages must work offline: MathJax and the widget runtime come from pinned npm
@@ -159,7 +219,7 @@ def build_book(root: str | Path = ".", *, strict: bool = False) -> Path:
     if missing_assets:
         raise PktError("offline assets missing: " + "; ".join(missing_assets))
     jb = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(jb), "build", str(root)] + (["-W", "-n", "--keep-going"] if strict else [])
+    cmd = [str(jb), "build", str(root), "--toc", str(toc_file)] + (["-W", "-n", "--keep-going"] if strict else [])
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise PktError(f"jupyter-book build failed (exit {proc.returncode})")

@@ -73,6 +73,7 @@ differ only in the forward pass. Scores are percentages with a Wilson 95% interv
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import torch
 
@@ -129,7 +130,7 @@ __all__ = [
 def evaluate(model, task: str, split: str | None = None, *, protocol: str = "pkt", backend: str = "hf",
              limit: int | None = None, batch_size: int = 16, seed: int = 0, max_new_tokens: int | None = None,
              progress: bool = True, generator: Generator | None = None, workers: int = 2, timeout: float = 10.0,
-             **backend_kwargs) -> EvalResult:
+             indices: Sequence[int] | None = None, **backend_kwargs) -> EvalResult:
     """Zero-shot greedy score of ``model`` on ``task``/``split`` under ``protocol`` (DESIGN.md 4.7).
 
     ``model``: a model directory or hub id, or an in-memory ``(model, tokenizer)`` (hf only).
@@ -138,7 +139,9 @@ def evaluate(model, task: str, split: str | None = None, *, protocol: str = "pkt
     docstring. ``split`` defaults to the protocol's test split (``"test"``; open-instruct's MBPP:
     ``"sanitized-test"``). ``max_new_tokens`` defaults per protocol and family.
     ``generator`` reuses an already built backend. Code tasks run ``workers`` sandboxes at a
-    time with a ``timeout`` (seconds) per program.
+    time with a ``timeout`` (seconds) per program. ``indices`` scores only those positions of the
+    split, in that order (a subset; ``limit`` then caps how many of them); an index outside the
+    split raises :class:`PktError`.
     """
     t0 = time.perf_counter()
     proto = get_protocol(protocol)
@@ -151,7 +154,14 @@ def evaluate(model, task: str, split: str | None = None, *, protocol: str = "pkt
     if timeout <= 0:
         raise PktError(f"timeout must be > 0 seconds, got {timeout}")
     split = split or proto.test_split(info)
-    examples = load_task(task, split, limit=limit)
+    if indices is None:
+        examples = load_task(task, split, limit=limit)
+    else:
+        every = load_task(task, split)
+        bad = [i for i in indices if not 0 <= i < len(every)]
+        if bad:
+            raise PktError(f"indices {bad[:5]} are outside task {task!r} split {split!r} ({len(every)} examples)")
+        examples = [every[i] for i in indices][:limit]
     if not examples:
         raise PktError(f"task {task!r} split {split!r} has no examples (limit={limit})")
     torch.manual_seed(seed)

@@ -1,0 +1,186 @@
+"""The real-pair scores: seeded nested subsets, the per-question cache, resuming, the paired gap table."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import make_model
+from pktlib.errors import PktError
+from pktlib.evaluation import HFGenerator, evaluate
+from pktlib.experiments import real_pair as rp
+from pktlib.models import load_model
+
+SETTINGS = rp.ScoreSettings(backend="hf", max_new_tokens=4, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def pair_root(tmp_path_factory, tokenizer):
+    """A folder laid out as the pocket pair, with two tiny random Qwen2 models (GQA) of different widths."""
+    root = tmp_path_factory.mktemp("tiny-real-pair")
+    for role, kw in (("teacher-chat", dict(hidden_size=96, n_heads=6, seed=1)), ("student-chat", dict(seed=2))):
+        make_model("qwen2", tokenizer=tokenizer, **kw).save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+    return root
+
+
+class Counting:
+    """A generator factory that counts the backends it makes and the prompts they see."""
+
+    def __init__(self, model_dir, fail_after: int | None = None):
+        self.model_dir, self.fail_after, self.made, self.prompts = model_dir, fail_after, 0, 0
+
+    def __call__(self):
+        self.made += 1
+        gen = HFGenerator(*load_model(self.model_dir), batch_size=4)
+        outer = self
+
+        class Wrapped:
+            name, tokenizer = gen.name, gen.tokenizer
+
+            def generate(self, prompts, *a, **k):
+                if outer.fail_after is not None and outer.prompts >= outer.fail_after:
+                    raise RuntimeError("interrupted")
+                outer.prompts += len(prompts)
+                return gen.generate(prompts, *a, **k)
+
+            def next_token_logprobs(self, prompts, *a, **k):
+                outer.prompts += len(prompts)
+                return gen.next_token_logprobs(prompts, *a, **k)
+
+        return Wrapped()
+
+
+def test_subsets_are_seeded_nested_and_spread():
+    small, big = rp.subset_indices("gsm8k", 10, seed=0), rp.subset_indices("gsm8k", 40, seed=0)
+    assert small == sorted(small) and len(set(small)) == 10 and set(small) <= set(big)
+    assert rp.subset_indices("gsm8k", 10, seed=0) == small
+    assert rp.subset_indices("gsm8k", 10, seed=1) != small
+    assert max(big) > 40  # a sample of the split, not its first questions
+    assert rp.subset_indices("mbpp", None) == list(range(327))  # open-instruct's MBPP split: sanitized-test
+    assert len(rp.subset_indices("humaneval", 500)) == 164
+    mmlu = rp.subset_indices("mmlu", 60)
+    assert max(mmlu) - min(mmlu) > 5000  # many subjects, not the first file's
+    with pytest.raises(PktError, match="subset size for 'gsm8k' must be >= 1"):
+        rp.subset_indices("gsm8k", 0)
+
+
+def test_scores_are_cached_per_question_and_equal_a_direct_run(pair_root, tmp_path):
+    model_dir = pair_root / "student-chat"
+    idx = rp.subset_indices("gsm8k", 3)
+    gen = Counting(model_dir)
+    first = rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=gen, root=tmp_path, chunk=2)
+    assert (gen.made, gen.prompts) == (1, 3)
+    direct = evaluate(str(model_dir), "gsm8k", protocol="open-instruct", indices=idx, max_new_tokens=4,
+                      progress=False)
+    assert [r.completion for r in first.records] == [r.completion for r in direct.records]
+    assert (first.n, first.score, first.ci95, first.protocol) == (3, direct.score, direct.ci95, "open-instruct")
+    # a rerun makes no backend; a larger subset scores only its new questions
+    again = rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=gen, root=tmp_path)
+    assert gen.made == 1 and [r.completion for r in again.records] == [r.completion for r in first.records]
+    more = rp.subset_indices("gsm8k", 5)
+    bigger = rp.score_model(model_dir, "gsm8k", more, settings=SETTINGS, generator=gen, root=tmp_path)
+    assert (gen.made, gen.prompts, bigger.n) == (2, 5, 5)
+    # other settings are another cache file
+    other = rp.ScoreSettings(backend="hf", max_new_tokens=6)
+    assert rp.score_cache_path(model_dir, "gsm8k", other, root=tmp_path) != \
+        rp.score_cache_path(model_dir, "gsm8k", SETTINGS, root=tmp_path)
+    assert rp.score_cache_path(model_dir, "gsm8k", rp.ScoreSettings(backend="hf", max_new_tokens=4, batch_size=16),
+                               root=tmp_path) == rp.score_cache_path(model_dir, "gsm8k", SETTINGS, root=tmp_path)
+    # other weights are another cache folder
+    assert rp.score_cache_path(pair_root / "teacher-chat", "gsm8k", SETTINGS, root=tmp_path).parent != \
+        rp.score_cache_path(model_dir, "gsm8k", SETTINGS, root=tmp_path).parent
+
+
+def test_an_interrupted_run_resumes_from_its_last_chunk(pair_root, tmp_path):
+    model_dir = pair_root / "student-chat"
+    idx = rp.subset_indices("gsm8k", 5)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=Counting(model_dir, fail_after=2),
+                       root=tmp_path, chunk=2)
+    cached = json.loads(rp.score_cache_path(model_dir, "gsm8k", SETTINGS, root=tmp_path).read_text())
+    assert sorted(map(int, cached["questions"])) == idx[:2]
+    gen = Counting(model_dir)
+    res = rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=gen, root=tmp_path, chunk=2)
+    assert gen.prompts == 3 and res.n == 5
+
+
+def test_a_broken_cache_file_is_named(pair_root, tmp_path):
+    model_dir = pair_root / "student-chat"
+    path = rp.score_cache_path(model_dir, "gsm8k", SETTINGS, root=tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("[1, 2]")
+    with pytest.raises(PktError, match=r"not a score cache .*delete it to rescore"):
+        rp.score_model(model_dir, "gsm8k", [0], settings=SETTINGS, root=tmp_path)
+
+
+def test_score_pair_and_the_paired_gap_table(pair_root, tmp_path):
+    limits = {"gsm8k": 2, "mmlu": 4, "humaneval": 2, "mbpp": 2}
+    scores = rp.score_pair(str(pair_root), limits, settings=SETTINGS, root=tmp_path, progress=False)
+    assert set(scores) == {"teacher", "student"} and list(scores["teacher"]) == list(limits)
+    assert scores["student"]["mmlu"].max_new_tokens == 0  # MMLU from next-token probabilities
+    table = rp.gap_table(scores)
+    assert list(table.index) == ["GSM8K", "MMLU", "HumanEval", "MBPP"]
+    for task, row in zip(limits, table.itertuples()):
+        t, s = scores["teacher"][task], scores["student"][task]
+        assert row.n == limits[task] and row.gap == pytest.approx(t.score - s.score, abs=0.01)
+        assert row.gap_lo <= row.gap <= row.gap_hi and row.teacher_lo <= row.teacher <= row.teacher_hi
+        assert row.teacher_only - row.student_only == t.n_correct - s.n_correct
+    # a model against itself: no gap, nothing discordant
+    same = rp.gap_table({"teacher": scores["student"], "student": scores["student"]})
+    assert (same["gap"] == 0).all() and (same["p_value"] == 1).all() and (same["gap_lo"] < 0).all()
+    costs = rp.cost_table(scores)
+    assert len(costs) == 8 and (costs["generate_s"] >= 0).all()
+    # a second call is served from the cache
+    again = rp.score_pair(str(pair_root), limits, settings=SETTINGS, root=tmp_path, progress=False)
+    assert rp.gap_table(again).equals(table)
+    with pytest.raises(PktError, match=r"cover gsm8k, mmlu, humaneval, mbpp; not \['pocket-math'\]"):
+        rp.score_pair(str(pair_root), {"pocket-math": 2}, settings=SETTINGS, root=tmp_path, progress=False)
+    with pytest.raises(PktError, match="teacher and the student were scored on different questions"):
+        rp.gap_table({"teacher": {"gsm8k": scores["teacher"]["gsm8k"]},
+                      "student": {"gsm8k": scores["teacher"]["mmlu"]}})
+
+
+def test_paper_gaps_come_from_the_scorecard():
+    gaps = rp.paper_gaps()
+    assert gaps.loc["GSM8K", rp.QWEN_TABLE8] == pytest.approx(73.24 - 62.02)
+    assert gaps.loc["MMLU"].isna()[rp.QWEN_TABLE8]
+    assert gaps.loc["HumanEval", rp.TABLE1] == pytest.approx(18.75 - 14.05)
+
+
+def test_gap_figure_panels_and_asymmetric_intervals():
+    gaps = pd.DataFrame({"teacher": [60.0], "teacher_lo": [50.0], "teacher_hi": [68.0], "student": [40.0],
+                         "student_lo": [31.0], "student_hi": [50.0], "gap": [20.0], "gap_lo": [5.0], "gap_hi": [33.0]},
+                        index=["GSM8K"])
+    values, errors = rp.gap_figure(gaps, rp.paper_gaps(["gsm8k"]))
+    assert values["scores"]["GSM8K"] == {"teacher": 60.0, "student": 40.0}
+    assert errors["scores"]["GSM8K"] == {"teacher": (10.0, 8.0), "student": (9.0, 10.0)}
+    assert errors["teacher - student"]["GSM8K"] == {"this pair": (15.0, 13.0)}
+    assert values["teacher - student"]["GSM8K"] == {"this pair": 20.0, f"paper: {rp.QWEN_TABLE8}": pytest.approx(11.22),
+                                                    f"paper: {rp.TABLE1}": pytest.approx(4.48)}
+    values, _ = rp.gap_figure(gaps.rename(index={"GSM8K": "MMLU"}), rp.paper_gaps(["mmlu"]))
+    assert list(values["teacher - student"]["MMLU"]) == ["this pair", f"paper: {rp.TABLE1}"]  # Qwen: none reported
+
+
+def test_bodiless_counts_completions_without_an_indented_line():
+    from pktlib.evaluation import EvalResult, ExampleRecord
+
+    recs = [ExampleRecord(id=str(i), prompt="", completion=c, extracted=None, gold=None, correct=False)
+            for i, c in enumerate(["from typing import List\n\n", "    return a + b\n", "", "x = 1\n   \n"])]
+    res = EvalResult(task="humaneval", split="test", metric="pass@1", score=0.0, n=4, n_correct=0, ci95=(0.0, 60.0),
+                     backend="hf", model="m", max_new_tokens=8, records=recs)
+    assert rp.bodiless(res) == 3
+
+
+def test_the_vllm_backend_gets_a_step_timeout_for_a_busy_cpu(monkeypatch):
+    made = {}
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.setattr(rp, "make_generator", lambda model, backend, **kw: made.update(backend=backend, **kw) or "gen")
+    assert rp.ScoreSettings(kv_cache_gib=0.5, max_model_len=1024).generator("m") == "gen"
+    assert made["backend"] == "vllm" and made["kv_cache_memory_bytes"] == 2**29 and made["max_model_len"] == 1024
+    import os
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == str(rp.VLLM_STEP_TIMEOUT_S)
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "60")  # a user's setting wins
+    rp.ScoreSettings().generator("m")
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "60"
