@@ -69,8 +69,6 @@ def notebook_chapters(root: str | Path = ".") -> list[tuple[Path, Path]]:
 
 def optional_need(src: Path) -> str | None:
     """What an optional chapter needs (``metadata.pktlib.optional``), or None for a default chapter."""
-    import nbformat
-
     need = nbformat.read(src, as_version=4).metadata.get("pktlib", {}).get("optional")
     return str(need) if need else None
 
