@@ -79,7 +79,7 @@ def test_stale_when_run_with_non_default_parameters(tmp_path):
 def test_optional_chapters_run_on_request_and_join_the_toc_once_executed(tmp_path, monkeypatch, capsys):
     import yaml
 
-    from pktlib import book
+    from pktlib.book import build as book
 
     _chapter(tmp_path, "a", {})
     src, out = _chapter(tmp_path, "real", {})
