@@ -12,7 +12,7 @@ from typing import Sequence
 
 from pktlib.errors import PktError
 
-__all__ = ["wilson_interval", "PairedTest", "paired_test"]
+__all__ = ["wilson_interval", "PairedTest", "paired_test", "correctness_string"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -51,3 +51,8 @@ def paired_test(a: Sequence[bool], b: Sequence[bool]) -> PairedTest:
     d = a_only + b_only
     tail = sum(math.comb(d, k) for k in range(min(a_only, b_only) + 1)) / 2 ** d
     return PairedTest(len(a), a_only, b_only, min(1.0, 2 * tail))
+
+
+def correctness_string(correct: Sequence[bool]) -> str:
+    """Per-question correctness as ``"1"``/``"0"`` characters (how runs store it in records)."""
+    return "".join("1" if c else "0" for c in correct)
