@@ -35,10 +35,19 @@ def _parse_value(text: str):
     from papermill.cli import _resolve_type
 
     if text.lstrip()[:1] in ("[", "{"):
+        import re
+
         import yaml
 
+        class Loader(yaml.SafeLoader):
+            """YAML 1.1 reads ``3e-5`` (no dot) as a string; read it as a number, like the scalar
+            ``-p`` values and like JSON (``json.dumps(3e-5)`` is ``3e-05``)."""
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789."))
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as e:
             raise PktError(f"cannot read -p value {text!r} as a list or mapping: {str(e).splitlines()[0]}") from None
     return _resolve_type(text)

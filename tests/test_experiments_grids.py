@@ -311,6 +311,13 @@ def test_lr_sweep_summary_reads_each_setting():
     assert "at lr 0.03 (penalty 1000)" in lines[0] and "largest ratio 2.0e-01" in lines[0]
     assert any(l.startswith("  - helps (1 of 5 settings): penalty 1000, lr 0.003, step 2: +45.8 points") for l in lines)
     assert set(laten_sweep.READINGS) == set(summary.reading)
+    claim = laten_sweep.lr_sweep_claim(summary)
+    assert "the pocket pair agrees: some settings improve the student" in claim
+    assert "5 settings: 1 inert, 1 helps, 1 hurts, 1 unstable, 1 no clear effect" in claim
+    inert = laten_sweep.lr_sweep_claim(summary[summary.reading == "inert"])
+    assert "LaTen leaves every answer unchanged" in inert
+    harmful = laten_sweep.lr_sweep_claim(summary[summary.reading.isin(["hurts", "no clear effect"])])
+    assert "does not show an improvement: where LaTen changes the student beyond the noise" in harmful
 
 
 def test_lr_sweep_table_refuses_other_questions():

@@ -28,7 +28,7 @@ from pktlib.records import cpu_seconds
 __all__ = ["lr_configs", "run_sweeps", "mean_std", "memory_tables", "baselines", "student_scores", "final_runs", "main_curve",
            "table1", "scorecard_rows", "score_vs_step", "score_vs_rate", "train_logs", "train_log_summary",
            "injected_delta_rms", "instability_lines", "weight_rms", "regime_lines", "run_lr_sweep", "lr_sweep_table",
-           "lr_sweep_summary", "lr_sweep_lines", "READINGS"]
+           "lr_sweep_summary", "lr_sweep_lines", "lr_sweep_claim", "READINGS"]
 
 
 def lr_configs(lr: float, d_teacher: int, *, scale_matched: bool = True) -> dict[str, float]:
@@ -334,3 +334,27 @@ def lr_sweep_lines(summary: pd.DataFrame, *, band: tuple[float, float] = (0.01, 
                                   f"{r.seeds_worse} worse)" for r in d.itertuples())
                 lines.append(f"  - {reading} ({len(d)} of {len(g)} settings): {where}.")
     return lines
+
+
+def lr_sweep_claim(summary: pd.DataFrame) -> str:
+    """The paper's claim "LaTen improves the student, unstably" checked against the readings of
+    :func:`lr_sweep_summary` (a Markdown paragraph): it agrees when some setting helps and some
+    setting is unstable or hurts."""
+    counts = {r: int((summary.reading == r).sum()) for r in READINGS}
+    helps, bad = counts["helps"], counts["unstable"] + counts["hurts"]
+    if helps and bad:
+        verdict = "the pocket pair agrees: some settings improve the student, others are unstable or harm it"
+    elif helps:
+        verdict = ("the pocket pair agrees that LaTen can improve the student, but no setting is unstable or harmful "
+                   "by this test")
+    elif bad:
+        verdict = ("the pocket pair does not show an improvement: where LaTen changes the student beyond the noise, "
+                   "it is unstable or harmful")
+    elif counts["inert"] == len(summary):
+        verdict = "the pocket pair cannot test it: LaTen leaves every answer unchanged in every setting"
+    else:
+        verdict = ("the pocket pair does not show an improvement: LaTen changes answers, but no setting moves the "
+                   "score beyond the noise")
+    shown = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
+    return (f"\n**The paper's claim, \"LaTen improves the student, unstably\"**: {verdict} ({len(summary)} settings: "
+            f"{shown}; each decided by the spread over seeds and the pooled exact McNemar test, p < 0.05).")
