@@ -444,6 +444,8 @@ def test_penalty_weight_is_a_training_setting(llama_pair, tokenizer, tmp_path):
 
 @pytest.mark.slow
 def test_lr_sweep_delta_grows_with_learning_rate(llama_pair, tokenizer, tmp_path):
+    import pandas as pd
+
     from pktlib.experiments import laten_sweep
 
     teacher, student = llama_pair
@@ -468,4 +470,4 @@ def test_lr_sweep_delta_grows_with_learning_rate(llama_pair, tokenizer, tmp_path
         seeds=[0], transfer_rate=0.25, limit=2, run_root=tmp_path / "sw", align_batch=2, max_length=64,
         eval_kwargs={"max_new_tokens": 2})
     # resumed from the results files: the same injections, the same answers
-    assert again.fillna(0).to_dict("records") == runs.fillna(0).to_dict("records")
+    pd.testing.assert_frame_equal(again, runs)
