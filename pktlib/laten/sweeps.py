@@ -20,7 +20,7 @@ from pktlib.evaluation import evaluate
 from pktlib.laten.method import default_steps, default_train_on_inputs, train
 from pktlib.laten.transfer import apply
 from pktlib.models import reference_spec, resolve_model, weights_hash
-from pktlib.records import atomic_write_text
+from pktlib.records import atomic_write_text, cpu_seconds
 
 __all__ = ["scale_matched_lr", "SweepRow", "sweep"]
 
@@ -56,6 +56,9 @@ class SweepRow:
     changed_entries: int | None = None  # rows/columns that received a delta
     run_dir: str | None = None  # the translator's run folder (log.jsonl, checkpoints)
     correct: str | None = None  # per-question correctness, "1"/"0" in test order (paired tests)
+    cpu_s: float | None = None  # CPU seconds this row cost (pktlib.records.cpu_seconds; LaTen: the first
+    # row scored after a translator's training also carries that training), so a sum over rows is the
+    # cost of the sweep from nothing, however often it was resumed
 
 
 def _task_folder(task: str) -> str:
@@ -132,8 +135,10 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     for name, (m, tok) in (("student", (s_model, s_tok)), ("teacher", (t_model, t_tok))) if baselines else ():
         row = cached(model=name)
         if row is None:
+            c0 = cpu_seconds()
             r = evaluate((m, tok), task, split, **ev)
-            row = SweepRow(task, name, r.score, r.n, correct=correctness_string(x.correct for x in r.records))
+            row = SweepRow(task, name, r.score, r.n, correct=correctness_string(x.correct for x in r.records),
+                           cpu_s=round(cpu_seconds() - c0, 2))
         record(row)
         if bar is not None:
             bar.update(1)
@@ -142,13 +147,14 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
         run_dir = root / _task_folder(task) / f"rate{rate:g}" / (f"seed{seed}" + ("-inputs" if inputs else ""))
         for_steps = main_steps if math.isclose(rate, main_rate) else [n_steps]
         todo = [st for st in for_steps if cached(model="laten", transfer_rate=rate, seed=seed, step=st) is None]
+        c0 = cpu_seconds()
         if todo:
             train((t_model, t_tok), (s_model, s_tok), task, transfer_rate=rate, steps=n_steps, seed=seed,
                         out_dir=run_dir, cache_dir=root / "attributions", progress=False, **train_kwargs)
         for st in for_steps:
             row = cached(model="laten", transfer_rate=rate, seed=seed, step=st)
             if row is None:
-                ex = apply_examples[seed % len(apply_examples)]
+                ex = apply_examples[seed % len(apply_examples)]  # c0: since the training, or the last row
                 applied = apply((t_model, t_tok), (s_model, s_tok), run_dir, step=st, task=task, example=ex,
                                 out_dir=None, cache_dir=root / "attributions", progress=False)
                 r = evaluate((applied.model, applied.tokenizer), task, split, **ev)
@@ -156,8 +162,9 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
                 row = SweepRow(task, "laten", r.score, r.n, rate, seed, st, ex.id,
                                float(math.sqrt(sum(v ** 2 for v in ms.values()) / max(1, len(ms)))),
                                sum(len(e["indices"]) for e in applied.record.entries), str(run_dir),
-                               correctness_string(x.correct for x in r.records))
+                               correctness_string(x.correct for x in r.records), round(cpu_seconds() - c0, 2))
                 del applied
+                c0 = cpu_seconds()
             record(row)
         if bar is not None:
             bar.update(1)
