@@ -458,6 +458,7 @@ def test_lr_sweep_delta_grows_with_learning_rate(llama_pair, tokenizer, tmp_path
         eval_kwargs={"max_new_tokens": 2})
     assert (runs.model == "student").sum() == 1 and (runs.model == "teacher").sum() == 1  # scored once per task
     assert cost["cpu_s"] > 0 and cost["wall_s"] > 0
+    assert (runs.cpu_s > 0).all()  # every row computed here carries what it cost
     table = laten_sweep.lr_sweep_table(runs, weight_rms=laten_sweep.weight_rms(student))
     assert len(table) == len(lrs) * 2 * 2 and set(table.n) == {2}
     for (penalty, step), g in table.groupby(["penalty", "step"]):
