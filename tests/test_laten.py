@@ -466,6 +466,8 @@ def test_lr_sweep_delta_grows_with_learning_rate(llama_pair, tokenizer, tmp_path
         assert ratios == sorted(ratios) and ratios[-1] > 100 * ratios[0], (penalty, step, ratios)
     configs = {json.loads(p.read_text())["config"]["mse_weight"] for p in (tmp_path / "sw").rglob("laten_config.json")}
     assert configs == {1000.0, 0.0}
+    assert any((tmp_path / "sw" / "attributions").iterdir())  # one attribution cache for every setting
+    assert not list((tmp_path / "sw").glob("lr*/pair-*/attributions"))
     again, _, _ = laten_sweep.run_lr_sweep(
         (teacher, tokenizer), (student, tokenizer), tasks=[task], lrs=lrs, steps=[1, 2], penalties=[1000.0, 0.0],
         seeds=[0], transfer_rate=0.25, limit=2, run_root=tmp_path / "sw", align_batch=2, max_length=64,

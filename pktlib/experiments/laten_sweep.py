@@ -231,7 +231,8 @@ def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Seque
     (a checkpoint at step s is what a run of s steps gives: the one-cycle schedule spans the extract
     set either way, :func:`pktlib.laten.train`). ``penalties`` are values of ``mse_weight`` (the
     paper's 1000; 0 leaves the LM loss alone). The student and the teacher are scored once per task.
-    Rows carry ``lr`` and ``penalty``; runs live in ``run_root/lr<lr>-penalty<w>`` and resume.
+    Rows carry ``lr`` and ``penalty``; runs live in ``run_root/lr<lr>-penalty<w>`` and resume; the
+    attributions (the same for every setting) are computed once, in ``run_root/attributions``.
     The cost is this call's wall and CPU seconds (:func:`pktlib.records.cpu_seconds`; a resumed
     call only pays for what was missing).
     """
@@ -245,7 +246,8 @@ def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Seque
                             main_rate=transfer_rate, steps=max(steps), eval_steps=steps, limit=limit,
                             run_root=Path(run_root) / f"lr{lr:g}-penalty{penalty:g}", lr=lr, mse_weight=penalty,
                             align_batch=align_batch, max_length=max_length, eval_kwargs=dict(eval_kwargs),
-                            baselines=task not in scored, progress=progress)
+                            baselines=task not in scored, progress=progress,
+                            cache_dir=Path(run_root) / "attributions")
                 scored.add(task)
                 rows += [{**asdict(r), "lr": lr, "penalty": penalty} for r in out]
     cost = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}

@@ -76,7 +76,8 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
           transfer_rates: Sequence[float] = (0.1,), main_rate: float = 0.1, steps: int | None = None,
           limit: int | None = 100, run_root: str | os.PathLike, split: str = "test", apply_split: str = "train",
           eval_kwargs: dict[str, Any] | None = None, baselines: bool = True, progress: bool = True,
-          eval_steps: Sequence[int] | None = None, **train_kwargs) -> list[SweepRow]:
+          eval_steps: Sequence[int] | None = None, cache_dir: str | os.PathLike | None = None,
+          **train_kwargs) -> list[SweepRow]:
     """Train and evaluate LaTen over seeds x transfer rates (every checkpoint step at ``main_rate``,
     the last step at the other rates), next to the plain student and teacher.
 
@@ -86,7 +87,9 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     ``run_root/attributions``. ``baselines=False`` skips scoring the student and the teacher.
     ``eval_steps`` restricts the checkpoints scored at ``main_rate`` (default: every step up to
     ``steps``; a step beyond ``steps`` is an error). Every row keeps its per-question
-    correctness (``correct``) for paired tests; a stored row without it is scored again. Rows are appended to ``run_root/<task>/results.jsonl`` as they come,
+    correctness (``correct``) for paired tests; a stored row without it is scored again.
+    ``cache_dir`` overrides the attributions' folder (they depend on the models and the example
+    only, so sweeps with other training settings can share them). Rows are appended to ``run_root/<task>/results.jsonl`` as they come,
     and a rerun with the same settings skips rows already there (delete the folder to start over).
     """
     root = Path(run_root)
@@ -110,6 +113,7 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
             r = json.loads(line)
             if r.pop("settings", None) == settings:
                 done[_key(r)] = r
+    attributions = Path(cache_dir) if cache_dir is not None else root / "attributions"
     rows: list[SweepRow] = []
     ev = {"limit": limit, "progress": False, **(eval_kwargs or {})}
 
@@ -150,13 +154,13 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
         c0 = cpu_seconds()
         if todo:
             train((t_model, t_tok), (s_model, s_tok), task, transfer_rate=rate, steps=n_steps, seed=seed,
-                        out_dir=run_dir, cache_dir=root / "attributions", progress=False, **train_kwargs)
+                        out_dir=run_dir, cache_dir=attributions, progress=False, **train_kwargs)
         for st in for_steps:
             row = cached(model="laten", transfer_rate=rate, seed=seed, step=st)
             if row is None:
                 ex = apply_examples[seed % len(apply_examples)]  # c0: since the training, or the last row
                 applied = apply((t_model, t_tok), (s_model, s_tok), run_dir, step=st, task=task, example=ex,
-                                out_dir=None, cache_dir=root / "attributions", progress=False)
+                                out_dir=None, cache_dir=attributions, progress=False)
                 r = evaluate((applied.model, applied.tokenizer), task, split, **ev)
                 ms = applied.record.meta["translated_rms"]
                 row = SweepRow(task, "laten", r.score, r.n, rate, seed, st, ex.id,
