@@ -35,10 +35,19 @@ def _parse_value(text: str):
     from papermill.cli import _resolve_type
 
     if text.lstrip()[:1] in ("[", "{"):
+        import re
+
         import yaml
 
+        class Loader(yaml.SafeLoader):
+            """YAML 1.1 reads ``3e-5`` (no dot) as a string; read it as a number, like the scalar
+            ``-p`` values and like JSON (``json.dumps(3e-5)`` is ``3e-05``)."""
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789."))
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as e:
             raise PktError(f"cannot read -p value {text!r} as a list or mapping: {str(e).splitlines()[0]}") from None
     return _resolve_type(text)
@@ -285,6 +294,8 @@ def laten_train(
     align_batch: int = typer.Option(16, help="P: the extract example plus P-1 random align examples.",
                                     callback=POSITIVE),
     lr: float = typer.Option(3e-5, help="Peak learning rate (AdamW, one-cycle).", callback=POSITIVE_REAL),
+    mse_weight: float = typer.Option(1000.0, help="Weight of the penalty sum over modules of mean(translated^2) "
+                                                  "(the paper's 1000; 0: LM loss only).", callback=NON_NEGATIVE),
     seed: int = typer.Option(42, help="Translator init and align sampling.", callback=NON_NEGATIVE),
     train_on_inputs: Optional[bool] = typer.Option(None, "--train-on-inputs/--no-train-on-inputs",
                                                    help="Also take the loss on the prompt (default: on for knowledge "
@@ -303,7 +314,7 @@ def laten_train(
     res = train(teacher, student, task, transfer_rate=transfer_rate, steps=steps, align_batch=align_batch, lr=lr,
                 seed=seed, out_dir=out, train_on_inputs=train_on_inputs, max_length=max_length,
                 micro_batch=micro_batch, gqa_rule=gqa_rule, normaliser=normaliser,
-                attn_coefficient=attn_coefficient, device=device, progress=True)
+                attn_coefficient=attn_coefficient, device=device, progress=True, mse_weight=mse_weight)
     last = res.log[-1]
     typer.echo(f"wrote {res.final} ({len(res.checkpoints)} checkpoints, resumed after step {res.resumed_from}); "
                f"last step: LM loss {last['lm_loss']:.4f} -> {last['lm_loss_after']:.4f}, "

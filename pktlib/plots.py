@@ -21,7 +21,7 @@ from pktlib.dashboard import PARADIGMS, POCKET, Gain
 from pktlib.scorecard import FAMILIES
 
 __all__ = ["plt", "bars", "lines_by_bin", "loss_curves", "loss_bands", "score_change_heatmaps", "layer_profiles",
-           "neuron_heatmaps", "stability_curves", "heatmap_grid", "score_vs_step", "score_vs_rate", "loss_gain",
+           "neuron_heatmaps", "stability_curves", "heatmap_grid", "score_vs_step", "score_vs_rate", "loss_gain", "laten_lr_sweep",
            "structural_cosines", "delta_histograms", "quantile_curves", "gain_bars", "results_dashboard"]
 
 ROLE_STYLES = {"teacher": "-o", "student": "--s"}
@@ -298,6 +298,52 @@ def loss_gain(logs: pd.DataFrame, *, title: str | None = None) -> Figure:
     ax.axhline(0, color="gray", lw=1)
     return _finish(fig, ax, xlabel="alignment step", ylabel="student LM loss - injected LM loss", title=title,
                    default="Batch loss gain from the translated neurons (after the step)", legend=7)
+
+
+def laten_lr_sweep(table: pd.DataFrame, *, band: tuple[float, float] = (0.01, 0.1),
+                   title: str | None = None) -> Figure:
+    """LaTen against its learning rate, one column per task. Top: injected delta RMS over the
+    student's weight RMS (median over seeds, log-log; shaded: ``band``). Bottom: score gap to the
+    student per seed (filled: McNemar p < alpha, i.e. ``outcome`` "better"/"worse") and its mean.
+    One colour per penalty weight, one line style per alignment step.
+
+    ``table``: columns task, penalty, lr, step, seed, ratio, gap, outcome
+    (:func:`pktlib.experiments.laten_sweep.lr_sweep_table`).
+    """
+    tasks = sorted(table.task.unique())
+    penalties = sorted(table.penalty.unique(), reverse=True)
+    steps = sorted(table.step.unique())
+    colours = {p: f"C{i}" for i, p in enumerate(penalties)}
+    styles = {s: ls for s, ls in zip(steps, ["-", "--", ":", "-."] * len(steps))}
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False, sharex=True)
+    for j, task in enumerate(tasks):
+        top, bottom = axes[0][j], axes[1][j]
+        top.axhspan(*band, color="gray", alpha=0.15, lw=0)
+        bottom.axhline(0, color="gray", lw=1)
+        d = table[table.task == task]
+        for (pen, st), g in d.groupby(["penalty", "step"]):
+            label = f"penalty {pen:g}, step {st}"
+            ratio = g.groupby("lr").ratio.median()
+            top.plot(ratio.index, ratio.values, color=colours[pen], ls=styles[st], marker="o", ms=3, label=label)
+            gap = g.groupby("lr").gap.mean()
+            bottom.plot(gap.index, gap.values, color=colours[pen], ls=styles[st], lw=1.5, label=label)
+            # seeds side by side around each lr, so their points do not hide each other
+            shift = 1 + 0.06 * (g.seed - g.seed.mean())
+            sig = g.outcome.isin(["better", "worse"])
+            bottom.scatter(g.lr[sig] * shift[sig], g.gap[sig], color=colours[pen], s=18, zorder=3)
+            bottom.scatter(g.lr[~sig] * shift[~sig], g.gap[~sig], facecolors="none", edgecolors=colours[pen], s=18,
+                           zorder=3)
+        top.set_xscale("log"), top.set_yscale("log")
+        bottom.set_xscale("log")
+        top.set_title(task, fontsize=10)
+        top.set_ylabel("delta RMS / weight RMS")
+        bottom.set_ylabel("score - student (points)")
+        bottom.set_xlabel("translator learning rate")
+    axes[0][0].legend(fontsize=7)
+    _title(fig, title, "LaTen beyond the inert regime (filled: seed differs from the student, McNemar p < 0.05)",
+           fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def structural_cosines(table: pd.DataFrame, modules: Sequence[str], *, title: str | None = None) -> Figure:

@@ -123,6 +123,7 @@ def test_eval_batch_size_zero_from_the_shell():
 @pytest.mark.parametrize("text, value", [
     ("False", False), ("True", True), ("None", None), ("3", 3), ("-2", -2), ("0.5", 0.5), ("1e-3", 0.001),
     ("false", "false"), ("pocket-math", "pocket-math"), ("[a, b]", ["a", "b"]), ("[1, 2]", [1, 2]),
+    ("[3e-5, 3e-05, 1.5E+2, 2.0e-3, -1e2, 1e, e5]", [3e-5, 3e-5, 150.0, 2e-3, -100.0, "1e", "e5"]),
     ('{"k": 1}', {"k": 1}),
 ])
 def test_param_values_parse_like_papermill(text, value):

@@ -257,3 +257,71 @@ def test_laten_configs_memory_and_weight_rms(tokenizer):
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
     assert laten_sweep.weight_rms(lin) == pytest.approx(math.sqrt(25 / 4))
+
+
+# ------------------------------------------------------------------------------ LaTen beyond the inert regime
+STUDENT = "111111000000"  # 12 questions, 50%
+# lr -> (delta RMS, per-seed correctness): chosen so each lr lands in one reading
+SWEEP = {3e-5: (1e-9, [STUDENT, STUDENT]),  # inert
+         3e-4: (1e-6, ["111110100000"] * 2),  # changes answers, no effect
+         3e-3: (1e-4, ["111111111111", "111111111110"]),  # helps
+         3e-2: (5e-3, ["111111111111", "000000000000"]),  # unstable
+         1e-1: (2e-2, ["000000000000", "000000000001"])}  # hurts
+
+
+def _sweep_runs() -> pd.DataFrame:
+    score = lambda c: 100 * c.count("1") / len(c)  # noqa: E731
+    rows = [{"task": "pocket-math", "model": "student", "score": score(STUDENT), "correct": STUDENT, "lr": 3e-5,
+             "penalty": 1000.0},
+            {"task": "pocket-math", "model": "teacher", "score": 90.0, "correct": "1" * 11 + "0", "lr": 3e-5,
+             "penalty": 1000.0}]
+    for lr, (rms, corrects) in SWEEP.items():
+        for seed, c in enumerate(corrects):
+            rows.append({"task": "pocket-math", "model": "laten", "score": score(c), "correct": c, "lr": lr,
+                         "penalty": 1000.0, "step": 2, "seed": seed, "translated_rms": rms})
+    return pd.DataFrame(rows)
+
+
+def test_lr_sweep_table_pairs_each_injection_with_the_student():
+    table = laten_sweep.lr_sweep_table(_sweep_runs(), weight_rms=0.1)
+    assert list(table.columns[:15]) == ["task", "penalty", "lr", "step", "seed", "delta_rms", "ratio", "score",
+                                        "student", "gap", "laten_only", "student_only", "n", "p_value", "outcome"]
+    assert len(table) == 10 and set(table.n) == {12} and set(table.student) == {50.0}
+    row = table[(table.lr == 3e-3) & (table.seed == 0)].iloc[0]
+    # 6 questions only LaTen got right, none only the student: exact McNemar p = 2 / 2^6
+    assert (row.laten_only, row.student_only, row.gap) == (6, 0, 50.0)
+    assert row.p_value == pytest.approx(2 / 64) and row.outcome == "better" and row.ratio == pytest.approx(1e-3)
+    row = table[(table.lr == 1e-1) & (table.seed == 1)].iloc[0]  # 1 vs 6 discordant: p = 2 * 8 / 128
+    assert (row.laten_only, row.student_only, row.outcome) == (1, 6, "n.s.") and row.p_value == pytest.approx(0.125)
+    assert list(table[table.lr == 3e-5].outcome) == ["same answers"] * 2
+    assert list(table[table.lr == 3e-2].outcome) == ["better", "worse"]
+
+
+def test_lr_sweep_summary_reads_each_setting():
+    summary = laten_sweep.lr_sweep_summary(laten_sweep.lr_sweep_table(_sweep_runs(), weight_rms=0.1))
+    reading = summary.set_index("lr").reading.to_dict()
+    assert reading == {3e-5: "inert", 3e-4: "no clear effect", 3e-3: "helps", 3e-2: "unstable", 1e-1: "hurts"}
+    helps = summary[summary.lr == 3e-3].iloc[0]
+    assert helps.gap == pytest.approx((50 + 100 * 11 / 12 - 50) / 2)
+    assert helps.p_pooled == pytest.approx(2 / 2 ** 11)  # seeds pooled: 11 questions only LaTen got right
+    assert (helps.seeds, helps.seeds_better, helps.seeds_worse) == (2, 1, 0)
+    assert summary.set_index("lr").ratio[3e-2] == pytest.approx(0.05)
+    lines = laten_sweep.lr_sweep_lines(summary)
+    assert lines[0].startswith("- **pocket-math**: deltas at 1-10% of the weights' RMS")
+    assert "at lr 0.03 (penalty 1000)" in lines[0] and "largest ratio 2.0e-01" in lines[0]
+    assert any(l.startswith("  - helps (1 of 5 settings): penalty 1000, lr 0.003, step 2: +45.8 points") for l in lines)
+    assert set(laten_sweep.READINGS) == set(summary.reading)
+    claim = laten_sweep.lr_sweep_claim(summary)
+    assert "the pocket pair agrees: some settings improve the student" in claim
+    assert "5 settings: 1 inert, 1 helps, 1 hurts, 1 unstable, 1 no clear effect" in claim
+    inert = laten_sweep.lr_sweep_claim(summary[summary.reading == "inert"])
+    assert "LaTen leaves every answer unchanged" in inert
+    harmful = laten_sweep.lr_sweep_claim(summary[summary.reading.isin(["hurts", "no clear effect"])])
+    assert "does not show an improvement: where LaTen changes the student beyond the noise" in harmful
+
+
+def test_lr_sweep_table_refuses_other_questions():
+    runs = _sweep_runs()
+    runs.loc[runs.model == "laten", "correct"] = "1" * 11
+    with pytest.raises(PktError, match="same questions"):
+        laten_sweep.lr_sweep_table(runs, weight_rms=0.1)

@@ -424,3 +424,53 @@ def test_training_works_inside_no_grad_but_not_inference_mode(llama_pair, tokeni
     assert res.log[0]["lm_loss_after"] != res.log[0]["lm_loss"]  # a real step was taken
     with torch.inference_mode(), pytest.raises(PktError, match="inference_mode"):
         _train(llama_pair, tokenizer, tmp_path / "im", steps=1, cache_dir=tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------ penalty weight and learning-rate sweep
+def test_penalty_weight_is_a_training_setting(llama_pair, tokenizer, tmp_path):
+    run = _train(llama_pair, tokenizer, tmp_path / "free", steps=1, mse_weight=0.0, cache_dir=tmp_path / "cache")
+    assert run.config.mse_weight == 0.0
+    assert json.loads((tmp_path / "free" / "laten_config.json").read_text())["config"]["mse_weight"] == 0.0
+    r = read_log(tmp_path / "free")[0]
+    assert r["mse"] > 0 and r["loss"] == pytest.approx(r["lm_loss"], rel=1e-7)  # the penalty left out of the loss
+    heavy = _train(llama_pair, tokenizer, tmp_path / "heavy", steps=1, mse_weight=5e6, cache_dir=tmp_path / "cache")
+    h = read_log(heavy.out_dir)[0]
+    assert h["loss"] == pytest.approx(h["lm_loss"] + 5e6 * h["mse"], rel=1e-5)
+    with pytest.raises(PktError, match="mse_weight"):
+        _train(llama_pair, tokenizer, tmp_path / "bad", steps=1, mse_weight=-1.0)
+    with pytest.raises(PktError):  # a run folder keeps its penalty: resuming it with another is refused
+        _train(llama_pair, tokenizer, tmp_path / "free", steps=1, mse_weight=1000.0)
+
+
+@pytest.mark.slow
+def test_lr_sweep_delta_grows_with_learning_rate(llama_pair, tokenizer, tmp_path):
+    import pandas as pd
+
+    from pktlib.experiments import laten_sweep
+
+    teacher, student = llama_pair
+    task = str(tmp_path / "task.jsonl")
+    write_examples(task, [Example(e.messages, {**e.meta, "answer": e.answer}) for e in EXAMPLES])
+    lrs = [3e-5, 3e-3, 3e-1]
+    runs, rows, cost = laten_sweep.run_lr_sweep(
+        (teacher, tokenizer), (student, tokenizer), tasks=[task], lrs=lrs, steps=[1, 2], penalties=[1000.0, 0.0],
+        seeds=[0], transfer_rate=0.25, limit=2, run_root=tmp_path / "sw", align_batch=2, max_length=64,
+        eval_kwargs={"max_new_tokens": 2})
+    assert (runs.model == "student").sum() == 1 and (runs.model == "teacher").sum() == 1  # scored once per task
+    assert cost["cpu_s"] > 0 and cost["wall_s"] > 0
+    assert (runs.cpu_s > 0).all()  # every row computed here carries what it cost
+    table = laten_sweep.lr_sweep_table(runs, weight_rms=laten_sweep.weight_rms(student))
+    assert len(table) == len(lrs) * 2 * 2 and set(table.n) == {2}
+    for (penalty, step), g in table.groupby(["penalty", "step"]):
+        ratios = list(g.sort_values("lr").ratio)
+        assert ratios == sorted(ratios) and ratios[-1] > 100 * ratios[0], (penalty, step, ratios)
+    configs = {json.loads(p.read_text())["config"]["mse_weight"] for p in (tmp_path / "sw").rglob("laten_config.json")}
+    assert configs == {1000.0, 0.0}
+    assert any((tmp_path / "sw" / "attributions").iterdir())  # one attribution cache for every setting
+    assert not list((tmp_path / "sw").glob("lr*/pair-*/attributions"))
+    again, _, _ = laten_sweep.run_lr_sweep(
+        (teacher, tokenizer), (student, tokenizer), tasks=[task], lrs=lrs, steps=[1, 2], penalties=[1000.0, 0.0],
+        seeds=[0], transfer_rate=0.25, limit=2, run_root=tmp_path / "sw", align_batch=2, max_length=64,
+        eval_kwargs={"max_new_tokens": 2})
+    # resumed from the results files: the same injections, the same answers
+    pd.testing.assert_frame_equal(again, runs)

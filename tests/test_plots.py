@@ -154,3 +154,21 @@ def test_grouped_bars_takes_asymmetric_intervals():
     caps = [c for c in ax.collections if len(c.get_segments())]  # error-bar line collections
     segs = caps[0].get_segments()
     assert [(round(s[0][1], 1), round(s[1][1], 1)) for s in segs] == [(2.0, 18.0), (-12.0, -3.0)]
+
+
+def test_laten_lr_sweep_ratio_and_gap_panels():
+    rows = [{"task": t, "penalty": pen, "lr": lr, "step": st, "seed": seed, "ratio": lr * (1 + (pen == 0)),
+             "gap": 10.0 * seed - 5, "outcome": "better" if seed == 1 and lr > 1e-3 else "n.s."}
+            for t in ("pocket-code", "pocket-math") for pen in (1000.0, 0.0) for lr in (3e-5, 3e-3) for st in (1, 4)
+            for seed in (0, 1)]
+    fig = plots.laten_lr_sweep(pd.DataFrame(rows))
+    assert isinstance(fig, Figure) and len(fig.axes) == 4
+    top, bottom = fig.axes[0], fig.axes[2]  # first task's column
+    assert top.get_title() == "pocket-code" and top.get_yscale() == "log" and bottom.get_xscale() == "log"
+    assert len(top.lines) == 4  # one per (penalty, step)
+    line = next(l for l in top.lines if l.get_label() == "penalty 0, step 1")
+    assert list(line.get_xdata()) == [3e-5, 3e-3] and list(line.get_ydata()) == pytest.approx([6e-5, 6e-3])
+    gaps = [l for l in bottom.lines if l.get_label().startswith("penalty")]
+    assert len(gaps) == 4 and all(list(l.get_ydata()) == [0.0, 0.0] for l in gaps)  # mean of -5 and +5
+    filled = sum(len(c.get_offsets()) for c in bottom.collections if len(c.get_facecolors()))
+    assert filled == 4  # the significant seed at lr 3e-3, per (penalty, step)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from pktlib.errors import PktError
 
-__all__ = ["wilson_interval", "PairedTest", "paired_test", "paired_difference_interval"]
+__all__ = ["wilson_interval", "PairedTest", "paired_test", "paired_difference_interval", "correctness_string"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -75,3 +75,8 @@ def paired_difference_interval(a: Sequence[bool], b: Sequence[bool], z: float = 
     var = ((a_only + b_only) - (a_only - b_only) ** 2 / n) / n ** 2
     half = z * math.sqrt(max(var, 0.0))
     return 100 * max(-1.0, diff - half), 100 * min(1.0, diff + half)
+
+
+def correctness_string(correct: Sequence[bool]) -> str:
+    """Per-question correctness as ``"1"``/``"0"`` characters (how runs store it in records)."""
+    return "".join("1" if c else "0" for c in correct)

@@ -4,9 +4,14 @@
 returns one tidy table of evaluations (the student, the teacher, and LaTen per transfer rate,
 seed and alignment step). The functions below reduce it to the chapter's tables and readings;
 spreads are over seeds (greedy evaluation is deterministic).
+
+:func:`run_lr_sweep` takes LaTen out of its inert regime: learning rate x penalty weight x
+alignment step, every injected student paired with the plain student question by question
+(:func:`lr_sweep_table`, :func:`lr_sweep_summary`, :func:`lr_sweep_lines`).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -14,12 +19,16 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from torch import nn
 
+from pktlib.analysis.stats import paired_test
+from pktlib.experiments.verdict import compare_runs
 from pktlib.laten import default_steps, memory_estimate, read_log, scale_matched_lr, sweep
 from pktlib.models import ModelSpec, reference_config
+from pktlib.records import cpu_seconds
 
 __all__ = ["lr_configs", "run_sweeps", "mean_std", "memory_tables", "baselines", "student_scores", "final_runs", "main_curve",
            "table1", "scorecard_rows", "score_vs_step", "score_vs_rate", "train_logs", "train_log_summary",
-           "injected_delta_rms", "instability_lines", "weight_rms", "regime_lines"]
+           "injected_delta_rms", "instability_lines", "weight_rms", "regime_lines", "run_lr_sweep", "lr_sweep_table",
+           "lr_sweep_summary", "lr_sweep_lines", "lr_sweep_claim", "READINGS"]
 
 
 def lr_configs(lr: float, d_teacher: int, *, scale_matched: bool = True) -> dict[str, float]:
@@ -206,3 +215,148 @@ def regime_lines(runs: pd.DataFrame, *, configs: Sequence[str], main_rate: float
                    f"injected deltas have an RMS between {d.translated_rms.min():.1e} and {d.translated_rms.max():.1e} "
                    f"(the student's weights have an RMS of {student_rms:.1e}).")
     return out
+
+
+# ======================================================================== beyond the inert regime
+
+
+def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Sequence[float], steps: Sequence[int],
+                 penalties: Sequence[float], seeds: Sequence[int], transfer_rate: float, limit: int | None,
+                 run_root: str | Path, align_batch: int, max_length: int, eval_kwargs: Mapping[str, Any],
+                 progress: bool = False) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, float]]:
+    """LaTen over learning rate x penalty weight x alignment step x seed (table, its rows, cost).
+
+    One :func:`pktlib.laten.sweep` per (penalty, lr, task) at ``transfer_rate``: each seed trains
+    one translator for ``max(steps)`` steps and its checkpoints at ``steps`` are injected and scored
+    (a checkpoint at step s is what a run of s steps gives: the one-cycle schedule spans the extract
+    set either way, :func:`pktlib.laten.train`). ``penalties`` are values of ``mse_weight`` (the
+    paper's 1000; 0 leaves the LM loss alone). The student and the teacher are scored once per task.
+    Rows carry ``lr`` and ``penalty``; runs live in ``run_root/lr<lr>-penalty<w>`` and resume; the
+    attributions (the same for every setting) are computed once, in ``run_root/attributions``.
+    The cost is this call's wall and CPU seconds (:func:`pktlib.records.cpu_seconds`; a resumed
+    call only pays for what was missing).
+    """
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    rows: list[dict[str, Any]] = []
+    scored: set[str] = set()
+    for penalty in penalties:
+        for lr in lrs:
+            for task in tasks:
+                out = sweep(teacher, student, task, seeds=seeds, transfer_rates=[transfer_rate],
+                            main_rate=transfer_rate, steps=max(steps), eval_steps=steps, limit=limit,
+                            run_root=Path(run_root) / f"lr{lr:g}-penalty{penalty:g}", lr=lr, mse_weight=penalty,
+                            align_batch=align_batch, max_length=max_length, eval_kwargs=dict(eval_kwargs),
+                            baselines=task not in scored, progress=progress,
+                            cache_dir=Path(run_root) / "attributions")
+                scored.add(task)
+                rows += [{**asdict(r), "lr": lr, "penalty": penalty} for r in out]
+    cost = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
+    return pd.DataFrame(rows), rows, cost
+
+
+def lr_sweep_table(runs: pd.DataFrame, *, weight_rms: float, alpha: float = 0.05) -> pd.DataFrame:
+    """One row per injected student of :func:`run_lr_sweep`, paired with the plain student.
+
+    Columns: task, penalty, lr, step, seed, delta_rms (RMS of the injected deltas), ratio
+    (delta_rms / ``weight_rms``, the student's weights' RMS: :func:`weight_rms`), score, student
+    (the student's score), gap (points), laten_only / student_only (questions only that model got
+    right), p_value (exact McNemar, :func:`pktlib.analysis.stats.paired_test`) and outcome:
+    "same answers" (no discordant question), "better" / "worse" (p < ``alpha``) or "n.s.".
+    Raises PktError (from the test) if a row was scored on other questions than the student.
+    """
+    student = runs[runs.model == "student"].drop_duplicates("task").set_index("task")
+    out = []
+    for _, r in runs[runs.model == "laten"].iterrows():
+        base = student.loc[r.task]
+        test = paired_test([c == "1" for c in r.correct], [c == "1" for c in base.correct])
+        diff = test.a_only - test.b_only
+        outcome = ("same answers" if test.a_only + test.b_only == 0 else
+                   "n.s." if test.p_value >= alpha else "better" if diff > 0 else "worse")
+        out.append({"task": r.task, "penalty": r.penalty, "lr": r.lr, "step": int(r.step), "seed": int(r.seed),
+                    "delta_rms": r.translated_rms, "ratio": r.translated_rms / weight_rms, "score": r.score,
+                    "student": base.score, "gap": r.score - base.score, "laten_only": test.a_only,
+                    "student_only": test.b_only, "n": test.n, "p_value": test.p_value, "outcome": outcome,
+                    "correct": r.correct, "student_correct": base.correct})
+    cols = ["task", "penalty", "lr", "step", "seed", "delta_rms", "ratio", "score", "student", "gap", "laten_only",
+            "student_only", "n", "p_value", "outcome", "correct", "student_correct"]
+    return pd.DataFrame(out, columns=cols).sort_values(["task", "penalty", "lr", "step", "seed"], ignore_index=True)
+
+
+# What a setting does to the student, decided from its seeds (lr_sweep_summary).
+READINGS = {
+    "inert": "every seed's injected student answers every question as the student does",
+    "helps": "the mean gain beats twice its standard error over seeds and the pooled McNemar p < alpha",
+    "hurts": "the mean loss beats twice its standard error over seeds and the pooled McNemar p < alpha",
+    "unstable": "seeds differ significantly from the student in both directions (McNemar p < alpha each)",
+    "no clear effect": "answers change, but neither the seeds' spread nor the paired test is beaten",
+}
+
+
+def lr_sweep_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
+    """Per (task, penalty, lr, step) of :func:`lr_sweep_table`: median ratio, mean and std of the
+    gap over seeds, the number of seeds significantly better / worse, the pooled comparison of
+    :func:`pktlib.experiments.verdict.compare_runs` (gap, its s.e. over seeds, pooled McNemar p)
+    and the reading (:data:`READINGS`)."""
+    out = []
+    for key, g in table.groupby(["task", "penalty", "lr", "step"], sort=True):
+        laten = g[["seed", "score", "correct"]]
+        student = pd.DataFrame({"seed": g.seed, "score": g.student, "correct": g.student_correct})
+        cmp = compare_runs(laten, student, alpha=alpha)
+        better, worse = int((g.outcome == "better").sum()), int((g.outcome == "worse").sum())
+        if (g.outcome == "same answers").all():
+            reading = "inert"
+        elif better and worse:
+            reading = "unstable"
+        elif cmp.real:
+            reading = "helps" if cmp.gap > 0 else "hurts"
+        else:
+            reading = "no clear effect"
+        out.append({**dict(zip(["task", "penalty", "lr", "step"], key)), "ratio": float(g.ratio.median()),
+                    "gap": cmp.gap, "gap_std": float(g.gap.std(ddof=1)) if len(g) > 1 else float("nan"),
+                    "se": cmp.se, "p_pooled": cmp.p_value, "seeds": len(g), "seeds_better": better,
+                    "seeds_worse": worse, "reading": reading})
+    return pd.DataFrame(out)
+
+
+def lr_sweep_lines(summary: pd.DataFrame, *, band: tuple[float, float] = (0.01, 0.1)) -> list[str]:
+    """Markdown list items: per task, the learning rates whose deltas reach the ``band`` of the
+    weights' RMS, and the settings in each reading (penalty, lr, step)."""
+    lines = []
+    for task, g in summary.groupby("task"):
+        in_band = g[(g.ratio >= band[0]) & (g.ratio <= band[1])]
+        reach = ", ".join(f"lr {lr:g} (penalty {p:g})" for p, lr in
+                          sorted(set(zip(in_band.penalty, in_band.lr)))) or "none of the settings"
+        lines.append(f"- **{task}**: deltas at {100 * band[0]:g}-{100 * band[1]:g}% of the weights' RMS "
+                     f"(median over seeds, some step) at {reach}; largest ratio {g.ratio.max():.1e}.")
+        for reading in READINGS:
+            d = g[g.reading == reading]
+            if len(d):
+                where = "; ".join(f"penalty {r.penalty:g}, lr {r.lr:g}, step {r.step}: {r.gap:+.1f} points "
+                                  f"(p {r.p_pooled:.2g}, {r.seeds_better}/{r.seeds} seeds better, "
+                                  f"{r.seeds_worse} worse)" for r in d.itertuples())
+                lines.append(f"  - {reading} ({len(d)} of {len(g)} settings): {where}.")
+    return lines
+
+
+def lr_sweep_claim(summary: pd.DataFrame) -> str:
+    """The paper's claim "LaTen improves the student, unstably" checked against the readings of
+    :func:`lr_sweep_summary` (a Markdown paragraph): it agrees when some setting helps and some
+    setting is unstable or hurts."""
+    counts = {r: int((summary.reading == r).sum()) for r in READINGS}
+    helps, bad = counts["helps"], counts["unstable"] + counts["hurts"]
+    if helps and bad:
+        verdict = "the pocket pair agrees: some settings improve the student, others are unstable or harm it"
+    elif helps:
+        verdict = ("the pocket pair agrees that LaTen can improve the student, but no setting is unstable or harmful "
+                   "by this test")
+    elif bad:
+        verdict = ("the pocket pair does not show an improvement: where LaTen changes the student beyond the noise, "
+                   "it is unstable or harmful")
+    elif counts["inert"] == len(summary):
+        verdict = "the pocket pair cannot test it: LaTen leaves every answer unchanged in every setting"
+    else:
+        verdict = ("the pocket pair does not show an improvement: LaTen changes answers, but no setting moves the "
+                   "score beyond the noise")
+    shown = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
+    return (f"\n**The paper's claim, \"LaTen improves the student, unstably\"**: {verdict} ({len(summary)} settings: "
+            f"{shown}; each decided by the spread over seeds and the pooled exact McNemar test, p < 0.05).")

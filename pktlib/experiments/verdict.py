@@ -13,12 +13,13 @@ only if both sources of noise are beaten:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from pktlib.errors import PktError
+from pktlib.analysis.stats import correctness_string
 from pktlib.evaluation import paired_test
 
 __all__ = ["Comparison", "compare_runs", "correctness_string"]
@@ -31,11 +32,6 @@ class Comparison(NamedTuple):
     se: float
     p_value: float
     real: bool
-
-
-def correctness_string(correct: Sequence[bool]) -> str:
-    """Per-question correctness as ``"1"``/``"0"`` characters (how runs store it in records)."""
-    return "".join("1" if c else "0" for c in correct)
 
 
 def compare_runs(a: pd.DataFrame, b: pd.DataFrame, *, alpha: float = 0.05) -> Comparison:

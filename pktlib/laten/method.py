@@ -142,6 +142,8 @@ class LatenConfig:
             raise PktError(f"`transfer_rate` must be in (0, 1], got {self.transfer_rate}")
         if self.align_batch < 1:
             raise PktError(f"`align_batch` must be >= 1, got {self.align_batch}")
+        if not self.mse_weight >= 0:  # also rejects NaN
+            raise PktError(f"`mse_weight` must be >= 0, got {self.mse_weight}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise PktError(f"`micro_batch` must be >= 1, got {self.micro_batch}")
         if self.gqa_rule not in GQA_RULES:
@@ -378,7 +380,8 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
           micro_batch: int | None = None, max_length: int = 512, gqa_rule: str = "sum", normaliser: str = "rms",
           cache_dir: str | os.PathLike | None = None, device: str | None = None,
           extract: list[Example] | None = None, align: list[Example] | None = None,
-          modules: Sequence[str] = TRANSFERRED_MODULES, attn_coefficient: str = "summed") -> TrainResult:
+          modules: Sequence[str] = TRANSFERRED_MODULES, attn_coefficient: str = "summed",
+          mse_weight: float = 1000.0) -> TrainResult:
     """Train a LaTen translator from ``teacher`` to ``student`` on ``task`` (DESIGN.md 4.3).
 
     ``teacher``/``student``: model directories / hub ids (loaded by
@@ -393,7 +396,8 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
     checkpoint (the settings must match). ``cache_dir`` (default ``out_dir/attributions``) keeps
     the per-example attributions; ``extract``/``align`` override the task's splits.
     ``train_on_inputs=None`` takes the task family's default (:func:`default_train_on_inputs`).
-    Every checkpoint folder also holds ``laten_settings.json`` (module docstring). Works inside
+    ``mse_weight``: the weight of the penalty sum_m mean(translated_m^2) in the loss (DESIGN.md 4.3
+    and the original code: 1000; 0 trains on the LM loss alone). Every checkpoint folder also holds ``laten_settings.json`` (module docstring). Works inside
     ``torch.no_grad()`` (the loop enables gradients).
     """
     out = Path(out_dir)
@@ -406,7 +410,7 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
                       transfer_rate=transfer_rate, align_batch=align_batch, micro_batch=micro_batch, lr=lr, seed=seed,
                       train_on_inputs=default_train_on_inputs(task) if train_on_inputs is None else train_on_inputs,
                       max_length=max_length, gqa_rule=gqa_rule, normaliser=normaliser,
-                      attn_coefficient=attn_coefficient, modules=tuple(modules))
+                      attn_coefficient=attn_coefficient, modules=tuple(modules), mse_weight=mse_weight)
     t_model, t_tok, t_src = resolve_model(teacher, device=device, need_tokenizer=True)
     s_model, s_tok, s_src = resolve_model(student, device=device or next(t_model.parameters()).device,
                                           need_tokenizer=True)

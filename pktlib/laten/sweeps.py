@@ -13,12 +13,14 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from pktlib.analysis.stats import correctness_string
 from pktlib.data import load_task
+from pktlib.errors import PktError
 from pktlib.evaluation import evaluate
 from pktlib.laten.method import default_steps, default_train_on_inputs, train
 from pktlib.laten.transfer import apply
 from pktlib.models import reference_spec, resolve_model, weights_hash
-from pktlib.records import atomic_write_text
+from pktlib.records import atomic_write_text, cpu_seconds
 
 __all__ = ["scale_matched_lr", "SweepRow", "sweep"]
 
@@ -53,6 +55,10 @@ class SweepRow:
     translated_rms: float | None = None  # root mean square of the injected deltas (all modules)
     changed_entries: int | None = None  # rows/columns that received a delta
     run_dir: str | None = None  # the translator's run folder (log.jsonl, checkpoints)
+    correct: str | None = None  # per-question correctness, "1"/"0" in test order (paired tests)
+    cpu_s: float | None = None  # CPU seconds this row cost (pktlib.records.cpu_seconds; LaTen: the first
+    # row scored after a translator's training also carries that training), so a sum over rows is the
+    # cost of the sweep from nothing, however often it was resumed
 
 
 def _task_folder(task: str) -> str:
@@ -70,6 +76,7 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
           transfer_rates: Sequence[float] = (0.1,), main_rate: float = 0.1, steps: int | None = None,
           limit: int | None = 100, run_root: str | os.PathLike, split: str = "test", apply_split: str = "train",
           eval_kwargs: dict[str, Any] | None = None, baselines: bool = True, progress: bool = True,
+          eval_steps: Sequence[int] | None = None, cache_dir: str | os.PathLike | None = None,
           **train_kwargs) -> list[SweepRow]:
     """Train and evaluate LaTen over seeds x transfer rates (every checkpoint step at ``main_rate``,
     the last step at the other rates), next to the plain student and teacher.
@@ -77,7 +84,12 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     Each (rate, seed) trains its own translator in ``run_root/pair-<hashes>/<task>/rate<r>/seed<s>`` (a task given
     as a file path gets ``<stem>-<hash>`` as its folder) and applies it
     on the unseen example ``load_task(task, apply_split)[seed]``. Attributions are cached in
-    ``run_root/attributions``. ``baselines=False`` skips scoring the student and the teacher. Rows are appended to ``run_root/<task>/results.jsonl`` as they come,
+    ``run_root/attributions``. ``baselines=False`` skips scoring the student and the teacher.
+    ``eval_steps`` restricts the checkpoints scored at ``main_rate`` (default: every step up to
+    ``steps``; a step beyond ``steps`` is an error). Every row keeps its per-question
+    correctness (``correct``) for paired tests; a stored row without it is scored again.
+    ``cache_dir`` overrides the attributions' folder (they depend on the models and the example
+    only, so sweeps with other training settings can share them). Rows are appended to ``run_root/<task>/results.jsonl`` as they come,
     and a rerun with the same settings skips rows already there (delete the folder to start over).
     """
     root = Path(run_root)
@@ -101,12 +113,13 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
             r = json.loads(line)
             if r.pop("settings", None) == settings:
                 done[_key(r)] = r
+    attributions = Path(cache_dir) if cache_dir is not None else root / "attributions"
     rows: list[SweepRow] = []
     ev = {"limit": limit, "progress": False, **(eval_kwargs or {})}
 
     def record(row: SweepRow) -> SweepRow:
         rows.append(row)
-        if _key(asdict(row)) not in done:
+        if done.get(_key(asdict(row)), {}).get("correct") is None:
             done[_key(asdict(row))] = asdict(row)
             lines = [json.dumps({**r, "settings": settings}) for r in done.values()]
             atomic_write_text(res_path, "\n".join(lines) + "\n")
@@ -114,39 +127,48 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
 
     def cached(**key) -> SweepRow | None:
         r = done.get(_key({"task": task, **key}))
-        return SweepRow(**r) if r else None
+        # rows stored before per-question results were kept cannot be paired: score them again
+        return SweepRow(**r) if r and r.get("correct") is not None else None
 
+    n_steps = steps or default_steps(task)
+    main_steps = sorted(set(eval_steps)) if eval_steps is not None else list(range(1, n_steps + 1))
+    if not main_steps or main_steps[0] < 1 or main_steps[-1] > n_steps:
+        raise PktError(f"eval_steps must be steps 1..{n_steps} of the run, got {list(eval_steps or [])}")
     plan = [(rate, seed) for rate in transfer_rates for seed in seeds]
     bar = tqdm(total=len(plan) + 2 * baselines, desc=f"LaTen sweep {task}", unit="run") if progress else None
     for name, (m, tok) in (("student", (s_model, s_tok)), ("teacher", (t_model, t_tok))) if baselines else ():
         row = cached(model=name)
         if row is None:
+            c0 = cpu_seconds()
             r = evaluate((m, tok), task, split, **ev)
-            row = SweepRow(task, name, r.score, r.n)
+            row = SweepRow(task, name, r.score, r.n, correct=correctness_string(x.correct for x in r.records),
+                           cpu_s=round(cpu_seconds() - c0, 2))
         record(row)
         if bar is not None:
             bar.update(1)
     apply_examples = load_task(task, apply_split)
     for rate, seed in plan:
         run_dir = root / _task_folder(task) / f"rate{rate:g}" / (f"seed{seed}" + ("-inputs" if inputs else ""))
-        n_steps = steps or default_steps(task)
-        for_steps = list(range(1, n_steps + 1)) if math.isclose(rate, main_rate) else [n_steps]
+        for_steps = main_steps if math.isclose(rate, main_rate) else [n_steps]
         todo = [st for st in for_steps if cached(model="laten", transfer_rate=rate, seed=seed, step=st) is None]
+        c0 = cpu_seconds()
         if todo:
             train((t_model, t_tok), (s_model, s_tok), task, transfer_rate=rate, steps=n_steps, seed=seed,
-                        out_dir=run_dir, cache_dir=root / "attributions", progress=False, **train_kwargs)
+                        out_dir=run_dir, cache_dir=attributions, progress=False, **train_kwargs)
         for st in for_steps:
             row = cached(model="laten", transfer_rate=rate, seed=seed, step=st)
             if row is None:
-                ex = apply_examples[seed % len(apply_examples)]
+                ex = apply_examples[seed % len(apply_examples)]  # c0: since the training, or the last row
                 applied = apply((t_model, t_tok), (s_model, s_tok), run_dir, step=st, task=task, example=ex,
-                                out_dir=None, cache_dir=root / "attributions", progress=False)
+                                out_dir=None, cache_dir=attributions, progress=False)
                 r = evaluate((applied.model, applied.tokenizer), task, split, **ev)
                 ms = applied.record.meta["translated_rms"]
                 row = SweepRow(task, "laten", r.score, r.n, rate, seed, st, ex.id,
                                float(math.sqrt(sum(v ** 2 for v in ms.values()) / max(1, len(ms)))),
-                               sum(len(e["indices"]) for e in applied.record.entries), str(run_dir))
+                               sum(len(e["indices"]) for e in applied.record.entries), str(run_dir),
+                               correctness_string(x.correct for x in r.records), round(cpu_seconds() - c0, 2))
                 del applied
+                c0 = cpu_seconds()
             record(row)
         if bar is not None:
             bar.update(1)
