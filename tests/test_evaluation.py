@@ -243,13 +243,15 @@ def test_open_instruct_prompts_tulu_format(tokenizer):
     he = load_task("humaneval", limit=1)
     assert oi.prompts(he, task_info("humaneval"), tokenizer) == [
         "<|user|>\nComplete the following python function.\n\n\n" + he[0].meta["code_prompt"]
-        + "\n<|assistant|>\nHere is the completed function:\n\n\n```python\n"]
+        + "\n<|assistant|>\nHere is the completed function:\n\n\n" + he[0].meta["code_prompt"]]  # the body follows
     mb = load_task("mbpp", "sanitized-test", limit=1)
     assert mb[0].meta["reference"].startswith("def sum_range_list(list1, m, n):")
     assert oi.prompts(mb, task_info("mbpp"), tokenizer)[0].startswith(
         "<|user|>\nComplete the following python function.\n\n\n" + mb[0].meta["text"] + "def sum_range_list(list1, m, n)\n")
     assert oi.test_split(task_info("mbpp")) == "sanitized-test" and oi.test_split(task_info("gsm8k")) == "test"
-    assert "\n```" in oi.stops(task_info("humaneval"), tokenizer) and oi.stops(task_info("gsm8k"), tokenizer) == ["</s>"]
+    assert oi.stops(task_info("humaneval"), tokenizer) == ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]
+    assert oi.prompts(mb, task_info("mbpp"), tokenizer)[0].endswith("Here is the completed function:\n\n\n```python\n")
+    assert oi.stops(task_info("mbpp"), tokenizer) == ["```", "</s>"] and oi.stops(task_info("gsm8k"), tokenizer) == ["</s>"]
 
 
 def test_open_instruct_chat_template_and_prefill():

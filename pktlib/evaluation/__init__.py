@@ -41,11 +41,12 @@ special tokens, as there. Per benchmark:
   the letter whose token (the last token of " A" ... " D") is most probable next. Accuracy over
   all questions (micro), with the per-subject macro average alongside.
 * HumanEval: "Complete the following python function.\\n\\n\\n{prompt}", prefilled "Here is the
-  completed function:\\n\\n\\n```python\\n"; stops "\\nclass", "\\ndef", "\\n#", "\\nif", "\\nprint"
-  and a new line followed by a closing fence; the program is prompt + completion + test + ``check(entry_point)``.
+  completed function:\\n\\n\\n{prompt}" (the model continues the body); stops "\\nclass",
+  "\\ndef", "\\n#", "\\nif", "\\nprint"; the program is prompt + completion + test + ``check(entry_point)``.
 * MBPP: "Complete the following python function.\\n\\n\\n" + the problem text + the reference
   solution up to its first ":" (the function header; nothing separates it from the text, as
-  there), prefilled as HumanEval; stop: a fence; the program is completion + tests.
+  there), prefilled "Here is the completed function:\\n\\n\\n```python\\n" (as open-instruct's
+  MBPP+ script); stop: a fence; the program is completion + tests.
 
 Forced or chosen differences from open-instruct (also stated in the Evaluation chapter):
 

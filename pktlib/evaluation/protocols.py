@@ -12,15 +12,18 @@ from pktlib.evaluation.sandbox import ExecResult, run_many
 from pktlib.evaluation.scoring import (ExampleRecord, DEFAULT_MAX_NEW_TOKENS, extract_code, build_program, test_asserts, stop_strings,
                                        gold_text, SCORERS)
 
-__all__ = ["OI_GSM_PREFIX", "OI_CODE_INSTRUCTION", "OI_CODE_PREFILL", "OI_HUMANEVAL_STOPS", "OI_MBPP_STOPS",
+__all__ = ["OI_GSM_PREFIX", "OI_CODE_INSTRUCTION", "OI_HUMANEVAL_PREFILL", "OI_MBPP_PREFILL", "OI_HUMANEVAL_STOPS", "OI_MBPP_STOPS",
            "OI_MAX_NEW_TOKENS", "oi_chat_prompt", "oi_last_number", "oi_exact_match", "EvalProtocol", "PROTOCOLS",
            "get_protocol", "score_completions"]
 
 
 OI_GSM_PREFIX = "Answer the following question.\n\n"
 OI_CODE_INSTRUCTION = "Complete the following python function.\n\n\n"
-OI_CODE_PREFILL = "Here is the completed function:\n\n\n```python\n"
-OI_HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")  # the Codex paper's, + the fence
+# HumanEval's prefill is followed by the problem's own prompt (signature and docstring), so the model
+# continues the function's body, cut by the Codex paper's stops; MBPP's opens a code block.
+OI_HUMANEVAL_PREFILL = "Here is the completed function:\n\n\n"
+OI_MBPP_PREFILL = "Here is the completed function:\n\n\n```python\n"
+OI_HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's
 OI_MBPP_STOPS = ("```",)
 OI_MAX_NEW_TOKENS = 512
 _OI_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")
@@ -98,10 +101,10 @@ def _oi_user_turn(ex: Example, task: str) -> tuple[str, str]:
         return user, "The answer is:"
     if task == "humaneval":
         (prompt,) = _need(ex, "code_prompt")
-        return OI_CODE_INSTRUCTION + prompt, OI_CODE_PREFILL
+        return OI_CODE_INSTRUCTION + prompt, OI_HUMANEVAL_PREFILL + prompt
     if task == "mbpp":
         text, code = _need(ex, "text", "reference")
-        return OI_CODE_INSTRUCTION + text + code.split(":")[0], OI_CODE_PREFILL
+        return OI_CODE_INSTRUCTION + text + code.split(":")[0], OI_MBPP_PREFILL
     raise PktError(f"the open-instruct protocol scores gsm8k, mmlu, humaneval and mbpp, not {task!r}; "
                    "use protocol='pkt'")
 
