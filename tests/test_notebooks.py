@@ -29,7 +29,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TINY: dict[str, dict] = {
     "models_and_tasks": {},
     "pocket_pair": {"preset": "tiny", "limit": 8, "n_samples": 1},
-    "evaluation": {"preset": "tiny", "limit": 4, "backends": ["hf"]},
+    "evaluation": {"preset": "tiny", "limit": 4, "backends": ["hf"], "real_limit": 2, "real_batch_size": 2,
+                   "real_max_new_tokens": 16},
     "postalign": {"preset": "tiny", "families": ["math"], "seeds": [0, 1], "n_train": 16, "epochs": 1,
                   "batch_size": 16, "micro_batch": 16, "eval_limit": 4, "extract_limit": 4,
                   "run_dir": "{tmp}/postalign-runs"},
