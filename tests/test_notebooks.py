@@ -88,7 +88,8 @@ def _params(name: str, tmp: Path) -> list[str]:
     for key, value in TINY[name].items():
         if isinstance(value, str):
             value = value.replace("{tmp}", str(tmp)).replace("{pair}", str(zoo.pair_dir("tiny", 0)))
-        args += ["-p", key, value if isinstance(value, str) else json.dumps(value)]
+        # True/False as papermill spells them (JSON's true/false would reach the notebook as strings)
+        args += ["-p", key, value if isinstance(value, str) else str(value) if isinstance(value, bool) else json.dumps(value)]
     return args
 
 
