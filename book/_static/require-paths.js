@@ -7,5 +7,12 @@
   var me = document.currentScript && document.currentScript.src;
   if (!me || typeof window.require === "undefined" || !window.require.config) return;
   var here = me.slice(0, me.lastIndexOf("/") + 1);
-  window.require.config({paths: {"@jupyter-widgets": here + "npm/@jupyter-widgets"}});
+  // The runtime's two bundles take their public path (where the icon fonts are) from the folder of
+  // their own module's URL, so those two ids map to files in dist/, beside the fonts.
+  var dist = here + "npm/@jupyter-widgets/html-manager/dist/";
+  window.require.config({paths: {
+    "@jupyter-widgets": here + "npm/@jupyter-widgets",
+    "@jupyter-widgets/html-manager": dist + "embed-amd",
+    "@jupyter-widgets/html-manager/dist/libembed-amd": dist + "libembed-amd"
+  }});
 })();
