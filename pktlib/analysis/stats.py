@@ -12,7 +12,8 @@ from typing import Sequence
 
 from pktlib.errors import PktError
 
-__all__ = ["wilson_interval", "PairedTest", "paired_test", "paired_difference_interval", "correctness_string"]
+__all__ = ["wilson_interval", "PairedTest", "paired_test", "paired_difference_interval", "correctness_string",
+           "correctness_from_string"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -80,3 +81,8 @@ def paired_difference_interval(a: Sequence[bool], b: Sequence[bool], z: float = 
 def correctness_string(correct: Sequence[bool]) -> str:
     """Per-question correctness as ``"1"``/``"0"`` characters (how runs store it in records)."""
     return "".join("1" if c else "0" for c in correct)
+
+
+def correctness_from_string(text: str) -> list[bool]:
+    """The inverse of :func:`correctness_string`: ``"1"``/``"0"`` characters back to booleans."""
+    return [c == "1" for c in text]

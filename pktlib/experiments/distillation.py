@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pktlib.data import load_task
 from pktlib.distill import budget_examples, distill
+from pktlib.analysis.stats import correctness_from_string
 from pktlib.evaluation import paired_test, wilson_interval
 from pktlib.experiments.scoring import cached_score, families_with_teacher_gap, generation_budget, score_path
 from pktlib.models import weights_hash
@@ -243,7 +244,7 @@ def paired_vs_student(results: pd.DataFrame, refs: Mapping[str, Mapping[str, flo
     """
     rows = []
     for (fam, budget, method), g in results.groupby(["family", "budget", "method"]):
-        a = [q == "1" for q in "".join(g.sort_values("seed").correct)]
+        a = correctness_from_string("".join(g.sort_values("seed").correct))
         pt = paired_test(a, list(student_correct[fam]) * len(g))
         gap = g.score.mean() - refs[fam]["student"]
         rows.append({"family": fam, "budget": budget, "method": method, "gap": round(gap, 1),

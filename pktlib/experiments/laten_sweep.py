@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from torch import nn
 
-from pktlib.analysis.stats import paired_test
+from pktlib.analysis.stats import correctness_from_string, paired_test
 from pktlib.experiments.verdict import compare_runs
 from pktlib.laten import default_steps, memory_estimate, read_log, scale_matched_lr, sweep
 from pktlib.models import ModelSpec, reference_config
@@ -268,7 +268,7 @@ def lr_sweep_table(runs: pd.DataFrame, *, weight_rms: float, alpha: float = 0.05
     out = []
     for _, r in runs[runs.model == "laten"].iterrows():
         base = student.loc[r.task]
-        test = paired_test([c == "1" for c in r.correct], [c == "1" for c in base.correct])
+        test = paired_test(correctness_from_string(r.correct), correctness_from_string(base.correct))
         diff = test.a_only - test.b_only
         outcome = ("same answers" if test.a_only + test.b_only == 0 else
                    "n.s." if test.p_value >= alpha else "better" if diff > 0 else "worse")

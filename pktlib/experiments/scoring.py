@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pktlib.analysis.stats import correctness_from_string, correctness_string
 from pktlib.data import answer_token_budget, load_task
 from pktlib.errors import PktError
 from pktlib.evaluation import EvalResult, evaluate
@@ -92,7 +93,7 @@ class CachedScore:
     @property
     def answers(self) -> list[bool]:
         """Per-question correctness as booleans (for :func:`pktlib.evaluation.paired_test`)."""
-        return [q == "1" for q in self.correct]
+        return correctness_from_string(self.correct)
 
 
 def score_path(folder: str | os.PathLike, weights: Any, *, limit: int | None, max_new_tokens: int,
@@ -126,6 +127,6 @@ def cached_score(path: str | os.PathLike, model: Any, task: str, *, limit: int |
     pair = model() if callable(model) else model
     ev = evaluate(pair, task, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
     out = {"score": ev.score, "n": ev.n, "cpu_s": round(cpu_seconds() - c0, 1),
-           "correct": "".join("1" if r.correct else "0" for r in ev.records)}
+           "correct": correctness_string([r.correct for r in ev.records])}
     write_json(path, out)
     return CachedScore(float(out["score"]), int(out["n"]), float(out["cpu_s"]), out["correct"], False)

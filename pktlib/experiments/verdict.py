@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pktlib.errors import PktError
-from pktlib.analysis.stats import correctness_string
+from pktlib.analysis.stats import correctness_from_string, correctness_string
 from pktlib.evaluation import paired_test
 
 __all__ = ["Comparison", "compare_runs", "correctness_string"]
@@ -47,5 +47,5 @@ def compare_runs(a: pd.DataFrame, b: pd.DataFrame, *, alpha: float = 0.05) -> Co
     gap = x.score.mean() - y.score.mean()
     se = np.sqrt(x.score.var(ddof=1) / len(x) + y.score.var(ddof=1) / len(y)) if len(x) > 1 else float("nan")
     beyond_seeds = bool(abs(gap) > 2 * se) if se == se and se > 0 else bool(gap != 0)
-    paired = paired_test([q == "1" for q in "".join(x.correct)], [q == "1" for q in "".join(y.correct)])
+    paired = paired_test(correctness_from_string("".join(x.correct)), correctness_from_string("".join(y.correct)))
     return Comparison(float(gap), float(se), paired.p_value, beyond_seeds and paired.p_value < alpha)
