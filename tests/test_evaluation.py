@@ -455,3 +455,22 @@ def test_vllm_engine_follows_new_weights_and_agrees_with_hf(tmp_path):
     assert same >= 0.95 * 64, [(a.completion, b.completion) for a, b in zip(hf_rec, vl_rec)
                                if a.completion != b.completion][:3]
     assert abs(results["hf"].n_correct - results["vllm"].n_correct) <= 1
+
+
+@pytest.mark.parametrize("cpus, preset, expected", [
+    ({0, 1}, None, "0,1"),  # a 2-core machine: the model gets both cores
+    ({3, 5, 7}, None, "3,5,7"),  # only the cores this process may use
+    (set(range(16)), None, None),  # a large machine keeps vLLM's automatic binding
+    ({0, 1}, "nobind", "nobind"),  # the user's setting wins
+])
+def test_vllm_cpu_engine_binds_every_core_of_a_small_machine(monkeypatch, cpus, preset, expected):
+    from pktlib.evaluation import backends
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    if preset is not None:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", preset)
+    monkeypatch.setattr(backends.os, "sched_getaffinity", lambda pid: cpus)
+    backends._bind_all_cpus(1)
+    assert backends.os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == expected
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    backends._bind_all_cpus(2)  # several ranks: vLLM's own per-rank binding
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in backends.os.environ
