@@ -68,6 +68,11 @@ def select(attribution: Any, *, n_layers: int, k_ffn: int, k_attn: int) -> Selec
     top neurons within each of them (DESIGN.md 4.2), from an :class:`~pktlib.attribution.Attribution`."""
     ffn_layers = top_layers(attribution.ffn_layers, n_layers)
     attn_layers = top_layers(attribution.attn_layers, n_layers)
+    for kind, chosen, S in (("ffn", ffn_layers, attribution.ffn), ("attn", attn_layers, attribution.attn)):
+        unscored = [l for l in chosen if bool(S[l].isnan().any())]
+        if unscored:  # attribute(layers=...) left them out: a selection there would rank NaNs
+            raise PktError(f"the selection needs {kind} neuron scores in layers {unscored}, which this attribution "
+                           f"did not compute (attribute(layers=...)); attribute those layers too")
     return Selection(
         ffn_layers=ffn_layers, attn_layers=attn_layers,
         ffn_neurons=top_neurons(attribution.ffn[ffn_layers], k_ffn),

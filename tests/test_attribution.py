@@ -367,3 +367,39 @@ def test_bfloat16_model_runs_in_float32(models, tokenizer):
     assert a16.ffn.dtype == torch.float32 and torch.isfinite(a16.ffn).all()
     corr = torch.corrcoef(torch.stack([a32.ffn.flatten(), a16.ffn.flatten()]))[0, 1]
     assert corr > 0.9, f"bf16 and fp32 FFN scores correlate only {corr:.3f}"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_layer_restricted_scores_equal_the_full_call(models, tokenizer, arch):
+    model = models[arch]
+    full = A.attribute(model, tokenizer, PAIRS, per_example=True, chunk_size=40)
+    part = A.attribute(model, tokenizer, PAIRS, per_example=True, chunk_size=40, layers=[1])
+    L = full.n_layers
+    assert part.scored_layers("ffn") == part.scored_layers("attn") == [1]
+    for k in ("ffn", "attn", "ffn_per_example", "attn_per_example"):
+        got, ref = getattr(part, k), getattr(full, k)
+        torch.testing.assert_close(got[..., 1, :], ref[..., 1, :])
+        others = [l for l in range(L) if l != 1]
+        assert got[..., others, :].isnan().all(), f"{k}: unscored layers must be NaN"
+    for k in ("ffn_layers", "attn_layers", "ffn_layers_per_example", "attn_layers_per_example"):
+        torch.testing.assert_close(getattr(part, k), getattr(full, k))  # layer scores: every layer
+    # a selection or an inspection can not silently rank the NaNs of the layers left out
+    with pytest.raises(PktError, match="did not compute"):
+        A.select(part, n_layers=L, k_ffn=2, k_attn=2)
+    with pytest.raises(PktError, match=r"layers \[0\]"):
+        inspection.carriers(part, kind="ffn", layers=[0, 1])
+    assert {l for l, _, _ in inspection.carriers(part, kind="ffn", k=4)} == {1}
+    with pytest.raises(PktError, match="out of range"):
+        A.attribute(model, tokenizer, PAIRS[:1], layers=[L])
+
+
+def test_locate_layers_scores_the_best_layers_exactly(models, tokenizer):
+    model = models["qwen2"]
+    full = A.attribute(model, tokenizer, PAIRS, chunk_size=40)
+    for kind in ("ffn", "attn"):
+        got = A.locate_layers(model, tokenizer, PAIRS, 1, kind=kind, chunk_size=40)
+        best = A.top_layers(full.layer_scores(kind), 1)
+        assert got.scored_layers(kind) == best
+        torch.testing.assert_close(got.scores(kind)[best], full.scores(kind)[best])
+    with pytest.raises(PktError, match="picks the layers"):
+        A.locate_layers(model, tokenizer, PAIRS, 1, layers=[0])

@@ -58,6 +58,18 @@ def test_format_prompt_chat_template_needs_template(tokenizer):
         data.format_prompt([{"role": "user", "content": "hi"}], tokenizer=tokenizer, template="chat")
 
 
+def test_format_prompt_auto_template_follows_the_tokenizer(tokenizer):
+    import copy
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
+    # no chat template: the default format
+    assert data.format_prompt(msgs, tokenizer=tokenizer, template="auto") == data.format_prompt(msgs)
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    assert data.format_prompt(msgs, tokenizer=chat, template="auto") == "[user] hi\n[assistant] "
+    with pytest.raises(PktError, match="'auto'"):
+        data.format_prompt(msgs, template="tulu")
+
+
 @pytest.mark.parametrize("task, split, n", [
     ("gsm", "extract", 20), ("gsm8k", "test", 1319), ("mmlu", "align", 80), ("mmlu", "test", 14042),
     ("humaneval", "test", 164), ("mbpp", "test", 500), ("mbpp", "train", 300),

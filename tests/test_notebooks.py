@@ -52,6 +52,7 @@ TINY: dict[str, dict] = {
     "real_pair_scores": {"pair": "{pair}", "limits": {"gsm8k": 2, "mmlu": 4, "humaneval": 2, "mbpp": 2},
                          "backend": "hf", "max_new_tokens": 8, "score_dir": "{tmp}/pair-scores", "progress": False},
     "real_pair_cka": {"pair": "{pair}", "n_texts": 6, "modules": ["up_proj", "o_proj"]},
+    "real_pair_neurons": {"pair": "{pair}", "tasks": ["gsm8k"], "n_examples": 2, "n_layers": 1, "n_tokens": 3},
     "distillation": {"preset": "tiny", "families": ["math"], "budgets": [8], "seeds": [0], "eval_limit": 4,
                      "torch_threads": 1, "run_dir": "{tmp}/distill-runs", "laten_record": "{tmp}/book/laten.record.json"},
     "scorecard": {"records_dir": "{tmp}/book"},  # run last: it reads the other chapters' records

@@ -45,10 +45,17 @@ def top_tokens(model: nn.Module, tokenizer, layer: int, kind: str, index: int | 
 
 def carriers(attribution: Attribution, example: int | None = None, *, kind: str = "ffn", k: int = 10,
              layers: Sequence[int] | None = None) -> list[tuple[int, int, float]]:
-    """Which neurons carried an answer: the ``k`` best ``(layer, neuron, score)`` over all layers
-    (or ``layers``), for one example's scores (``per_example=True``) or the summed scores."""
+    """Which neurons carried an answer: the ``k`` best ``(layer, neuron, score)`` over the scored
+    layers (or ``layers``), for one example's scores (``per_example=True``) or the summed scores.
+
+    Raises :class:`PktError` for a layer whose neuron scores were not computed (``attribute(layers=...)``).
+    """
     S = attribution.scores(kind, example=example)  # (L, N)
-    ls = list(range(S.shape[0])) if layers is None else [int(l) for l in layers]
+    scored = attribution.scored_layers(kind)
+    ls = scored if layers is None else [int(l) for l in layers]
+    missing = sorted(set(ls) - set(scored))
+    if missing:
+        raise PktError(f"no {kind} neuron scores in layers {missing}: this attribution scored layers {scored}")
     sub = S[ls]
     k = min(k, sub.numel())
     vals, flat = sub.flatten().topk(k)

@@ -19,18 +19,22 @@ def format_prompt(messages: Sequence[dict[str, str]], *, tokenizer=None, templat
     """Prompt text for ``messages`` without the final answer, ending with the assistant header.
 
     ``template="default"`` is the original code's format (``<|user|>\\n{content}\\n\\n<|assistant|>\\n``,
-    one block per turn); ``template="chat"`` uses ``tokenizer``'s chat template instead.
+    one block per turn); ``template="chat"`` uses ``tokenizer``'s chat template instead;
+    ``template="auto"`` the chat template when the tokenizer has one, else the default (the
+    rule the paper's evaluator follows, :mod:`pktlib.evaluation.protocols`).
     A trailing assistant message (the reference answer) is dropped.
     """
     msgs = list(messages)
     if msgs and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
+    if template == "auto":
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "default"
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise PktError("template='chat' needs a tokenizer with a chat template")
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     if template != "default":
-        raise PktError(f"unknown prompt template {template!r}; expected 'default' or 'chat'")
+        raise PktError(f"unknown prompt template {template!r}; expected 'default', 'chat' or 'auto'")
     text = ""
     for m in msgs:
         text += f"<|{m['role']}|>\n{m['content'].strip()}\n\n" if m["role"] != "assistant" else f"<|assistant|>\n{m['content']}\n\n"

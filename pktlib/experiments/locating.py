@@ -12,6 +12,7 @@ per-example scores are needed) and returns plain numbers or tables:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -31,12 +32,27 @@ KIND_LABELS = {"ffn": "FFN", "attn": "attention"}
 Attributions = Mapping[tuple[str, str], A.Attribution]  # (family, role) -> attribution
 
 
-def attribute_families(models: Mapping[str, tuple[Any, Any]], pairs: Mapping[str, Sequence[tuple[str, str]]]
+def attribute_families(models: Mapping[str, tuple[Any, Any]], pairs: Mapping[str, Sequence[tuple[str, str]]], *,
+                       n_layers: int | None = None, seconds: dict[str, float] | None = None,
                        ) -> dict[tuple[str, str], A.Attribution]:
     """Per-example attribution of every (family, role): ``models`` role -> (model, tokenizer),
-    ``pairs`` family -> (prompt, answer) pairs."""
-    return {(fam, role): A.attribute(model, tok, pairs[fam], per_example=True, progress=False)
-            for fam in pairs for role, (model, tok) in models.items()}
+    ``pairs`` family -> (prompt, answer) pairs.
+
+    ``n_layers``: neuron scores only in that many best FFN layers per (family, role)
+    (:func:`pktlib.attribution.locate_layers`; what a 152k vocabulary affords on a CPU), layer
+    scores everywhere. ``seconds``, if given, receives each ``"family/role"``'s wall time.
+    """
+    out = {}
+    for fam in pairs:
+        for role, (model, tok) in models.items():
+            t0 = time.perf_counter()
+            if n_layers is None:
+                out[fam, role] = A.attribute(model, tok, pairs[fam], per_example=True, progress=False)
+            else:
+                out[fam, role] = A.locate_layers(model, tok, pairs[fam], n_layers, per_example=True, progress=False)
+            if seconds is not None:
+                seconds[f"{fam}/{role}"] = time.perf_counter() - t0
+    return out
 
 
 def layer_profiles(attr: Attributions) -> dict[str, dict[str, list[float]]]:
