@@ -243,13 +243,13 @@ def test_open_instruct_prompts_tulu_format(tokenizer):
     he = load_task("humaneval", limit=1)
     assert oi.prompts(he, task_info("humaneval"), tokenizer) == [
         "<|user|>\nComplete the following python function.\n\n\n" + he[0].meta["code_prompt"]
-        + "\n<|assistant|>\nHere is the completed function:\n\n\n" + he[0].meta["code_prompt"]]  # the body follows
+        + "\n<|assistant|>\nHere is the function:\n\n```python\n" + he[0].meta["code_prompt"]]  # the body follows
     mb = load_task("mbpp", "sanitized-test", limit=1)
     assert mb[0].meta["reference"].startswith("def sum_range_list(list1, m, n):")
     assert oi.prompts(mb, task_info("mbpp"), tokenizer)[0].startswith(
         "<|user|>\nComplete the following python function.\n\n\n" + mb[0].meta["text"] + "def sum_range_list(list1, m, n)\n")
     assert oi.test_split(task_info("mbpp")) == "sanitized-test" and oi.test_split(task_info("gsm8k")) == "test"
-    assert oi.stops(task_info("humaneval"), tokenizer) == ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]
+    assert oi.stops(task_info("humaneval"), tokenizer) == ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```", "</s>"]
     assert oi.prompts(mb, task_info("mbpp"), tokenizer)[0].endswith("Here is the completed function:\n\n\n```python\n")
     assert oi.stops(task_info("mbpp"), tokenizer) == ["```", "</s>"] and oi.stops(task_info("gsm8k"), tokenizer) == ["</s>"]
 
@@ -474,3 +474,26 @@ def test_vllm_cpu_engine_binds_every_core_of_a_small_machine(monkeypatch, cpus, 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     backends._bind_all_cpus(2)  # several ranks: vLLM's own per-rank binding
     assert "VLLM_CPU_OMP_THREADS_BIND" not in backends.os.environ
+
+
+# What Qwen2.5-Coder-1.5B-Instruct wrote after HumanEval/31's prompt when the answer opened no code
+# block: the body, then prose. Inside the block it closes the block instead, which the stops cut.
+QWEN_IS_PRIME = ("    if n <= 1:\n        return False\n    for i in range(2, int(n**0.5) + 1):\n"
+                 "        if n % i == 0:\n            return False\n    return True\n")
+
+
+@pytest.mark.parametrize("tail, passes", [
+    ("```\n\nThis function checks if a given number is prime by iterating up to its square root.", True),
+    ("```\n\nYou can test the function with the provided examples:\n\n```python\nprint(is_prime(6))\n```", True),
+    ("\n\nThis function checks if a given number is prime.", False),  # no block: prose reaches the program
+])
+def test_open_instruct_humaneval_block_end_stops_prose(tail, passes):
+    from pktlib.data import task_info
+    from pktlib.evaluation import get_protocol
+    from pktlib.evaluation.sandbox import run_code
+
+    oi = get_protocol("open-instruct")
+    ex = next(e for e in load_task("humaneval") if e.meta["entry_point"] == "is_prime")
+    completion = truncate_at_stop(QWEN_IS_PRIME + tail, oi.stops(task_info("humaneval"), None))
+    result = run_code(oi.program(completion, ex.meta), timeout=10.0)
+    assert result.passed is passes, (completion, result)

@@ -184,3 +184,27 @@ def test_the_vllm_backend_gets_a_step_timeout_for_a_busy_cpu(monkeypatch):
     monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "60")  # a user's setting wins
     rp.ScoreSettings().generator("m")
     assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "60"
+
+
+def test_cached_answers_asked_otherwise_are_scored_again(pair_root, tmp_path):
+    model_dir = pair_root / "student-chat"
+    idx = rp.subset_indices("gsm8k", 3)
+    gen = Counting(model_dir)
+    rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=gen, root=tmp_path)
+    path = rp.score_cache_path(model_dir, "gsm8k", SETTINGS, root=tmp_path)
+    cache = json.loads(path.read_text())
+    assert cache["stops"] and gen.prompts == 3
+    # an answer generated from another prompt (the protocol changed since): only it is asked again
+    cache["questions"][str(idx[1])]["record"]["prompt"] += " (an older prompt)"
+    path.write_text(json.dumps(cache))
+    rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=gen, root=tmp_path)
+    assert gen.prompts == 4
+    # other stop strings: every answer is asked again
+    cache = json.loads(path.read_text())
+    cache["stops"] = ["\n\n"]
+    path.write_text(json.dumps(cache))
+    again = rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=gen, root=tmp_path)
+    assert gen.prompts == 7 and again.n == 3
+    # unchanged: nothing is asked
+    rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=gen, root=tmp_path)
+    assert gen.prompts == 7

@@ -41,8 +41,9 @@ special tokens, as there. Per benchmark:
   the letter whose token (the last token of " A" ... " D") is most probable next. Accuracy over
   all questions (micro), with the per-subject macro average alongside.
 * HumanEval: "Complete the following python function.\\n\\n\\n{prompt}", prefilled "Here is the
-  completed function:\\n\\n\\n{prompt}" (the model continues the body); stops "\\nclass",
-  "\\ndef", "\\n#", "\\nif", "\\nprint"; the program is prompt + completion + test + ``check(entry_point)``.
+  function:\\n\\n```python\\n{prompt}" (the model continues the body and closes the block); stops
+  "\\nclass", "\\ndef", "\\n#", "\\nif", "\\nprint" (the Codex paper's) and "\\n```"; the program is
+  prompt + completion + test + ``check(entry_point)``.
 * MBPP: "Complete the following python function.\\n\\n\\n" + the problem text + the reference
   solution up to its first ":" (the function header; nothing separates it from the text, as
   there), prefilled "Here is the completed function:\\n\\n\\n```python\\n" (as open-instruct's
@@ -56,8 +57,17 @@ Forced or chosen differences from open-instruct (also stated in the Evaluation c
 * Code is decoded greedily, one completion per problem; open-instruct samples 20 at
   temperature 0.1 (top-p 0.95 for HumanEval) and estimates pass@1 from them. Greedy is that
   estimate's low-temperature limit and costs 20x less.
-* HumanEval: open-instruct prefers the HumanEvalPack instructions (``humanevalpack.jsonl``,
-  not available offline) and falls back to the instruction above, as here.
+* HumanEval: open-instruct has two chat forms. With the HumanEvalPack file
+  (``humanevalpack.jsonl``, not available offline) the user turn is HumanEvalPack's instruction
+  and the answer is prefilled "Here is the function:\\n\\n```python\\n" + the problem's prompt, with
+  "\\n```" added to the stops; without it, the user turn is the instruction above + the prompt
+  and the answer only "Here is the completed function:\\n\\n\\n". Here: the fallback's user turn
+  (HumanEvalPack's instructions are missing) with the HumanEvalPack answer and stops. Both of
+  the fallback's answers fail on chat models for reasons that are not the model's code: left
+  bare, Qwen2.5-Coder restates imports and header and the "\\ndef" stop cuts it before any body;
+  with the problem's prompt after it but no code block, it writes the body and then prose ("You
+  can test the function with ...") that no Codex stop catches, a syntax error: 12 of the 15
+  failures of Qwen2.5-Coder-1.5B-Instruct on 20 problems were that.
 * MBPP: open-instruct scores MBPP+ (``evalplus/mbppplus``) rows 100-377 with MBPP+'s extended
   tests; offline there is only its source, sanitized MBPP. The protocol's default MBPP split is
   ``sanitized-test`` (sanitized MBPP after the same 100-problem hold-out: 327 problems) with

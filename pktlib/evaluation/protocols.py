@@ -19,11 +19,13 @@ __all__ = ["OI_GSM_PREFIX", "OI_CODE_INSTRUCTION", "OI_HUMANEVAL_PREFILL", "OI_M
 
 OI_GSM_PREFIX = "Answer the following question.\n\n"
 OI_CODE_INSTRUCTION = "Complete the following python function.\n\n\n"
-# HumanEval's prefill is followed by the problem's own prompt (signature and docstring), so the model
-# continues the function's body, cut by the Codex paper's stops; MBPP's opens a code block.
-OI_HUMANEVAL_PREFILL = "Here is the completed function:\n\n\n"
+# HumanEval: open-instruct's HumanEvalPack answer, an opened code block and the problem's own prompt
+# (signature and docstring), so the model continues the function's body and closes the block, which
+# stops it; its fallback answer without the block lets a chat model write prose after the code
+# (module docstring of pktlib.evaluation). MBPP's opens a code block too.
+OI_HUMANEVAL_PREFILL = "Here is the function:\n\n```python\n"
 OI_MBPP_PREFILL = "Here is the completed function:\n\n\n```python\n"
-OI_HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's
+OI_HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")  # the Codex paper's + the block's end
 OI_MBPP_STOPS = ("```",)
 OI_MAX_NEW_TOKENS = 512
 _OI_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")

@@ -33,7 +33,7 @@ from pktlib.errors import PktError
 from pktlib.evaluation import (EvalResult, ExampleRecord, Generator, evaluate, free_engines, get_protocol,
                                group_scores, make_generator)
 from pktlib.experiments.paper import TABLE1, TASK_LABELS
-from pktlib.models import weights_hash
+from pktlib.models import load_tokenizer, weights_hash
 from pktlib.pairs import Pair, get_pair
 from pktlib.records import read_json, write_json
 from pktlib.scorecard import PAPER
@@ -139,12 +139,37 @@ def _result(task: str, split: str, settings: ScoreSettings, model: str, done: Ma
     )
 
 
+def _stale_answers(done: dict[str, Any], cache: Mapping[str, Any], proto, info, model_dir: str | Path, task: str,
+                   split: str, indices: Sequence[int]) -> list[str]:
+    """Drop from ``done`` the cached answers of ``indices`` that the protocol would not ask for today.
+
+    An answer is kept only if it was generated from the prompt the protocol builds now and under
+    the same stop strings (cache files written before the stops were stored are checked by
+    prompt only): a change to a protocol's prompts invalidates exactly the answers it changes,
+    with no version number to remember to bump. Returns the stops to store.
+    """
+    tok = load_tokenizer(model_dir)
+    stops = [] if proto.next_token(info) else list(proto.stops(info, tok))
+    cached = [i for i in indices if str(i) in done]
+    if cache.get("stops") is not None and cache["stops"] != stops:
+        for i in cached:
+            del done[str(i)]
+        return stops
+    if cached:
+        examples = load_task(task, split)
+        for i, prompt in zip(cached, proto.prompts([examples[i] for i in cached], info, tok)):
+            if done[str(i)]["record"].get("prompt") != prompt:
+                del done[str(i)]
+    return stops
+
+
 def score_model(model_dir: str | Path, task: str, indices: Sequence[int], *, settings: ScoreSettings = ScoreSettings(),
                 generator: Callable[[], Generator] | Generator | None = None, root: str | Path | None = None,
                 chunk: int = 16, seed: int = 0, bar: Any = None, weights: str | None = None) -> EvalResult:
     """``model_dir``'s score on the questions ``indices`` of ``task``'s test split, through the cache.
 
-    Questions already in the cache (:func:`score_cache_path`) are not scored again; the others
+    Questions already in the cache (:func:`score_cache_path`), asked with today's prompt and
+    stops, are not scored again; the others
     are scored ``chunk`` at a time by :func:`pktlib.evaluation.evaluate` and the cache is
     rewritten atomically after each chunk, so an interrupted run loses at most one chunk.
     ``generator``: a :class:`~pktlib.evaluation.Generator` or a callable making one, called only
@@ -162,6 +187,7 @@ def score_model(model_dir: str | Path, task: str, indices: Sequence[int], *, set
     path = score_cache_path(model_dir, task, settings, split=split, root=root, weights=weights)
     cache = _load_cache(path)
     done: dict[str, Any] = cache["questions"]
+    stops = _stale_answers(done, cache, proto, info, model_dir, task, split, indices)
     todo = [i for i in indices if str(i) not in done]
     if bar is not None:
         bar.update(len(indices) - len(todo))
@@ -178,7 +204,7 @@ def score_model(model_dir: str | Path, task: str, indices: Sequence[int], *, set
             done[str(i)] = {"record": asdict(rec), "generate_s": res.generate_s / len(part),
                             "wall_s": res.wall_s / len(part)}
         write_json(path, {"model": str(model_dir), "weights": weights, "task": task, "split": split,
-                          "settings": asdict(settings), "max_new_tokens": max_new, "questions": done})
+                          "settings": asdict(settings), "max_new_tokens": max_new, "stops": stops, "questions": done})
         if bar is not None:
             bar.update(len(part))
     return _result(task, split, settings, str(model_dir), done, indices, max_new)
