@@ -150,36 +150,60 @@ def test_postalign_run_grid_on_a_tiny_pair(tmp_path, tokenizer):
 
 
 # ------------------------------------------------------------------------------ unaligned grid
+def _right(k: int, n: int = 20) -> str:
+    return correctness_string([i < k for i in range(n)])
+
+
 def _unaligned_runs() -> unaligned_grid.UnalignedRuns:
+    # 20 questions; the student gets the first 4. Every cell answers as the student does, except
+    # random/embedding/importance (all 20 right in both seeds) and top/pca/random (none right).
+    k_of = {("random", "embedding", "importance"): 20, ("top", "pca", "random"): 0}
     rows = []
-    for i, cell in enumerate(grid()):
-        rows.append({"family": "math", **cell, "score": float(i), "ci95": [max(0.0, i - 5.0), i + 5.0],
-                     "teacher_layers": [0, 1], "rel_delta": 1.0 + (cell["hidden"] == "whitening")})
-    rows.append({"family": "math", "layers": "top", "hidden": "seeking", "neurons": "seeking", "score": 3.0,
-                 "ci95": [0.0, 9.0], "teacher_layers": [2, 3], "rel_delta": 0.5})
-    return unaligned_grid.UnalignedRuns(pd.DataFrame(rows), {"math": {"student": (4.0, [0.0, 9.0]),
-                                                                     "teacher": (20.0, [10.0, 30.0])}}, {}, rows)
+    for cell in grid():
+        k = k_of.get((cell["layers"], cell["hidden"], cell["neurons"]), 4)
+        for sd in ((0, 1) if unaligned_grid.random_cell(cell) else (None,)):
+            rows.append({"family": "math", **cell, "seed": sd, "score": 5.0 * k, "ci95": [0.0, 100.0],
+                         "teacher_layers": [0, 1], "rel_delta": 1.0 + (cell["hidden"] == "whitening"),
+                         "correct": _right(k)})
+    rows.append({"family": "math", "layers": "top", "hidden": "seeking", "neurons": "seeking", "seed": None,
+                 "score": 10.0, "ci95": [0.0, 30.0], "teacher_layers": [2, 3], "rel_delta": 0.5, "correct": _right(2)})
+    return unaligned_grid.UnalignedRuns(pd.DataFrame(rows), {"math": {"student": (20.0, [8.0, 42.0]),
+                                                                     "teacher": (60.0, [39.0, 78.0])}}, {}, rows,
+                                        {"math": {"student": _right(4), "teacher": _right(12)}})
 
 
-def test_unaligned_tables_and_verdict():
+def test_unaligned_comparisons_tables_and_verdict():
     runs = _unaligned_runs()
+    assert len(runs.results) == 6 + 12 * 2 + 1  # cells without a random choice run once
+    table = unaligned_grid.comparisons(runs)
+    assert len(table) == 19 and table.set_index(["layers", "hidden", "neurons"]).verdict.value_counts().to_dict() == {
+        "same answers": 16, "better": 1, "worse": 1, "n.s.": 1}
+    t = table.set_index(["layers", "hidden", "neurons"])
+    best = t.loc[("random", "embedding", "importance")]
+    assert (best.gap, best.seeds, best.a_only, best.lo, best.hi) == (80.0, 2, 32, 80.0, 80.0)
+    worst = t.loc[("top", "pca", "random")]
+    assert (worst.gap, worst.b_only, worst.verdict) == (-20.0, 8, "worse")  # p = 2 / 2**8
+    seek = t.loc[("top", "seeking", "seeking")]
+    assert (seek.gap, seek.seeds, seek.p_value, seek.verdict) == (-10.0, 1, 0.5, "n.s.")
     summary = unaligned_grid.summary_table(runs, ["math"])
-    assert summary["math"].to_dict() == {"student": 4.0, "teacher": 20.0, "Seeking (no training)": 3.0,
-                                         "best grid cell": 17.0, "median grid cell": 8.5}
-    card = unaligned_grid.scorecard_rows(runs, summary, pair="p", families=["math"], n=40)
-    assert [(r["method"], r["score"]) for r in card] == [("seeking-unaligned", 3.0), ("unaligned-best", 17.0),
-                                                         ("unaligned-worst", 0.0)]
+    assert summary["math"].to_dict() == {"student": 20.0, "teacher": 60.0, "Seeking (no training)": 10.0,
+                                         "best grid cell": 100.0, "median grid cell": 20.0}
+    card = unaligned_grid.scorecard_rows(runs, summary, table, pair="p", families=["math"])
+    assert [(r["method"], r["score"], r["effect"], r["seeds"], r["n"]) for r in card] == [
+        ("seeking-unaligned", 10.0, -10.0, 1, 20), ("unaligned-best", 100.0, 80.0, 2, 20),
+        ("unaligned-worst", 0.0, -20.0, 2, 20)]
+    assert card[0]["ci"] == pytest.approx([seek.q_lo, seek.q_hi]) and card[1]["ci"] == [80.0, 80.0]
     assert unaligned_grid.relative_delta(runs).loc["math"].to_dict() == {"embedding": 1.0, "pca": 1.0, "seeking": 0.5,
                                                                          "whitening": 2.0}
     mat = unaligned_grid.grid_matrices(runs, ["math"])["math"]
-    assert mat.shape == (3, 7) and mat.loc["top", "pca\nrandom"] == 0.0 and mat.loc["random", "embedding\nimportance"] == 17.0
-    assert mat.loc["top", "Seeking\n(top)"] == 3.0 and mat["Seeking\n(top)"].isna().sum() == 2
-    v = unaligned_grid.verdict(runs, ["math"])
-    # cells above 4: scores 5..17; clearly above (interval low > 9): scores 15, 16, 17
-    assert v.per_family["math"]["cells_above_student"] == 13
-    assert v.per_family["math"]["cells_clearly_above_student"] == 3
+    assert mat.shape == (3, 7) and mat.loc["top", "pca\nrandom"] == 0.0
+    assert mat.loc["random", "embedding\nimportance"] == 100.0
+    assert mat.loc["top", "Seeking\n(top)"] == 10.0 and mat["Seeking\n(top)"].isna().sum() == 2
+    v = unaligned_grid.verdict(runs, table, ["math"])
+    assert (v.per_family["math"]["cells_above_student"], v.per_family["math"]["cells_better"],
+            v.per_family["math"]["cells_worse"]) == (1, 1, 1)
     assert v.per_family["math"]["best_cell"] == "random/embedding/importance"
-    assert v.conclusion.startswith("3 cell(s) clearly improve")
+    assert v.conclusion.startswith("1 cell(s) improve") and "+80.0 points" in v.lines[0]
 
 
 def test_unaligned_run_grid_on_a_tiny_pair(tokenizer):
@@ -187,10 +211,16 @@ def test_unaligned_run_grid_on_a_tiny_pair(tokenizer):
     student = make_model("llama", tokenizer=tokenizer, n_layers=2, seed=2)
     scorer = BudgetedScorer(tokenizer, 2, {"pocket-knowledge": 3})
     runs = unaligned_grid.run_grid((teacher, tokenizer), (student, tokenizer), scorer=scorer, families=["knowledge"],
-                                   extract_limit=2, progress=False)
-    assert len(runs.results) == 19 and runs.results.rel_delta.gt(0).all()
+                                   seeds=[0, 1], extract_limit=2, progress=False)
+    res = runs.results
+    assert len(res) == 6 + 12 * 2 + 1 and res.rel_delta.gt(0).all()
+    assert res.seed.isna().sum() == 7 and sorted(res.seed.dropna().unique()) == [0, 1]
+    rand = res[(res.neurons == "random") & (res.layers == "top")]
+    # the seed drives the random neuron choice: the same cell's two seeds add different weights
+    assert rand.groupby("hidden").rel_delta.nunique().eq(2).all()
     assert len(runs.layer_totals["knowledge"]) == 3
     assert set(runs.refs["knowledge"]) == {"student", "teacher"}
+    assert len(unaligned_grid.comparisons(runs)) == 19
     json.dumps(runs.metrics())  # the record entries are plain JSON
 
 
