@@ -226,15 +226,18 @@ def test_unaligned_run_grid_on_a_tiny_pair(tokenizer):
 
 # ------------------------------------------------------------------------------ LaTen tables
 def _laten_runs() -> pd.DataFrame:
-    rows = [{"task": "pocket-math", "model": "student", "score": 10.0, "config": "paper lr"},
-            {"task": "pocket-math", "model": "teacher", "score": 30.0, "config": "paper lr"}]
+    # 100 questions: a score of k means the first k right
+    rows = [{"task": "pocket-math", "model": "student", "score": 10.0, "config": "paper lr", "correct": _right(10, 100)},
+            {"task": "pocket-math", "model": "teacher", "score": 30.0, "config": "paper lr", "correct": _right(30, 100)}]
     for config in ("paper lr", "scale-matched lr"):
         for rate in ((0.1, 0.2) if config == "paper lr" else (0.1,)):
             for seed in (0, 1):
                 steps = (1, 2, 3, 4) if rate == 0.1 else (4,)  # pocket-math: 4 steps (Table 5)
                 for st in steps:
-                    rows.append({"task": "pocket-math", "model": "laten", "score": 10.0 + seed * st * (config != "paper lr"),
-                                 "config": config, "transfer_rate": rate, "seed": seed, "step": st,
+                    score = 10 + seed * st * (config != "paper lr")
+                    rows.append({"task": "pocket-math", "model": "laten", "score": float(score),
+                                 "correct": _right(score, 100), "config": config, "transfer_rate": rate, "seed": seed,
+                                 "step": st,
                                  "translated_rms": 1e-5 * (1 + seed), "run_dir": f"/runs/{config}/{rate}/{seed}"})
     return pd.DataFrame(rows)
 
@@ -245,8 +248,22 @@ def test_laten_tables():
     assert table["math"]["student"] == 10.0 and table["math"]["_laten_scale-matched lr_mean"] == 12.0
     assert t1.loc["LaTen (scale-matched lr)", "math"] == "12.0 ± 2.8"
     assert not any(i.startswith("_") for i in t1.index)
-    rows = laten_sweep.scorecard_rows(table, tasks=["pocket-math"], pair="p", n=30)
-    assert [(r["method"], r["score"]) for r in rows] == [("student", 10.0), ("teacher", 30.0), ("laten", 10.0)]
+    compared = laten_sweep.comparisons(runs)
+    assert list(zip(compared.config, compared.transfer_rate, compared.verdict)) == [
+        ("paper lr", 0.1, "same answers"), ("paper lr", 0.2, "same answers"), ("scale-matched lr", 0.1, "n.s.")]
+    sm = compared.iloc[2]  # step 4: seed 0 scores 10, seed 1 scores 14 against the student's 10
+    assert (sm.gap, sm.se, sm.a_only, sm.b_only, sm.seeds, sm.n) == (2.0, 2.0, 4, 0, 2, 100)
+    assert sm.p_value == pytest.approx(0.125) and sm.hi == pytest.approx(2 + 12.7062 * 2, abs=1e-3)
+    between = laten_sweep.config_comparisons(runs, main_rate=0.1)
+    assert list(between.config) == ["scale-matched lr"] and between.gap.iloc[0] == 2.0
+    lines = laten_sweep.comparison_lines(compared)
+    assert lines[2].startswith("- **pocket-math, scale-matched lr, rate 0.1** vs the student: +2.0 points (95% CI")
+    assert lines[2].endswith("2 seeds x 100 questions); **n.s.**")
+    rows = laten_sweep.scorecard_rows(table, compared, tasks=["pocket-math"], pair="p", main_rate=0.1)
+    assert [(r["method"], r["score"], r["n"]) for r in rows] == [("student", 10.0, 100), ("teacher", 30.0, 100),
+                                                                 ("laten", 10.0, 100)]
+    assert {k: rows[2][k] for k in ("effect", "ci", "p", "seeds")} == {"effect": 0.0, "ci": [0.0, 0.0], "p": 1.0,
+                                                                       "seeds": 2}
     steps = laten_sweep.score_vs_step(laten_sweep.main_curve(runs, 0.1))
     assert len(steps) == 8 and set(steps.columns) >= {"mean", "std", "runs"}
     rates = laten_sweep.score_vs_rate(runs)

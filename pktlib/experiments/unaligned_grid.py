@@ -25,7 +25,7 @@ from pktlib.baselines import TransferRecord, grid, seeking_transfer, unaligned_t
 from pktlib.data import load_task
 from pktlib.analysis.stats import correctness_string
 from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, families_with_teacher_gap
-from pktlib.experiments.verdict import compare_table, comparison_text
+from pktlib.experiments.verdict import compare_table, comparison_text, scorecard_fields
 from pktlib.seeking import sensitivity
 
 __all__ = ["UnalignedRuns", "run_grid", "random_cell", "reference_runs", "comparisons", "summary_table", "scorecard_rows", "relative_delta", "grid_matrices",
@@ -152,14 +152,8 @@ def scorecard_rows(runs: UnalignedRuns, summary: pd.DataFrame, table: pd.DataFra
                             ("unaligned-best", cells.loc[cells.gap.idxmax()]),
                             ("unaligned-worst", cells.loc[cells.gap.idxmin()])):
             out.append({"method": method, "task": f"pocket-{f}", "pair": pair,
-                        "score": float(runs.refs[f]["student"][0] + row.gap), **_scorecard_stats(row)})
+                        "score": float(runs.refs[f]["student"][0] + row.gap), **scorecard_fields(row)})
     return out
-
-
-def _scorecard_stats(row: Any) -> dict[str, Any]:
-    ci = [row.lo, row.hi] if row.seeds > 1 else [row.q_lo, row.q_hi]
-    return {"n": int(row.n), "effect": float(row.gap), "ci": [float(v) for v in ci], "p": float(row.p_value),
-            "seeds": int(row.seeds)}
 
 
 def relative_delta(runs: UnalignedRuns) -> pd.DataFrame:

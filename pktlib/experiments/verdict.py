@@ -30,7 +30,7 @@ from pktlib.errors import PktError
 from pktlib.analysis.stats import (correctness_from_string, correctness_string, paired_difference_interval,
                                    paired_test, t_quantile)
 
-__all__ = ["Comparison", "compare_runs", "compare_table", "comparison_text", "COMPARISON_COLUMNS",
+__all__ = ["Comparison", "compare_runs", "compare_table", "comparison_text", "scorecard_fields", "COMPARISON_COLUMNS",
            "correctness_string"]
 
 
@@ -137,3 +137,14 @@ def comparison_text(c: Any) -> str:
     over_seeds = (f"95% CI over seeds [{get('lo'):+.1f}, {get('hi'):+.1f}], " if seeds > 1 else "")
     return (f"{get('gap'):+.1f} points ({over_seeds}over questions [{get('q_lo'):+.1f}, {get('q_hi'):+.1f}]; "
             f"McNemar p = {get('p_value'):.2g}; {seeds} seed{'s' if seeds != 1 else ''} x {int(get('n'))} questions)")
+
+
+def scorecard_fields(c: Any) -> dict[str, Any]:
+    """A comparison with the student as the extra fields of a scorecard row (:mod:`pktlib.scorecard`):
+    ``effect`` (points), ``ci`` (95% over seeds, or over questions with one seed), ``p`` (McNemar),
+    ``seeds`` and ``n`` (questions per run). ``c``: a :class:`Comparison` or a :func:`compare_table` row."""
+    get = (lambda f: getattr(c, f)) if isinstance(c, Comparison) else (lambda f: c[f])
+    seeds = int(get("seeds"))
+    ci = (get("lo"), get("hi")) if seeds > 1 else (get("q_lo"), get("q_hi"))
+    return {"effect": float(get("gap")), "ci": [float(v) for v in ci], "p": float(get("p_value")), "seeds": seeds,
+            "n": int(get("n"))}
