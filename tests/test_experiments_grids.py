@@ -89,7 +89,9 @@ def _postalign_runs(seeking_shift: float, teacher: float = 50.0) -> postalign_gr
                 rows.append({"family": "math", "setting": setting, "init": init, "seed": sd, "score": score,
                              "correct": correctness_string([i < k for i in range(100)])})
                 curves[("math", setting, init, sd)] = [(1, 2.0 + sd), (2, 1.0 + sd)]
-    return postalign_grid.PostAlignRuns(pd.DataFrame(rows), curves, {"math": {"student": 30.0, "teacher": teacher}})
+    return postalign_grid.PostAlignRuns(pd.DataFrame(rows), curves, {"math": {"student": 30.0, "teacher": teacher}},
+                                        ref_correct={"math": {"student": correctness_string([i < 30 for i in range(100)]),
+                                                              "teacher": correctness_string([True] * 100)}})
 
 
 def test_postalign_settings_and_ids():
@@ -106,9 +108,15 @@ def test_postalign_tables_from_runs():
     assert numbers["seeking"]["math|N=16"] == [51.0, 1.0] and numbers["random"]["math|align"] == [41.0, 1.0]
     assert table.loc["seeking", ("math", "N=16")] == "51.0 ± 1.0"
     assert table.loc["student (no LoRA)", ("math", "align")] == "30.0"
-    rows = postalign_grid.scorecard_rows(runs, pair="p", families=["math"], settings=settings, inits=["seeking"], n=100)
+    compared = postalign_grid.vs_student(runs)
+    assert len(compared) == 6 and set(compared.verdict) == {"better"}  # 10 to 22 questions more, every seed
+    c = compared.set_index(["setting", "init"]).loc[("N=16", "seeking")]
+    assert (c.gap, c.se, c.a_only, c.b_only, c.seeds) == (21.0, pytest.approx(1 / math.sqrt(3)), 63, 0, 3)
+    rows = postalign_grid.scorecard_rows(runs, pair="p", families=["math"], settings=settings, inits=["seeking"], n=100,
+                                         compared=compared)
     assert {(r["method"], r["score"]) for r in rows} == {("postalign-seeking-n16", 51.0), ("postalign-seeking-small", 51.0),
                                                          ("student", 30.0), ("teacher", 50.0)}
+    assert rows[0]["effect"] == 21.0 and rows[0]["ci"] == pytest.approx([c.lo, c.hi]) and rows[0]["seeds"] == 3
     bands = postalign_grid.curve_bands(runs)
     first = bands[(bands.setting == "N=16") & (bands.init == "random")]
     assert list(first["mean"]) == [3.0, 2.0] and first["std"].iloc[0] == pytest.approx(math.sqrt(2 / 3))
@@ -141,12 +149,19 @@ def test_postalign_run_grid_on_a_tiny_pair(tmp_path, tokenizer):
     assert list(runs.results.init) == ["random", "seeking"]
     assert (runs.results.steps == 1).all() and (runs.results.n_examples == 4).all()
     assert runs.results.correct.str.len().eq(2).all()
-    assert set(runs.metrics()) == {"reference_scores", "postalign_runs", "training_curves"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["math-N=4-random-s0-e1-b4-x2", "math-N=4-seeking-s0-e1-b4-x2"]
+    assert set(runs.metrics()) == {"reference_scores", "reference_correct", "postalign_runs", "training_curves",
+                                   "grid_seconds"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["math-N=4-random-s0-e1-b4-x2",
+                                                                       "math-N=4-seeking-s0-e1-b4-x2"]
+    # each score is kept: in the run folder, the student's and teacher's beside them
+    assert all(len(list(p.glob("scores-*-n2-t4.json"))) == 1 for p in tmp_path.iterdir() if p.is_dir())
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("scores-*-math-n2-t4.json")) == ["student", "teacher"]
+    assert runs.results.scored_now.all() and len(postalign_grid.vs_student(runs)) == 2
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # each run trains a copy
     # a rerun resumes from the run folders: the same results
     again = postalign_grid.run_grid((teacher, tokenizer), (student, tokenizer), **kw)
-    pd.testing.assert_frame_equal(again.results, runs.results)
+    assert not again.results.scored_now.any()  # read back, not scored again
+    pd.testing.assert_frame_equal(again.results.drop(columns="scored_now"), runs.results.drop(columns="scored_now"))
 
 
 # ------------------------------------------------------------------------------ unaligned grid
