@@ -95,6 +95,11 @@ class ScoreRow:
     pair: str = ""
     n: int | None = None
     protocol: str = "pkt"  # the evaluation protocol the score was measured with
+    # against the student, when the chapter compared them (pktlib.experiments.verdict.scorecard_fields)
+    effect: float | None = None  # points
+    ci: tuple[float, float] | None = None  # 95%, over seeds (over questions with one seed)
+    p: float | None = None  # exact McNemar
+    seeds: int | None = None
 
     @property
     def comparable(self) -> bool:
@@ -124,8 +129,19 @@ def _rows_of(stem: str, value: Any) -> list[ScoreRow]:
         out.append(ScoreRow(method=_canonical(str(row["method"])), task=str(row["task"]), score=score,
                             record=stem, pair=str(row.get("pair", "")),
                             n=int(row["n"]) if isinstance(row.get("n"), (int, float)) else None,
-                            protocol=str(row.get("protocol") or "pkt")))
+                            protocol=str(row.get("protocol") or "pkt"), **_comparison_of(row)))
     return out
+
+
+def _comparison_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The optional comparison fields of a scorecard row; malformed ones are left out."""
+    try:
+        ci = row.get("ci")
+        return {"effect": float(row["effect"]), "p": float(row["p"]),
+                "ci": (float(ci[0]), float(ci[1])) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+                "seeds": int(row["seeds"]) if isinstance(row.get("seeds"), (int, float)) else None}
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def collect_scores(records: Mapping[str, Mapping[str, Any]]) -> list[ScoreRow]:
@@ -180,20 +196,30 @@ def scorecard_tables(records: Mapping[str, Mapping[str, Any]], *,
             mine = [r for r in found if r.method == m and FAMILY_OF_TASK.get(r.task) == fam]
             if not mine:
                 fam_rows.append({**base, "project task": None, "protocol": None, "model pair": None,
-                                 "project score": None, "n": None, "source": None})
+                                 "project score": None, "n": None, "vs student": None, "source": None})
             for r in mine:
                 # not like for like: no paper numbers beside it (module docstring)
                 paper = base if r.comparable else {"method": base["method"]}
                 fam_rows.append({**paper, "project task": r.task, "protocol": r.protocol, "model pair": r.pair or None,
-                                 "project score": round(r.score, 2), "n": r.n,
+                                 "project score": round(r.score, 2), "n": r.n, "vs student": _effect_text(r),
                                  "source": f"{_link(r.record, chapter_href(r.record))} · "
                                            f"{_record_link(record_href(r.record), record_style)}"})
         df = pd.DataFrame(fam_rows)
         df["n"] = df["n"].astype("Int64")  # a count, even with empty cells
         paper_cols = sorted(c for c in df.columns if c.startswith("paper:"))
         tables[fam] = df[["method", *paper_cols, "project task", "protocol", "model pair", "project score", "n",
-                          "source"]]
+                          "vs student", "source"]]
     return tables
+
+
+def _effect_text(r: ScoreRow) -> str | None:
+    """``"+1.2 [-0.3, +2.7], p = 0.12 (3 seeds)"``: the row's effect over the student, its 95%
+    interval and McNemar p; None when the chapter made no comparison."""
+    if r.effect is None:
+        return None
+    ci = f" [{r.ci[0]:+.1f}, {r.ci[1]:+.1f}]" if r.ci else ""
+    seeds = f" ({r.seeds} seed{'s' if r.seeds != 1 else ''})" if r.seeds else ""
+    return f"{r.effect:+.1f}{ci}, p = {r.p:.2g}{seeds}"
 
 
 def to_markdown(df) -> str:

@@ -89,7 +89,9 @@ def _postalign_runs(seeking_shift: float, teacher: float = 50.0) -> postalign_gr
                 rows.append({"family": "math", "setting": setting, "init": init, "seed": sd, "score": score,
                              "correct": correctness_string([i < k for i in range(100)])})
                 curves[("math", setting, init, sd)] = [(1, 2.0 + sd), (2, 1.0 + sd)]
-    return postalign_grid.PostAlignRuns(pd.DataFrame(rows), curves, {"math": {"student": 30.0, "teacher": teacher}})
+    return postalign_grid.PostAlignRuns(pd.DataFrame(rows), curves, {"math": {"student": 30.0, "teacher": teacher}},
+                                        ref_correct={"math": {"student": correctness_string([i < 30 for i in range(100)]),
+                                                              "teacher": correctness_string([True] * 100)}})
 
 
 def test_postalign_settings_and_ids():
@@ -106,9 +108,15 @@ def test_postalign_tables_from_runs():
     assert numbers["seeking"]["math|N=16"] == [51.0, 1.0] and numbers["random"]["math|align"] == [41.0, 1.0]
     assert table.loc["seeking", ("math", "N=16")] == "51.0 ± 1.0"
     assert table.loc["student (no LoRA)", ("math", "align")] == "30.0"
-    rows = postalign_grid.scorecard_rows(runs, pair="p", families=["math"], settings=settings, inits=["seeking"], n=100)
+    compared = postalign_grid.vs_student(runs)
+    assert len(compared) == 6 and set(compared.verdict) == {"better"}  # 10 to 22 questions more, every seed
+    c = compared.set_index(["setting", "init"]).loc[("N=16", "seeking")]
+    assert (c.gap, c.se, c.a_only, c.b_only, c.seeds) == (21.0, pytest.approx(1 / math.sqrt(3)), 63, 0, 3)
+    rows = postalign_grid.scorecard_rows(runs, pair="p", families=["math"], settings=settings, inits=["seeking"], n=100,
+                                         compared=compared)
     assert {(r["method"], r["score"]) for r in rows} == {("postalign-seeking-n16", 51.0), ("postalign-seeking-small", 51.0),
                                                          ("student", 30.0), ("teacher", 50.0)}
+    assert rows[0]["effect"] == 21.0 and rows[0]["ci"] == pytest.approx([c.lo, c.hi]) and rows[0]["seeds"] == 3
     bands = postalign_grid.curve_bands(runs)
     first = bands[(bands.setting == "N=16") & (bands.init == "random")]
     assert list(first["mean"]) == [3.0, 2.0] and first["std"].iloc[0] == pytest.approx(math.sqrt(2 / 3))
@@ -141,45 +149,76 @@ def test_postalign_run_grid_on_a_tiny_pair(tmp_path, tokenizer):
     assert list(runs.results.init) == ["random", "seeking"]
     assert (runs.results.steps == 1).all() and (runs.results.n_examples == 4).all()
     assert runs.results.correct.str.len().eq(2).all()
-    assert set(runs.metrics()) == {"reference_scores", "postalign_runs", "training_curves"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["math-N=4-random-s0-e1-b4-x2", "math-N=4-seeking-s0-e1-b4-x2"]
+    assert set(runs.metrics()) == {"reference_scores", "reference_correct", "postalign_runs", "training_curves",
+                                   "grid_seconds"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["math-N=4-random-s0-e1-b4-x2",
+                                                                       "math-N=4-seeking-s0-e1-b4-x2"]
+    # each score is kept: in the run folder, the student's and teacher's beside them
+    assert all(len(list(p.glob("scores-*-n2-t4.json"))) == 1 for p in tmp_path.iterdir() if p.is_dir())
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("scores-*-math-n2-t4.json")) == ["student", "teacher"]
+    assert runs.results.scored_now.all() and len(postalign_grid.vs_student(runs)) == 2
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # each run trains a copy
     # a rerun resumes from the run folders: the same results
     again = postalign_grid.run_grid((teacher, tokenizer), (student, tokenizer), **kw)
-    pd.testing.assert_frame_equal(again.results, runs.results)
+    assert not again.results.scored_now.any()  # read back, not scored again
+    pd.testing.assert_frame_equal(again.results.drop(columns="scored_now"), runs.results.drop(columns="scored_now"))
 
 
 # ------------------------------------------------------------------------------ unaligned grid
+def _right(k: int, n: int = 20) -> str:
+    return correctness_string([i < k for i in range(n)])
+
+
 def _unaligned_runs() -> unaligned_grid.UnalignedRuns:
+    # 20 questions; the student gets the first 4. Every cell answers as the student does, except
+    # random/embedding/importance (all 20 right in both seeds) and top/pca/random (none right).
+    k_of = {("random", "embedding", "importance"): 20, ("top", "pca", "random"): 0}
     rows = []
-    for i, cell in enumerate(grid()):
-        rows.append({"family": "math", **cell, "score": float(i), "ci95": [max(0.0, i - 5.0), i + 5.0],
-                     "teacher_layers": [0, 1], "rel_delta": 1.0 + (cell["hidden"] == "whitening")})
-    rows.append({"family": "math", "layers": "top", "hidden": "seeking", "neurons": "seeking", "score": 3.0,
-                 "ci95": [0.0, 9.0], "teacher_layers": [2, 3], "rel_delta": 0.5})
-    return unaligned_grid.UnalignedRuns(pd.DataFrame(rows), {"math": {"student": (4.0, [0.0, 9.0]),
-                                                                     "teacher": (20.0, [10.0, 30.0])}}, {}, rows)
+    for cell in grid():
+        k = k_of.get((cell["layers"], cell["hidden"], cell["neurons"]), 4)
+        for sd in ((0, 1) if unaligned_grid.random_cell(cell) else (None,)):
+            rows.append({"family": "math", **cell, "seed": sd, "score": 5.0 * k, "ci95": [0.0, 100.0],
+                         "teacher_layers": [0, 1], "rel_delta": 1.0 + (cell["hidden"] == "whitening"),
+                         "correct": _right(k)})
+    rows.append({"family": "math", "layers": "top", "hidden": "seeking", "neurons": "seeking", "seed": None,
+                 "score": 10.0, "ci95": [0.0, 30.0], "teacher_layers": [2, 3], "rel_delta": 0.5, "correct": _right(2)})
+    return unaligned_grid.UnalignedRuns(pd.DataFrame(rows), {"math": {"student": (20.0, [8.0, 42.0]),
+                                                                     "teacher": (60.0, [39.0, 78.0])}}, {}, rows,
+                                        {"math": {"student": _right(4), "teacher": _right(12)}})
 
 
-def test_unaligned_tables_and_verdict():
+def test_unaligned_comparisons_tables_and_verdict():
     runs = _unaligned_runs()
+    assert len(runs.results) == 6 + 12 * 2 + 1  # cells without a random choice run once
+    table = unaligned_grid.comparisons(runs)
+    assert len(table) == 19 and table.set_index(["layers", "hidden", "neurons"]).verdict.value_counts().to_dict() == {
+        "same answers": 16, "better": 1, "worse": 1, "n.s.": 1}
+    t = table.set_index(["layers", "hidden", "neurons"])
+    best = t.loc[("random", "embedding", "importance")]
+    assert (best.gap, best.seeds, best.a_only, best.lo, best.hi) == (80.0, 2, 32, 80.0, 80.0)
+    worst = t.loc[("top", "pca", "random")]
+    assert (worst.gap, worst.b_only, worst.verdict) == (-20.0, 8, "worse")  # p = 2 / 2**8
+    seek = t.loc[("top", "seeking", "seeking")]
+    assert (seek.gap, seek.seeds, seek.p_value, seek.verdict) == (-10.0, 1, 0.5, "n.s.")
     summary = unaligned_grid.summary_table(runs, ["math"])
-    assert summary["math"].to_dict() == {"student": 4.0, "teacher": 20.0, "Seeking (no training)": 3.0,
-                                         "best grid cell": 17.0, "median grid cell": 8.5}
-    card = unaligned_grid.scorecard_rows(runs, summary, pair="p", families=["math"], n=40)
-    assert [(r["method"], r["score"]) for r in card] == [("seeking-unaligned", 3.0), ("unaligned-best", 17.0),
-                                                         ("unaligned-worst", 0.0)]
+    assert summary["math"].to_dict() == {"student": 20.0, "teacher": 60.0, "Seeking (no training)": 10.0,
+                                         "best grid cell": 100.0, "median grid cell": 20.0}
+    card = unaligned_grid.scorecard_rows(runs, summary, table, pair="p", families=["math"])
+    assert [(r["method"], r["score"], r["effect"], r["seeds"], r["n"]) for r in card] == [
+        ("seeking-unaligned", 10.0, -10.0, 1, 20), ("unaligned-best", 100.0, 80.0, 2, 20),
+        ("unaligned-worst", 0.0, -20.0, 2, 20)]
+    assert card[0]["ci"] == pytest.approx([seek.q_lo, seek.q_hi]) and card[1]["ci"] == [80.0, 80.0]
     assert unaligned_grid.relative_delta(runs).loc["math"].to_dict() == {"embedding": 1.0, "pca": 1.0, "seeking": 0.5,
                                                                          "whitening": 2.0}
     mat = unaligned_grid.grid_matrices(runs, ["math"])["math"]
-    assert mat.shape == (3, 7) and mat.loc["top", "pca\nrandom"] == 0.0 and mat.loc["random", "embedding\nimportance"] == 17.0
-    assert mat.loc["top", "Seeking\n(top)"] == 3.0 and mat["Seeking\n(top)"].isna().sum() == 2
-    v = unaligned_grid.verdict(runs, ["math"])
-    # cells above 4: scores 5..17; clearly above (interval low > 9): scores 15, 16, 17
-    assert v.per_family["math"]["cells_above_student"] == 13
-    assert v.per_family["math"]["cells_clearly_above_student"] == 3
+    assert mat.shape == (3, 7) and mat.loc["top", "pca\nrandom"] == 0.0
+    assert mat.loc["random", "embedding\nimportance"] == 100.0
+    assert mat.loc["top", "Seeking\n(top)"] == 10.0 and mat["Seeking\n(top)"].isna().sum() == 2
+    v = unaligned_grid.verdict(runs, table, ["math"])
+    assert (v.per_family["math"]["cells_above_student"], v.per_family["math"]["cells_better"],
+            v.per_family["math"]["cells_worse"]) == (1, 1, 1)
     assert v.per_family["math"]["best_cell"] == "random/embedding/importance"
-    assert v.conclusion.startswith("3 cell(s) clearly improve")
+    assert v.conclusion.startswith("1 cell(s) improve") and "+80.0 points" in v.lines[0]
 
 
 def test_unaligned_run_grid_on_a_tiny_pair(tokenizer):
@@ -187,24 +226,33 @@ def test_unaligned_run_grid_on_a_tiny_pair(tokenizer):
     student = make_model("llama", tokenizer=tokenizer, n_layers=2, seed=2)
     scorer = BudgetedScorer(tokenizer, 2, {"pocket-knowledge": 3})
     runs = unaligned_grid.run_grid((teacher, tokenizer), (student, tokenizer), scorer=scorer, families=["knowledge"],
-                                   extract_limit=2, progress=False)
-    assert len(runs.results) == 19 and runs.results.rel_delta.gt(0).all()
+                                   seeds=[0, 1], extract_limit=2, progress=False)
+    res = runs.results
+    assert len(res) == 6 + 12 * 2 + 1 and res.rel_delta.gt(0).all()
+    assert res.seed.isna().sum() == 7 and sorted(res.seed.dropna().unique()) == [0, 1]
+    rand = res[(res.neurons == "random") & (res.layers == "top")]
+    # the seed drives the random neuron choice: the same cell's two seeds add different weights
+    assert rand.groupby("hidden").rel_delta.nunique().eq(2).all()
     assert len(runs.layer_totals["knowledge"]) == 3
     assert set(runs.refs["knowledge"]) == {"student", "teacher"}
+    assert len(unaligned_grid.comparisons(runs)) == 19
     json.dumps(runs.metrics())  # the record entries are plain JSON
 
 
 # ------------------------------------------------------------------------------ LaTen tables
 def _laten_runs() -> pd.DataFrame:
-    rows = [{"task": "pocket-math", "model": "student", "score": 10.0, "config": "paper lr"},
-            {"task": "pocket-math", "model": "teacher", "score": 30.0, "config": "paper lr"}]
+    # 100 questions: a score of k means the first k right
+    rows = [{"task": "pocket-math", "model": "student", "score": 10.0, "config": "paper lr", "correct": _right(10, 100)},
+            {"task": "pocket-math", "model": "teacher", "score": 30.0, "config": "paper lr", "correct": _right(30, 100)}]
     for config in ("paper lr", "scale-matched lr"):
         for rate in ((0.1, 0.2) if config == "paper lr" else (0.1,)):
             for seed in (0, 1):
                 steps = (1, 2, 3, 4) if rate == 0.1 else (4,)  # pocket-math: 4 steps (Table 5)
                 for st in steps:
-                    rows.append({"task": "pocket-math", "model": "laten", "score": 10.0 + seed * st * (config != "paper lr"),
-                                 "config": config, "transfer_rate": rate, "seed": seed, "step": st,
+                    score = 10 + seed * st * (config != "paper lr")
+                    rows.append({"task": "pocket-math", "model": "laten", "score": float(score),
+                                 "correct": _right(score, 100), "config": config, "transfer_rate": rate, "seed": seed,
+                                 "step": st,
                                  "translated_rms": 1e-5 * (1 + seed), "run_dir": f"/runs/{config}/{rate}/{seed}"})
     return pd.DataFrame(rows)
 
@@ -215,8 +263,22 @@ def test_laten_tables():
     assert table["math"]["student"] == 10.0 and table["math"]["_laten_scale-matched lr_mean"] == 12.0
     assert t1.loc["LaTen (scale-matched lr)", "math"] == "12.0 ± 2.8"
     assert not any(i.startswith("_") for i in t1.index)
-    rows = laten_sweep.scorecard_rows(table, tasks=["pocket-math"], pair="p", n=30)
-    assert [(r["method"], r["score"]) for r in rows] == [("student", 10.0), ("teacher", 30.0), ("laten", 10.0)]
+    compared = laten_sweep.comparisons(runs)
+    assert list(zip(compared.config, compared.transfer_rate, compared.verdict)) == [
+        ("paper lr", 0.1, "same answers"), ("paper lr", 0.2, "same answers"), ("scale-matched lr", 0.1, "n.s.")]
+    sm = compared.iloc[2]  # step 4: seed 0 scores 10, seed 1 scores 14 against the student's 10
+    assert (sm.gap, sm.se, sm.a_only, sm.b_only, sm.seeds, sm.n) == (2.0, 2.0, 4, 0, 2, 100)
+    assert sm.p_value == pytest.approx(0.125) and sm.hi == pytest.approx(2 + 12.7062 * 2, abs=1e-3)
+    between = laten_sweep.config_comparisons(runs, main_rate=0.1)
+    assert list(between.config) == ["scale-matched lr"] and between.gap.iloc[0] == 2.0
+    lines = laten_sweep.comparison_lines(compared)
+    assert lines[2].startswith("- **pocket-math, scale-matched lr, rate 0.1** vs the student: +2.0 points (95% CI")
+    assert lines[2].endswith("2 seeds x 100 questions); **n.s.**")
+    rows = laten_sweep.scorecard_rows(table, compared, tasks=["pocket-math"], pair="p", main_rate=0.1)
+    assert [(r["method"], r["score"], r["n"]) for r in rows] == [("student", 10.0, 100), ("teacher", 30.0, 100),
+                                                                 ("laten", 10.0, 100)]
+    assert {k: rows[2][k] for k in ("effect", "ci", "p", "seeds")} == {"effect": 0.0, "ci": [0.0, 0.0], "p": 1.0,
+                                                                       "seeds": 2}
     steps = laten_sweep.score_vs_step(laten_sweep.main_curve(runs, 0.1))
     assert len(steps) == 8 and set(steps.columns) >= {"mean", "std", "runs"}
     rates = laten_sweep.score_vs_rate(runs)

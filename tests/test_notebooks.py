@@ -34,7 +34,7 @@ TINY: dict[str, dict] = {
     "postalign": {"preset": "tiny", "families": ["math"], "seeds": [0, 1], "n_train": 16, "epochs": 1,
                   "batch_size": 16, "micro_batch": 16, "eval_limit": 4, "extract_limit": 4,
                   "run_dir": "{tmp}/postalign-runs"},
-    "prealign_unaligned": {"preset": "tiny", "families": ["math"], "eval_limit": 4, "extract_limit": 4},
+    "prealign_unaligned": {"preset": "tiny", "families": ["math"], "seeds": [0, 1], "eval_limit": 4, "extract_limit": 4},
     "attribution": {"preset": "tiny", "n_examples": 4, "k": 4},
     "laten": {"preset": "tiny", "tasks": ["pocket-math"], "seeds": [0, 1], "transfer_rates": [0.1, 0.2],
               "limit": 4, "align_batch": 4, "max_new_tokens": 16, "run_root": "{tmp}/laten-runs",

@@ -7,8 +7,9 @@ def test_scorecard_tables_from_records():
 
     records = {
         "laten_chapter": {"metrics": {"scorecard": [
-            {"method": "laten", "task": "pocket-math", "score": 31.5, "n": 200, "pair": "pocket T->S"},
-            {"method": "laten", "task": "pocket-code", "score": 12.0},
+            {"method": "laten", "task": "pocket-math", "score": 31.5, "n": 200, "pair": "pocket T->S",
+             "effect": 1.5, "ci": [-0.25, 3.25], "p": 0.0123, "seeds": 3},
+            {"method": "laten", "task": "pocket-code", "score": 12.0, "effect": "not a number", "p": 0.5},
             {"method": "bad row"},  # malformed rows are skipped
         ]}},
         "baselines": {"metrics": {"scorecard": {"student-chat": {"pocket-math": 20.0}}}},
@@ -21,6 +22,9 @@ def test_scorecard_tables_from_records():
     laten = math_t[math_t["method"] == "LaTen (Pre-Align)"].iloc[0]
     # the paper's numbers land in the column of their pair and task
     assert laten["project score"] == 31.5
+    # the chapter's comparison with the student: effect, 95% interval, McNemar p, seeds
+    assert laten["vs student"] == "+1.5 [-0.2, +3.2], p = 0.012 (3 seeds)"
+    assert t["code"][t["code"]["method"] == "LaTen (Pre-Align)"].iloc[0]["vs student"] is None  # malformed: left out
     assert laten["paper: gsm8k (Llama-2-13b-chat -> Llama-2-7b-chat)"] == PAPER[
         "Llama-2-13b-chat -> Llama-2-7b-chat (Table 1)"]["laten"]["gsm8k"]
     assert laten["paper: gsm8k (Qwen2.5-3B -> Qwen2.5-1.5B)"] == PAPER["Qwen2.5-3B -> Qwen2.5-1.5B (Table 8)"]["laten"]["gsm8k"]

@@ -13,6 +13,7 @@ from typing import Sequence
 from pktlib.errors import PktError
 
 __all__ = ["wilson_interval", "PairedTest", "paired_test", "paired_difference_interval", "correctness_string",
+           "t_quantile",
            "correctness_from_string"]
 
 
@@ -86,3 +87,41 @@ def correctness_string(correct: Sequence[bool]) -> str:
 def correctness_from_string(text: str) -> list[bool]:
     """The inverse of :func:`correctness_string`: ``"1"``/``"0"`` characters back to booleans."""
     return [c == "1" for c in text]
+
+
+def _t_two_sided_mass(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with an integer ``df`` >= 1: the finite series of Abramowitz
+    and Stegun 26.7.3 (odd df) and 26.7.4 (even df), in theta = atan(t / sqrt(df))."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 0:
+        term, total = 1.0, 1.0
+        for j in range(1, df // 2):  # terms (1.3...(2j-1)) / (2.4...2j) cos^(2j)
+            term *= c2 * (2 * j - 1) / (2 * j)
+            total += term
+        return math.sin(theta) * total
+    if df == 1:
+        return 2 * theta / math.pi
+    term, total = math.cos(theta), math.cos(theta)
+    for j in range(1, (df - 1) // 2):  # terms (2.4...2j) / (3.5...(2j+1)) cos^(2j+1)
+        term *= c2 * (2 * j) / (2 * j + 1)
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * total)
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The two-sided ``level`` critical value of Student's t with ``df`` degrees of freedom (4.303 for
+    df 2 at 95%): the t with P(|T| <= t) = ``level``, found by bisection to 1e-10 on the exact CDF
+    (Abramowitz and Stegun 26.7.3-4). Raises PktError for ``df`` < 1 or ``level`` outside (0, 1)."""
+    if int(df) != df or df < 1:
+        raise PktError(f"t_quantile needs an integer df >= 1, got {df}")
+    if not 0 < level < 1:
+        raise PktError(f"t_quantile needs a level in (0, 1), got {level}")
+    lo, hi = 0.0, 1.0
+    while _t_two_sided_mass(hi, int(df)) < level:
+        hi *= 2
+    while hi - lo > 1e-10:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_two_sided_mass(mid, int(df)) < level else (lo, mid)
+    return (lo + hi) / 2
+

@@ -2,8 +2,10 @@
 ``pkt`` and the paper's ``open-instruct`` (see :mod:`pktlib.evaluation` for both)."""
 from __future__ import annotations
 
+import hashlib
 import re
 import string
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 from pktlib.data import LETTERS, Example, TaskInfo, format_prompt
@@ -14,7 +16,7 @@ from pktlib.evaluation.scoring import (ExampleRecord, DEFAULT_MAX_NEW_TOKENS, ex
 
 __all__ = ["OI_GSM_PREFIX", "OI_CODE_INSTRUCTION", "OI_HUMANEVAL_PREFILL", "OI_MBPP_PREFILL", "OI_HUMANEVAL_STOPS", "OI_MBPP_STOPS",
            "OI_MAX_NEW_TOKENS", "oi_chat_prompt", "oi_last_number", "oi_exact_match", "EvalProtocol", "PROTOCOLS",
-           "get_protocol", "score_completions"]
+           "get_protocol", "run_programs", "score_completions"]
 
 
 OI_GSM_PREFIX = "Answer the following question.\n\n"
@@ -195,6 +197,34 @@ def get_protocol(name: str) -> EvalProtocol:
     return PROTOCOLS[name]
 
 
+# Verdicts of programs already run in this process, by (program hash, timeout): a chapter scores dozens
+# of variants of one student on the same questions, and most of their programs repeat the student's
+# (an injected student that answers as the student writes the same code). Bounded, oldest dropped.
+_VERDICTS: OrderedDict[tuple[str, float], ExecResult] = OrderedDict()
+_VERDICTS_MAX = 20000
+
+
+def run_programs(programs: Sequence[str], *, workers: int = 2, timeout: float = 10.0,
+                 progress: bool = False) -> list[ExecResult]:
+    """Sandbox verdicts of ``programs`` (:func:`pktlib.evaluation.sandbox.run_many`), each distinct
+    program run once per process: a program seen before (same text, same timeout) gets its earlier
+    verdict back, so identical completions always score alike, timeouts included (a program that
+    hit the limit under load is not retried). Results in order."""
+    keys = [(hashlib.sha256(p.encode("utf-8", "surrogatepass")).hexdigest(), float(timeout)) for p in programs]
+    todo = {k: p for k, p in zip(keys, programs) if k not in _VERDICTS}
+    if todo:
+        for k, r in zip(todo, run_many(list(todo.values()), workers=workers, timeout=timeout, progress=progress,
+                                       desc="running tests")):
+            _VERDICTS[k] = r
+    out = []
+    for k in keys:
+        _VERDICTS.move_to_end(k)
+        out.append(_VERDICTS[k])
+    while len(_VERDICTS) > _VERDICTS_MAX:
+        _VERDICTS.popitem(last=False)
+    return out
+
+
 def score_completions(examples: Sequence[Example], completions: Sequence[str], family: str, *,
                       prompts: Sequence[str] | None = None, workers: int = 2, timeout: float = 10.0,
                       progress: bool = False, protocol: str = "pkt") -> list[ExampleRecord]:
@@ -209,8 +239,7 @@ def score_completions(examples: Sequence[Example], completions: Sequence[str], f
     records = []
     if family == "code":
         programs = [proto.program(c, ex.meta) for ex, c in zip(examples, completions)]
-        results: list[ExecResult] = run_many(programs, workers=workers, timeout=timeout, progress=progress,
-                                             desc="running tests")
+        results = run_programs(programs, workers=workers, timeout=timeout, progress=progress)
         for ex, p, c, prog, r in zip(examples, prompts, completions, programs, results):
             gold = "\n".join(test_asserts(ex.meta)) if "tests" in ex.meta else f"check({ex.meta.get('entry_point')})"
             records.append(ExampleRecord(ex.id, p, c, prog, gold, r.passed, r.status))

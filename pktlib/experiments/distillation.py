@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from pktlib.data import load_task
 from pktlib.distill import budget_examples, distill
-from pktlib.analysis.stats import correctness_from_string
-from pktlib.evaluation import paired_test, wilson_interval
+from pktlib.analysis.stats import correctness_string
+from pktlib.evaluation import wilson_interval
 from pktlib.experiments.scoring import cached_score, families_with_teacher_gap, generation_budget, score_path
+from pktlib.experiments.verdict import compare_runs
 from pktlib.models import weights_hash
 from pktlib.records import read_json
 
@@ -233,25 +234,28 @@ def curve_panels(runs: DistillRuns, *, families: Sequence[str],
 
 def paired_vs_student(results: pd.DataFrame, refs: Mapping[str, Mapping[str, float]],
                       student_correct: Mapping[str, Sequence[bool]], *, alpha: float = 0.05) -> pd.DataFrame:
-    """Each (family, budget, method) against the student: exact McNemar over the same questions.
+    """Each (family, budget, method) against the student: :func:`pktlib.experiments.verdict.compare_runs`
+    with the student as the fixed reference.
 
-    Each seed's run is paired with the one student and the seeds pooled (the student's
-    correctness repeated once per seed). Columns: family, budget, method, gap (mean score minus
-    the student's, points, 1 decimal), only distilled, only student (discordant questions), p,
-    verdict (``"better"``/``"worse"`` by the sign of the gap when p < ``alpha``, else
-    ``"no difference"``). Rows sorted by family, budget, method. Raises PktError (from
-    :func:`pktlib.evaluation.paired_test`) when a run scored other questions than the student.
+    Each seed's run is paired with the one student and the seeds pooled. Columns: family, budget,
+    method, gap (mean score minus the student's, points, 1 decimal), ci seeds (95% interval of the
+    gap over seeds, points; NaN with one seed), only distilled, only student (discordant
+    questions), p (pooled exact McNemar), verdict (``"better"``/``"worse"`` by the sign of the gap
+    when p < ``alpha``, else ``"no difference"``). Rows sorted by family, budget, method. Raises
+    PktError (from :func:`pktlib.evaluation.paired_test`) when a run scored other questions than
+    the student.
     """
     rows = []
     for (fam, budget, method), g in results.groupby(["family", "budget", "method"]):
-        a = correctness_from_string("".join(g.sort_values("seed").correct))
-        pt = paired_test(a, list(student_correct[fam]) * len(g))
-        gap = g.score.mean() - refs[fam]["student"]
-        rows.append({"family": fam, "budget": budget, "method": method, "gap": round(gap, 1),
-                     "only distilled": pt.a_only, "only student": pt.b_only, "p": pt.p_value,
-                     "verdict": ("better" if gap > 0 else "worse") if pt.p_value < alpha else "no difference"})
-    return pd.DataFrame(rows, columns=["family", "budget", "method", "gap", "only distilled", "only student", "p",
-                                       "verdict"])
+        student = pd.DataFrame({"score": [refs[fam]["student"]],
+                                "correct": [correctness_string(student_correct[fam])]})
+        c = compare_runs(g, student, alpha=alpha)
+        rows.append({"family": fam, "budget": budget, "method": method, "gap": round(c.gap, 1),
+                     "ci seeds": [round(c.lo, 1), round(c.hi, 1)], "only distilled": c.a_only,
+                     "only student": c.b_only, "p": c.p_value,
+                     "verdict": ("better" if c.gap > 0 else "worse") if c.p_value < alpha else "no difference"})
+    return pd.DataFrame(rows, columns=["family", "budget", "method", "gap", "ci seeds", "only distilled",
+                                       "only student", "p", "verdict"])
 
 
 @dataclass

@@ -20,12 +20,12 @@ import pandas as pd
 from torch import nn
 
 from pktlib.analysis.stats import correctness_from_string, paired_test
-from pktlib.experiments.verdict import compare_runs
+from pktlib.experiments.verdict import compare_runs, compare_table, comparison_text, scorecard_fields
 from pktlib.laten import default_steps, memory_estimate, read_log, scale_matched_lr, sweep
 from pktlib.models import ModelSpec, reference_config
 from pktlib.records import cpu_seconds
 
-__all__ = ["lr_configs", "run_sweeps", "mean_std", "memory_tables", "baselines", "student_scores", "final_runs", "main_curve",
+__all__ = ["lr_configs", "run_sweeps", "comparisons", "config_comparisons", "comparison_lines", "mean_std", "memory_tables", "baselines", "student_scores", "final_runs", "main_curve",
            "table1", "scorecard_rows", "score_vs_step", "score_vs_rate", "train_logs", "train_log_summary",
            "injected_delta_rms", "instability_lines", "weight_rms", "regime_lines", "run_lr_sweep", "lr_sweep_table",
            "lr_sweep_summary", "lr_sweep_lines", "lr_sweep_claim", "READINGS"]
@@ -41,11 +41,13 @@ def lr_configs(lr: float, d_teacher: int, *, scale_matched: bool = True) -> dict
 
 def run_sweeps(teacher: Any, student: Any, *, tasks: Sequence[str], configs: Mapping[str, float],
                seeds: Sequence[int], transfer_rates: Sequence[float], main_rate: float, limit: int,
-               run_root: str | Path, align_batch: int, max_length: int,
-               eval_kwargs: Mapping[str, Any]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+               run_root: str | Path, align_batch: int, max_length: int, eval_kwargs: Mapping[str, Any],
+               budgets: Mapping[str, int] | None = None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """One :func:`pktlib.laten.sweep` per (configuration, task): (table, its rows as logged).
 
     Each row is a :class:`pktlib.laten.SweepRow` with its configuration's ``config`` name and ``lr``.
+    ``budgets`` (task -> new tokens, :func:`pktlib.experiments.scoring.generation_budget`), when
+    given, sets each task's ``max_new_tokens`` over ``eval_kwargs``'.
 
     The paper lr runs every transfer rate and scores the baselines; other configurations run
     ``main_rate`` only. Each configuration's runs live in ``run_root/lr<lr>`` and resume.
@@ -56,9 +58,40 @@ def run_sweeps(teacher: Any, student: Any, *, tasks: Sequence[str], configs: Map
         for task in tasks:
             out = sweep(teacher, student, task, seeds=seeds, transfer_rates=rates, main_rate=main_rate, limit=limit,
                         run_root=Path(run_root) / f"lr{lr_value:g}", lr=lr_value, align_batch=align_batch,
-                        max_length=max_length, eval_kwargs=dict(eval_kwargs), baselines=(name == "paper lr"))
+                        max_length=max_length, eval_kwargs=_eval_kwargs(eval_kwargs, budgets, task),
+                        baselines=(name == "paper lr"))
             rows += [{**asdict(r), "config": name, "lr": lr_value} for r in out]
     return pd.DataFrame(rows), rows
+
+
+def _eval_kwargs(eval_kwargs: Mapping[str, Any], budgets: Mapping[str, int] | None, task: str) -> dict[str, Any]:
+    return {**eval_kwargs, "max_new_tokens": budgets[task]} if budgets else dict(eval_kwargs)
+
+
+def comparisons(runs: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
+    """LaTen at the Table 5 step against the student, per task, configuration and transfer rate
+    (:func:`pktlib.experiments.verdict.compare_table`; seeds pooled, the student a fixed reference)."""
+    student = baselines(runs)
+    student = student[student.model == "student"].drop_duplicates("task")[["task", "score", "correct"]]
+    return compare_table(final_runs(runs), student, by=["task", "config", "transfer_rate"], on=["task"], alpha=alpha)
+
+
+def config_comparisons(runs: pd.DataFrame, *, main_rate: float, reference: str = "paper lr",
+                       alpha: float = 0.05) -> pd.DataFrame:
+    """Each other configuration against ``reference`` at ``main_rate`` and the Table 5 step, per
+    task, seed paired with seed (:func:`pktlib.experiments.verdict.compare_table`)."""
+    final = final_runs(runs)
+    final = final[final.transfer_rate == main_rate]
+    ref = final[final.config == reference]
+    return compare_table(final[final.config != reference], ref, by=["task", "config"], on=["task"], alpha=alpha)
+
+
+def comparison_lines(table: pd.DataFrame, against: str = "the student") -> list[str]:
+    """Markdown list items, one per row of a comparison table: its keys, then
+    :func:`pktlib.experiments.verdict.comparison_text` and the verdict."""
+    keys = [c for c in table.columns if c in ("task", "config", "transfer_rate")]
+    return [f"- **{', '.join(f'rate {r[k]:g}' if k == 'transfer_rate' else str(r[k]) for k in keys)}** vs "
+            f"{against}: {comparison_text(r)}; **{r['verdict']}**" for r in table.to_dict("records")]
 
 
 def mean_std(x: pd.Series) -> pd.Series:
@@ -125,12 +158,21 @@ def table1(runs: pd.DataFrame, *, tasks: Sequence[str], configs: Sequence[str], 
     return t1.loc[[i for i in t1.index if not i.startswith("_")]], out
 
 
-def scorecard_rows(table: Mapping[str, Mapping[str, Any]], *, tasks: Sequence[str], pair: str,
-                   n: int) -> list[dict[str, Any]]:
-    """Scorecard rows of the student, the teacher and LaTen (paper lr) per task."""
-    return [{"method": m, "task": task, "score": float(table[task.split("-")[1]][k]), "n": n, "pair": pair}
-            for task in tasks for m, k in (("student", "student"), ("teacher", "teacher"),
-                                           ("laten", "_laten_paper lr_mean"))]
+def scorecard_rows(table: Mapping[str, Mapping[str, Any]], compared: pd.DataFrame, *, tasks: Sequence[str],
+                   pair: str, main_rate: float) -> list[dict[str, Any]]:
+    """Scorecard rows of the student, the teacher and LaTen (paper lr, ``main_rate``) per task; the
+    LaTen row carries its comparison with the student from ``compared`` (:func:`comparisons`):
+    ``effect``, ``ci`` (over seeds, or over questions with one seed), ``p``, ``seeds``."""
+    c = compared[(compared.config == "paper lr") & (compared.transfer_rate == main_rate)].set_index("task")
+    rows = []
+    for task in tasks:
+        t, fam = c.loc[task], task.split("-")[1]
+        n = int(t.n)
+        rows += [{"method": "student", "task": task, "score": float(table[fam]["student"]), "n": n, "pair": pair},
+                 {"method": "teacher", "task": task, "score": float(table[fam]["teacher"]), "n": n, "pair": pair},
+                 {"method": "laten", "task": task, "score": float(table[fam]["_laten_paper lr_mean"]), "pair": pair,
+                  **scorecard_fields(t)}]
+    return rows
 
 
 def score_vs_step(curve: pd.DataFrame) -> pd.DataFrame:
@@ -223,6 +265,7 @@ def regime_lines(runs: pd.DataFrame, *, configs: Sequence[str], main_rate: float
 def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Sequence[float], steps: Sequence[int],
                  penalties: Sequence[float], seeds: Sequence[int], transfer_rate: float, limit: int | None,
                  run_root: str | Path, align_batch: int, max_length: int, eval_kwargs: Mapping[str, Any],
+                 budgets: Mapping[str, int] | None = None,
                  progress: bool = False) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, float]]:
     """LaTen over learning rate x penalty weight x alignment step x seed (table, its rows, cost).
 
@@ -233,7 +276,7 @@ def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Seque
     paper's 1000; 0 leaves the LM loss alone). The student and the teacher are scored once per task.
     Rows carry ``lr`` and ``penalty``; runs live in ``run_root/lr<lr>-penalty<w>`` and resume; the
     attributions (the same for every setting) are computed once, in ``run_root/attributions``.
-    The cost is this call's wall and CPU seconds (:func:`pktlib.records.cpu_seconds`; a resumed
+    ``budgets``: as :func:`run_sweeps`. The cost is this call's wall and CPU seconds (:func:`pktlib.records.cpu_seconds`; a resumed
     call only pays for what was missing).
     """
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -245,8 +288,8 @@ def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Seque
                 out = sweep(teacher, student, task, seeds=seeds, transfer_rates=[transfer_rate],
                             main_rate=transfer_rate, steps=max(steps), eval_steps=steps, limit=limit,
                             run_root=Path(run_root) / f"lr{lr:g}-penalty{penalty:g}", lr=lr, mse_weight=penalty,
-                            align_batch=align_batch, max_length=max_length, eval_kwargs=dict(eval_kwargs),
-                            baselines=task not in scored, progress=progress,
+                            align_batch=align_batch, max_length=max_length,
+                            eval_kwargs=_eval_kwargs(eval_kwargs, budgets, task), baselines=task not in scored, progress=progress,
                             cache_dir=Path(run_root) / "attributions")
                 scored.add(task)
                 rows += [{**asdict(r), "lr": lr, "penalty": penalty} for r in out]

@@ -5,7 +5,10 @@ split) and LoRA initialisation (random, PiSSA, Seeking; :func:`pktlib.postalign.
 copy of the student is fine-tuned once per seed (:func:`pktlib.postalign.finetune`, resumable
 from its run folder) and scored on the same test questions. :func:`run_grid` returns the runs
 as a tidy table; the functions below it turn that table into the chapter's score table, its
-scorecard rows and the verdict of :mod:`pktlib.experiments.verdict`.
+scorecard rows, the comparisons with the student and the verdict, all by
+:func:`pktlib.experiments.verdict.compare_runs` (effect, intervals over seeds and questions,
+McNemar p). Each fine-tuned model's score is kept in its run folder
+(:func:`pktlib.experiments.scoring.cached_score`), so a rerun neither trains nor scores again.
 """
 from __future__ import annotations
 
@@ -20,13 +23,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pktlib.data import load_task
-from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, families_with_teacher_gap
-from pktlib.experiments.verdict import Comparison, compare_runs, correctness_string
+from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, cached_score, families_with_teacher_gap, score_path
+from pktlib.experiments.verdict import (Comparison, compare_runs, compare_table, comparison_text,
+                                       scorecard_fields)
 from pktlib.seeking import sensitivity
 from pktlib.postalign import finetune, finetune_defaults, lora_model, merged_copy
 from pktlib.models import TRANSFERRED_MODULES
 
-__all__ = ["grid_settings", "setting_ids", "family_table", "PostAlignRuns", "run_grid", "score_table",
+__all__ = ["grid_settings", "setting_ids", "family_table", "PostAlignRuns", "run_grid", "vs_student", "score_table",
            "scorecard_rows", "curve_bands", "PostAlignVerdict", "seeking_verdict"]
 
 Settings = Mapping[str, tuple[str, "int | None"]]  # name -> (split, first n examples or None: all)
@@ -60,10 +64,12 @@ class PostAlignRuns:
     refs: dict[str, dict[str, float]]  # family -> {"student", "teacher"} score without LoRA
     seconds: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    ref_correct: dict[str, dict[str, str]] = field(default_factory=dict)  # family -> who -> "1"/"0" per question
 
     def metrics(self) -> dict[str, Any]:
         """The record entries: reference scores, the runs, and the training curves."""
-        return {"reference_scores": self.refs, "postalign_runs": self.rows,
+        return {"reference_scores": self.refs, "reference_correct": self.ref_correct, "postalign_runs": self.rows,
+                "grid_seconds": round(self.seconds, 1),
                 "training_curves": {"|".join(map(str, k)): v for k, v in self.curves.items()}}
 
 
@@ -77,14 +83,23 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Budg
     ``teacher``/``student``: ``(model, tokenizer)``; the student is deep-copied for every run.
     One Seeking sensitivity pass per family (on its first ``extract_limit`` extract examples)
     serves all Seeking runs. Run folders are ``root/<family>-<setting>-<init>-s<seed>-e<epochs>-
-    b<batch_size>-x<extract_limit>``, so an interrupted grid resumes.
+    b<batch_size>-x<extract_limit>``, so an interrupted grid resumes; each fine-tuned model's score
+    is kept there (:func:`pktlib.experiments.scoring.score_path`), the student's and teacher's in
+    ``root``. Rows carry ``eval_cpu_s``, the scoring's CPU seconds as measured when it ran (the cost
+    from nothing), ``train_wall_s`` (the training's wall seconds as logged when it ran: the last
+    step's ``time_s``, which counts only the last part of a run resumed midway) and ``scored_now`` (False
+    when the score was read back).
     """
     t_model, t_tok = teacher
     s_model, s_tok = student
     root = Path(root)
     t0 = time.perf_counter()
-    refs = {f: {"student": scorer(s_model, f"pocket-{f}").score, "teacher": scorer(t_model, f"pocket-{f}").score}
-            for f in families}
+    refs, ref_correct = {}, {}
+    for f in families:
+        for who, m in (("student", s_model), ("teacher", t_model)):
+            sc = _score(scorer, root, m, f"pocket-{f}", who=who)
+            refs.setdefault(f, {})[who] = sc.score
+            ref_correct.setdefault(f, {})[who] = sc.correct
     sens = {f: sensitivity(t_model, t_tok, load_task(f"pocket-{f}", "extract", limit=extract_limit),
                            modules=TRANSFERRED_MODULES, progress=False) for f in families}
     runs = [(f, s, i, sd) for f in families for s in settings for i in inits for sd in seeds]
@@ -97,12 +112,31 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Budg
         out = root / f"{fam}-{setting}-{init}-s{sd}-e{epochs}-b{batch_size}-x{extract_limit}"
         res = finetune(pm, task, split=split, n=n, lr=lr, epochs=epochs, batch_size=batch_size,
                        micro_batch=micro_batch, seed=sd, out_dir=out, tokenizer=s_tok, progress=False)
-        ev = scorer(merged_copy(pm).eval(), task)
-        rows.append({"family": fam, "setting": setting, "init": init, "seed": sd, "score": ev.score,
+        sc = _score(scorer, out, merged_copy(pm).eval(), task)
+        rows.append({"family": fam, "setting": setting, "init": init, "seed": sd, "score": sc.score,
                      "steps": res.steps, "lr": res.lr, "epochs": res.epochs, "n_examples": res.n_examples,
-                     "final_loss": res.final_loss, "correct": correctness_string(rec.correct for rec in ev.records)})
+                     "final_loss": res.final_loss, "train_wall_s": max((e.get("time_s", 0.0) for e in res.log), default=0.0), "eval_cpu_s": sc.cpu_s,
+                     "scored_now": not sc.from_cache,
+                     "correct": sc.correct})
         curves[(fam, setting, init, sd)] = [(e["step"], e["loss"]) for e in res.log]
-    return PostAlignRuns(pd.DataFrame(rows), curves, refs, time.perf_counter() - t0, rows)
+    return PostAlignRuns(pd.DataFrame(rows), curves, refs, time.perf_counter() - t0, rows, ref_correct)
+
+
+def _score(scorer: BudgetedScorer, folder: Path, model: Any, task: str, who: str | None = None):
+    """``scorer``'s evaluation of ``model``, kept in ``folder`` (:func:`cached_score`)."""
+    budget = scorer.budgets[task]
+    path = score_path(folder, model, limit=scorer.limit, max_new_tokens=budget, who=who,
+                      family=task.removeprefix("pocket-") if who else None)
+    return cached_score(path, (model, scorer.tokenizer), task, limit=scorer.limit, max_new_tokens=budget,
+                        batch_size=scorer.limit)
+
+
+def vs_student(runs: PostAlignRuns) -> pd.DataFrame:
+    """Every (family, setting, init) against the student without LoRA, seeds pooled
+    (:func:`pktlib.experiments.verdict.compare_table`, the student a fixed reference)."""
+    student = pd.DataFrame([{"family": f, "score": runs.refs[f]["student"], "correct": runs.ref_correct[f]["student"]}
+                            for f in runs.refs])
+    return compare_table(runs.results, student, by=["family", "setting", "init"], on=["family"])
 
 
 def score_table(runs: PostAlignRuns, *, families: Sequence[str], settings: Settings,
@@ -122,12 +156,18 @@ def score_table(runs: PostAlignRuns, *, families: Sequence[str], settings: Setti
 
 
 def scorecard_rows(runs: PostAlignRuns, *, pair: str, families: Sequence[str], settings: Settings,
-                   inits: Sequence[str], n: int) -> list[dict[str, Any]]:
-    """Scorecard rows ``postalign-<init>-<setting id>`` (mean over seeds) plus student and teacher."""
+                   inits: Sequence[str], n: int, compared: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """Scorecard rows ``postalign-<init>-<setting id>`` (mean over seeds) plus student and teacher.
+
+    With ``compared`` (:func:`vs_student`) each Post-Align row carries its comparison with the
+    student (:func:`pktlib.experiments.verdict.scorecard_fields`: effect, ci, p, seeds, n).
+    """
     agg = runs.results.groupby(["init", "family", "setting"]).score.mean()
     ids = setting_ids(settings)
+    c = compared.set_index(["family", "setting", "init"]) if compared is not None else None
     return ([{"method": f"postalign-{i}-{ids[s]}", "task": f"pocket-{f}", "pair": pair,
-              "score": float(agg.loc[(i, f, s)]), "n": n} for i in inits for f in families for s in settings]
+              "score": float(agg.loc[(i, f, s)]), "n": n, **(scorecard_fields(c.loc[(f, s, i)]) if c is not None else {})}
+             for i in inits for f in families for s in settings]
             + [{"method": who, "task": f"pocket-{f}", "pair": pair, "score": float(runs.refs[f][who]), "n": n}
                for f in families for who in ("student", "teacher")])
 
@@ -154,6 +194,10 @@ class PostAlignVerdict:
     """Seeking against random and PiSSA initialisation, per family and setting."""
 
     comparisons: dict[str, dict[str, Comparison]]  # "family|setting" -> other init -> Comparison
+
+    def rows(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The comparisons as plain dicts (for the record)."""
+        return {k: {o: c.row() for o, c in v.items()} for k, v in self.comparisons.items()}
     lines: list[str]
     conclusion: str
     families_with_teacher_gap: list[str]
@@ -176,8 +220,7 @@ def seeking_verdict(runs: PostAlignRuns, *, families: Sequence[str], settings: S
             v = {other: compare_runs(cell("seeking", fam, setting), cell(other, fam, setting))
                  for other in ("random", "pissa") if "seeking" in inits and other in inits}
             comparisons[f"{fam}|{setting}"] = v
-            parts = [f"{c.gap:+.1f} vs {o} (2 s.e. over seeds {2 * c.se:.1f}, paired p = {c.p_value:.2g}: "
-                     f"{'real' if c.real else 'noise'})" for o, c in v.items()]
+            parts = [f"vs {o} {comparison_text(c)}: {'real' if c.real else 'noise'}" for o, c in v.items()]
             lines.append(f"- pocket-{fam}, {setting}: Seeking {'; '.join(parts)}")
     vs_random = [v["random"] for v in comparisons.values() if "random" in v]
     wins = sum(1 for c in vs_random if c.real and c.gap > 0)

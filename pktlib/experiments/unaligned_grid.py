@@ -5,6 +5,12 @@ reduction x neuron choice) adds mapped teacher weights to a copy of the student
 (:func:`pktlib.baselines.unaligned_transfer`), and Seeking adds its rank-``r`` extracted
 sub-matrices (:func:`pktlib.baselines.seeking_transfer`); every model is scored on the same
 test questions. :func:`run_grid` returns the tidy table; the other functions summarise it.
+
+A cell with a random choice (random layers or random neurons) is run once per seed of the random
+choices; a cell without one is the same model whatever the seed and is run once (``seed`` null).
+Every model keeps its per-question correctness, and :func:`comparisons` sets each cell and
+Seeking against the student with :func:`pktlib.experiments.verdict.compare_table` (effect,
+intervals over seeds and questions, McNemar p).
 """
 from __future__ import annotations
 
@@ -17,10 +23,12 @@ import pandas as pd
 
 from pktlib.baselines import TransferRecord, grid, seeking_transfer, unaligned_transfer
 from pktlib.data import load_task
+from pktlib.analysis.stats import correctness_string
 from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, families_with_teacher_gap
+from pktlib.experiments.verdict import compare_table, comparison_text, scorecard_fields
 from pktlib.seeking import sensitivity
 
-__all__ = ["UnalignedRuns", "run_grid", "summary_table", "scorecard_rows", "relative_delta", "grid_matrices",
+__all__ = ["UnalignedRuns", "run_grid", "random_cell", "reference_runs", "comparisons", "summary_table", "scorecard_rows", "relative_delta", "grid_matrices",
            "UnalignedVerdict", "verdict", "GRID_ROWS", "GRID_COLUMNS"]
 
 GRID_ROWS = ("top", "bottom", "random")  # layer choices
@@ -36,74 +44,116 @@ def _relative_delta(rec: TransferRecord) -> float:
 class UnalignedRuns:
     """Every transferred model of the grid, scored."""
 
-    results: pd.DataFrame  # one row per (family, cell): layers, hidden, neurons, score, ci95, ...
+    results: pd.DataFrame  # one row per (family, cell, seed): layers, hidden, neurons, seed, score, ci95, correct, ...
     refs: dict[str, dict[str, tuple[float, list[float]]]]  # family -> role -> (score, 95% interval)
     layer_totals: dict[str, list[float]]  # family -> the teacher's per-layer Seeking sensitivity
     rows: list[dict[str, Any]]
+    ref_correct: dict[str, dict[str, str]]  # family -> role -> per-question correctness ("1"/"0")
+    seconds: float = 0.0  # wall seconds of run_grid
 
     def metrics(self) -> dict[str, Any]:
-        return {"reference_scores": self.refs, "unaligned_grid": self.rows, "layer_totals": self.layer_totals}
+        return {"reference_scores": self.refs, "reference_correct": self.ref_correct, "unaligned_grid": self.rows,
+                "layer_totals": self.layer_totals, "grid_seconds": round(self.seconds, 1)}
+
+
+def random_cell(cell: dict[str, str]) -> bool:
+    """Whether a grid cell makes a random choice (random layers or random neurons), so seeds differ."""
+    return cell["layers"] == "random" or cell["neurons"] == "random"
 
 
 def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: BudgetedScorer,
-             families: Sequence[str], seed: int = 0, extract_limit: int = 32, seeking_rank: int | None = 16,
-             progress: bool = True) -> UnalignedRuns:
+             families: Sequence[str], seeds: Sequence[int] = (0,), extract_limit: int = 32,
+             seeking_rank: int | None = 16, progress: bool = True) -> UnalignedRuns:
     """Score the student, the teacher, every grid cell and Seeking without training, per family.
 
     One Seeking sensitivity pass on the family's first ``extract_limit`` extract examples serves
     the "top" layer choice and Seeking. ``seeking_rank`` None (or 0) adds the full sub-matrices.
+    Cells with a random choice (:func:`random_cell`) run once per seed of ``seeds``, the others
+    (and Seeking, which has no random choice) once, with a null ``seed``.
     """
     t_model, t_tok = teacher
 
-    def score(model, task) -> tuple[float, list[float]]:
+    def score(model, task) -> tuple[float, list[float], str]:
         res = scorer(model, task)
-        return res.score, list(res.ci95)
+        return res.score, list(res.ci95), correctness_string(r.correct for r in res.records)
 
     t0 = time.perf_counter()
-    rows, refs, layer_totals = [], {}, {}
+    rows, refs, ref_correct, layer_totals = [], {}, {}, {}
     for fam in families:
         task = f"pocket-{fam}"
-        refs[fam] = {"student": score(student[0], task), "teacher": score(t_model, task)}
+        scored = {who: score(m, task) for who, m in (("student", student[0]), ("teacher", t_model))}
+        refs[fam] = {who: (s, ci) for who, (s, ci, _) in scored.items()}
+        ref_correct[fam] = {who: c for who, (_, _, c) in scored.items()}
         sens = sensitivity(t_model, t_tok, load_task(task, "extract", limit=extract_limit), progress=False)
         layer_totals[fam] = [float(v) for v in sens.layer_totals]
         for cell in grid():
-            model, rec = unaligned_transfer(teacher, student, extract=sens, seed=seed, progress=False, **cell)
-            s, ci = score(model, task)
-            rows.append({"family": fam, **cell, "score": s, "ci95": ci, "teacher_layers": rec.teacher_layers,
-                         "rel_delta": _relative_delta(rec)})
+            for sd in (seeds if random_cell(cell) else [None]):
+                model, rec = unaligned_transfer(teacher, student, extract=sens, seed=seeds[0] if sd is None else sd,
+                                                progress=False, **cell)
+                s, ci, c = score(model, task)
+                rows.append({"family": fam, **cell, "seed": sd, "score": s, "ci95": ci,
+                             "teacher_layers": rec.teacher_layers, "rel_delta": _relative_delta(rec), "correct": c})
         model, rec = seeking_transfer(teacher, student, sens, rank=seeking_rank or None, progress=False)
-        s, ci = score(model, task)
-        rows.append({"family": fam, "layers": "top", "hidden": "seeking", "neurons": "seeking", "score": s,
-                     "ci95": ci, "teacher_layers": rec.teacher_layers, "rel_delta": _relative_delta(rec)})
+        s, ci, c = score(model, task)
+        rows.append({"family": fam, "layers": "top", "hidden": "seeking", "neurons": "seeking", "seed": None,
+                     "score": s, "ci95": ci, "teacher_layers": rec.teacher_layers, "rel_delta": _relative_delta(rec),
+                     "correct": c})
         if progress:
-            print(f"{task}: {len(grid()) + 1} transferred models scored ({time.perf_counter() - t0:.0f} s so far)")
-    return UnalignedRuns(pd.DataFrame(rows), refs, layer_totals, rows)
+            n = sum(r["family"] == fam for r in rows)
+            print(f"{task}: {n} transferred models scored ({time.perf_counter() - t0:.0f} s so far)")
+    return UnalignedRuns(pd.DataFrame(rows), refs, layer_totals, rows, ref_correct, time.perf_counter() - t0)
+
+
+def reference_runs(runs: UnalignedRuns, who: str = "student") -> pd.DataFrame:
+    """The student's (or teacher's) run per family as a fixed reference: family, score, correct."""
+    return pd.DataFrame([{"family": f, "score": runs.refs[f][who][0], "correct": runs.ref_correct[f][who]}
+                         for f in runs.refs])
+
+
+def comparisons(runs: UnalignedRuns) -> pd.DataFrame:
+    """Every grid cell and Seeking against the student, per family
+    (:func:`pktlib.experiments.verdict.compare_table`: one row per family and cell, seeds pooled)."""
+    return compare_table(runs.results, reference_runs(runs), by=["family", "layers", "hidden", "neurons"],
+                         on=["family"])
 
 
 def _grid_only(results: pd.DataFrame) -> pd.DataFrame:
     return results[results.hidden != "seeking"]
 
 
+def _cell_means(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean score over seeds per (family, layers, hidden, neurons)."""
+    return results.groupby(["family", "layers", "hidden", "neurons"], as_index=False).score.mean()
+
+
 def summary_table(runs: UnalignedRuns, families: Sequence[str]) -> pd.DataFrame:
-    """Per family: student, teacher, Seeking without training, best and median grid cell (scores)."""
+    """Per family: student, teacher, Seeking without training, best and median grid cell (scores; a
+    cell's score is its mean over seeds)."""
     res = runs.results
     seek, cells = res[res.hidden == "seeking"], _grid_only(res)
+    means = _cell_means(cells)
     return pd.DataFrame({f: {"student": runs.refs[f]["student"][0], "teacher": runs.refs[f]["teacher"][0],
                              "Seeking (no training)": float(seek[seek.family == f].score.iloc[0]),
-                             "best grid cell": float(cells[cells.family == f].score.max()),
-                             "median grid cell": float(cells[cells.family == f].score.median())}
+                             "best grid cell": float(means[means.family == f].score.max()),
+                             "median grid cell": float(means[means.family == f].score.median())}
                          for f in families}).round(1)
 
 
-def scorecard_rows(runs: UnalignedRuns, summary: pd.DataFrame, *, pair: str, families: Sequence[str],
-                   n: int) -> list[dict[str, Any]]:
-    """Scorecard rows: Seeking without training, and the best and worst grid cell per family."""
-    cells = _grid_only(runs.results)
-    return [{"method": m, "task": f"pocket-{f}", "pair": pair, "score": float(v), "n": n}
-            for f in families for m, v in (
-                ("seeking-unaligned", summary.loc["Seeking (no training)", f]),
-                ("unaligned-best", cells[cells.family == f].score.max()),
-                ("unaligned-worst", cells[cells.family == f].score.min()))]
+def scorecard_rows(runs: UnalignedRuns, summary: pd.DataFrame, table: pd.DataFrame, *, pair: str,
+                   families: Sequence[str]) -> list[dict[str, Any]]:
+    """Scorecard rows: Seeking without training, and the best and worst grid cell (mean over seeds)
+    per family, each with its comparison with the student from ``table`` (:func:`comparisons`):
+    ``effect``, ``ci`` (over seeds, or over questions with one seed), ``p``, ``seeds``, ``n``."""
+    out = []
+    for f in families:
+        t = table[table.family == f]
+        cells = t[t.hidden != "seeking"]
+        for method, row in (("seeking-unaligned", t[t.hidden == "seeking"].iloc[0]),
+                            ("unaligned-best", cells.loc[cells.gap.idxmax()]),
+                            ("unaligned-worst", cells.loc[cells.gap.idxmin()])):
+            out.append({"method": method, "task": f"pocket-{f}", "pair": pair,
+                        "score": float(runs.refs[f]["student"][0] + row.gap), **scorecard_fields(row)})
+    return out
 
 
 def relative_delta(runs: UnalignedRuns) -> pd.DataFrame:
@@ -112,7 +162,7 @@ def relative_delta(runs: UnalignedRuns) -> pd.DataFrame:
 
 
 def grid_matrices(runs: UnalignedRuns, families: Sequence[str]) -> dict[str, pd.DataFrame]:
-    """Per family the grid's scores as a matrix: rows the layer choice, columns ``"<hidden>\\n<neurons>"``
+    """Per family the grid's scores (mean over seeds) as a matrix: rows the layer choice, columns ``"<hidden>\\n<neurons>"``
     and a last column ``"Seeking\\n(top)"`` (Seeking in the "top" row, NaN elsewhere)."""
     out = {}
     for fam in families:
@@ -120,7 +170,7 @@ def grid_matrices(runs: UnalignedRuns, families: Sequence[str]) -> dict[str, pd.
         mat = np.full((len(GRID_ROWS), len(GRID_COLUMNS) + 1), np.nan)
         for i, l in enumerate(GRID_ROWS):
             for j, (h, n) in enumerate(GRID_COLUMNS):
-                mat[i, j] = sub[(sub.layers == l) & (sub.hidden == h) & (sub.neurons == n)].score.iloc[0]
+                mat[i, j] = sub[(sub.layers == l) & (sub.hidden == h) & (sub.neurons == n)].score.mean()
         mat[0, -1] = sub[sub.hidden == "seeking"].score.iloc[0]
         out[fam] = pd.DataFrame(mat, index=list(GRID_ROWS),
                                 columns=[f"{h}\n{n}" for h, n in GRID_COLUMNS] + ["Seeking\n(top)"])
@@ -140,30 +190,31 @@ class UnalignedVerdict:
         return "\n".join(self.lines) + "\n\n" + self.conclusion
 
 
-def verdict(runs: UnalignedRuns, families: Sequence[str]) -> UnalignedVerdict:
-    """Count the grid cells above the student, and those whose 95% interval lies above the student's."""
+def verdict(runs: UnalignedRuns, table: pd.DataFrame, families: Sequence[str]) -> UnalignedVerdict:
+    """Per family: the grid cells above the student, and those better or worse than it by the
+    comparison of :func:`comparisons` (``table``: both noises beaten, McNemar p < 0.05)."""
     per_family, lines = {}, []
     for fam in families:
-        base, lo_hi = runs.refs[fam]["student"]
-        res = runs.results
-        sub = _grid_only(res[res.family == fam])
-        above = sub[sub.score > base]
-        clearly = sub[sub.ci95.map(lambda c: c[0]) > lo_hi[1]]
-        seek = res[(res.family == fam) & (res.hidden == "seeking")].iloc[0]
-        best = sub.loc[sub.score.idxmax()]
-        per_family[fam] = {"student": base, "cells": len(sub), "cells_above_student": len(above),
-                           "cells_clearly_above_student": len(clearly),
+        base = runs.refs[fam]["student"][0]
+        t = table[table.family == fam]
+        cells, seek = t[t.hidden != "seeking"], t[t.hidden == "seeking"].iloc[0]
+        best = cells.loc[cells.gap.idxmax()]
+        better, worse = int((cells.verdict == "better").sum()), int((cells.verdict == "worse").sum())
+        per_family[fam] = {"student": base, "cells": len(cells), "cells_above_student": int((cells.gap > 0).sum()),
+                           "cells_better": better, "cells_worse": worse,
                            "best_cell": f"{best.layers}/{best.hidden}/{best.neurons}",
-                           "best_score": float(best.score), "seeking": float(seek.score)}
-        lines.append(f"- **pocket-{fam}**: student {base:.1f}; {len(above)} of {len(sub)} cells score above it "
-                     f"({len(clearly)} with non-overlapping 95% intervals); best cell {best.layers}/{best.hidden}/"
-                     f"{best.neurons} at {best.score:.1f}; Seeking without training {seek.score:.1f}.")
-    n_clear = sum(v["cells_clearly_above_student"] for v in per_family.values())
-    conclusion = ("No cell of the grid clearly improves on the student in any family: adding teacher weights "
-                  "without alignment does not transfer knowledge here, as in the paper."
-                  if n_clear == 0 else
-                  f"{n_clear} cell(s) clearly improve on the student in this run: unlike the paper, some unaligned "
-                  "transfer helps here; see which ones above.")
+                           "best_effect": float(best.gap), "best_p": float(best.p_value),
+                           "seeking_effect": float(seek.gap), "seeking_p": float(seek.p_value)}
+        lines.append(f"- **pocket-{fam}**: student {base:.1f}; {int((cells.gap > 0).sum())} of {len(cells)} cells "
+                     f"score above it on average, {better} better and {worse} worse by the paired test; best cell "
+                     f"{best.layers}/{best.hidden}/{best.neurons}: {comparison_text(best)}; Seeking without "
+                     f"training: {comparison_text(seek)}.")
+    n_better = sum(v["cells_better"] for v in per_family.values())
+    conclusion = ("No cell of the grid improves on the student in any family by the paired test: adding teacher "
+                  "weights without alignment does not transfer knowledge here, as in the paper."
+                  if n_better == 0 else
+                  f"{n_better} cell(s) improve on the student beyond both noises in this run: unlike the paper, some "
+                  "unaligned transfer helps here; see which ones above.")
     gap = families_with_teacher_gap({f: runs.refs[f]["student"][0] for f in families},
                                     {f: runs.refs[f]["teacher"][0] for f in families})
     return UnalignedVerdict(per_family, lines, conclusion if gap else NO_TEACHER_GAP, gap)

@@ -1,0 +1,114 @@
+"""The one comparison every pocket chapter reports: effect, intervals over seeds and questions, McNemar p."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from pktlib.analysis.stats import paired_difference_interval, paired_test, t_quantile
+from pktlib.errors import PktError
+from pktlib.evaluation import protocols
+from pktlib.experiments.verdict import COMPARISON_COLUMNS, compare_runs, compare_table, comparison_text
+from pktlib.analysis.stats import correctness_string
+
+
+def test_t_quantile_matches_the_t_table():
+    # two-sided 95% critical values of Student's t (any statistics table)
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert t_quantile(df) == pytest.approx(t, abs=1e-3)
+    assert t_quantile(2, 0.90) == pytest.approx(2.920, abs=1e-3)
+    assert t_quantile(1000) == pytest.approx(1.962, abs=1e-3)  # tends to the normal 1.960
+    with pytest.raises(PktError, match="df"):
+        t_quantile(0)
+    with pytest.raises(PktError, match="level"):
+        t_quantile(3, 1.0)
+
+
+def _right(k, n=100):
+    return correctness_string([i < k for i in range(n)])
+
+
+def _runs(ks, seeds=None):
+    seeds = list(range(len(ks))) if seeds is None else seeds
+    return pd.DataFrame({"seed": seeds, "score": [float(k) for k in ks], "correct": [_right(k) for k in ks]})
+
+
+STUDENT = pd.DataFrame({"score": [40.0], "correct": [_right(40)]})  # a fixed reference: no seed
+
+
+def test_compare_runs_against_a_fixed_reference():
+    c = compare_runs(_runs([50, 52, 54]), STUDENT)
+    assert c.gap == pytest.approx(12.0) and c.seeds == 3 and c.n == 100
+    se = 2 / math.sqrt(3)  # sd of 50, 52, 54 is 2; the reference has no variance
+    assert c.se == pytest.approx(se)
+    assert (c.lo, c.hi) == pytest.approx((12 - 4.3027 * se, 12 + 4.3027 * se), abs=1e-3)
+    # pooled over seeds: the student's correctness repeated once per seed
+    pooled_a = [ch == "1" for k in (50, 52, 54) for ch in _right(k)]
+    pooled_b = [ch == "1" for _ in range(3) for ch in _right(40)]
+    assert c.p_value == pytest.approx(paired_test(pooled_a, pooled_b).p_value)
+    assert (c.q_lo, c.q_hi) == pytest.approx(paired_difference_interval(pooled_a, pooled_b))
+    assert (c.a_only, c.b_only) == (36, 0) and c.real and c.verdict == "better"
+    # each seed's own test: 10, 12, 14 questions only a got right -> p < 0.05 each
+    assert (c.seeds_better, c.seeds_worse) == (3, 0)
+    # a seed column holding null also marks a fixed reference (the LaTen sweep's student row)
+    assert compare_runs(_runs([50, 52, 54]), STUDENT.assign(seed=[None])).gap == pytest.approx(12.0)
+
+
+def test_compare_runs_verdicts_and_one_seed():
+    same = compare_runs(_runs([40, 40]), STUDENT)
+    assert same.verdict == "same answers" and same.p_value == 1.0 and (same.lo, same.hi) == (0.0, 0.0)
+    noisy = compare_runs(_runs([30, 50, 60]), STUDENT)  # mean +6.7 within its spread over seeds
+    assert not noisy.real and noisy.verdict == "n.s." and noisy.lo < 0 < noisy.hi
+    assert (noisy.seeds_better, noisy.seeds_worse) == (2, 1)  # significant in both directions: unstable
+    one = compare_runs(_runs([41]), STUDENT)
+    assert math.isnan(one.lo) and math.isnan(one.se) and one.p_value == 1.0 and not one.real
+    assert compare_runs(_runs([30]), STUDENT).verdict == "worse"  # 10 questions lost, p = 0.002
+    with pytest.raises(PktError, match="same questions"):
+        compare_runs(_runs([40]), pd.DataFrame({"score": [40.0], "correct": [_right(40, n=50)]}))
+
+
+def test_compare_table_finds_each_groups_reference():
+    runs = pd.concat([_runs([50, 52, 54]).assign(task="a", method="x"),
+                      _runs([40, 40, 40]).assign(task="b", method="x"),
+                      _runs([30, 30, 30]).assign(task="b", method="y")])
+    ref = pd.concat([STUDENT.assign(task="a"), STUDENT.assign(task="b")])
+    t = compare_table(runs, ref, by=["task", "method"], on=["task"])
+    assert list(t.columns) == ["task", "method", *COMPARISON_COLUMNS]
+    assert list(zip(t.task, t.method, t.verdict)) == [("a", "x", "better"), ("b", "x", "same answers"),
+                                                      ("b", "y", "worse")]
+    assert t.gap.tolist() == pytest.approx([12.0, 0.0, -10.0])
+    # per-seed pairing: a reference run per seed
+    paired = compare_table(_runs([50, 52]).assign(m="x"), _runs([40, 41]), by=["m"])
+    assert paired.gap.iloc[0] == pytest.approx(10.5) and paired.se.iloc[0] == pytest.approx(math.sqrt(2 / 2 + 0.5 / 2))
+    with pytest.raises(PktError, match="no reference rows for task='c'"):
+        compare_table(runs.assign(task="c"), ref, by=["task"], on=["task"])
+
+
+def test_comparison_text_states_effect_intervals_p_and_size():
+    c = compare_runs(_runs([50, 52, 54]), STUDENT)
+    text = comparison_text(c)
+    assert text.startswith(f"+12.0 points (95% CI over seeds [{c.lo:+.1f}, {c.hi:+.1f}], over questions "
+                           f"[{c.q_lo:+.1f}, {c.q_hi:+.1f}]; McNemar p = ")
+    assert text.endswith("; 3 seeds x 100 questions)")
+    assert comparison_text(c.row()) == text  # a table row reads the same
+    assert "over seeds" not in comparison_text(compare_runs(_runs([41]), STUDENT))
+
+
+def test_run_programs_runs_each_distinct_program_once(monkeypatch):
+    ran = []
+
+    def counting(programs, **kw):
+        ran.extend(programs)
+        return real(programs, **kw)
+
+    real = protocols.run_many
+    monkeypatch.setattr(protocols, "run_many", counting)
+    monkeypatch.setattr(protocols, "_VERDICTS", protocols.OrderedDict())
+    ok, bad = "assert 1 + 1 == 2\n", "assert 1 + 1 == 3\n"
+    first = protocols.run_programs([ok, bad, ok])
+    assert [r.status for r in first] == ["passed", "failed", "passed"] and ran == [ok, bad]
+    again = protocols.run_programs([bad, ok, "assert True\n"])
+    assert [r.status for r in again] == ["failed", "passed", "passed"] and ran == [ok, bad, "assert True\n"]
+    protocols.run_programs([ok], timeout=5.0)  # another limit: run again
+    assert ran[-1] == ok and len(ran) == 4
