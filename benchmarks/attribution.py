@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pktlib import activations  # noqa: E402
 from pktlib import attribution as A  # noqa: E402
 from pktlib.lens import LogitLens  # noqa: E402
 from pktlib.models import spec  # noqa: E402
@@ -61,7 +62,7 @@ def record_each(model, tokenizer, pairs):
     s = spec(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dev = next(model.parameters()).device
-    return [A._record(model, s, [ids], pad, dev) for ids in A._encode(tokenizer, pairs)]
+    return [activations.record(model, s, [ids], pad, dev) for ids in A._encode(tokenizer, pairs)]
 
 
 def _zero_scores(s) -> dict[str, torch.Tensor]:
@@ -137,7 +138,7 @@ def one_neuron(model, recs, normaliser="rms"):
 def vectorised_scoring(model, recs, normaliser="rms", chunk_size=4096):
     """The library's scoring step on recorded vectors (all examples in one group)."""
     s = spec(model)
-    rec = A._Recorded.cat(recs)
+    rec = activations.Recorded.cat(recs)
     rho = A.NORMALISERS[normaliser](rec.h_final, s.norm_eps)
     per = A._score_group(model, s, LogitLens.of(model, s), rec, rho, chunk_size, None)
     return {k: v.sum(0) for k, v in per.items()}
@@ -213,7 +214,7 @@ def speed(args) -> dict:
     fast = {k: getattr(fast, k) for k in KEYS}
     report("attribute (end to end)", w, c)
     # the forward passes: batched (the library) and one example at a time (the references)
-    _, w, c = _timed(lambda: [A._record(model, s, q, tok.pad_token_id or 0, "cpu") for q in
+    _, w, c = _timed(lambda: [activations.record(model, s, q, tok.pad_token_id or 0, "cpu") for q in
                               [A._encode(tok, pairs[i:i + args.batch_size]) for i in range(0, len(pairs), args.batch_size)]])
     report("forward, batched", w, c)
     recs, w, c = _timed(record_each, model, tok, pairs)

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pktlib import activations  # noqa: E402
 from pktlib import attribution as A  # noqa: E402
 from pktlib.data import load_task, prompt_answer_pairs  # noqa: E402
 from pktlib.lens import LogitLens, lens_scores  # noqa: E402
@@ -48,7 +49,7 @@ def phases(model, tok, pairs, *, layers: int | None, chunk: int, fraction: float
     seqs = A._encode(tok, pairs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     t0 = time.perf_counter()
-    rec = A._record(model, s, seqs, pad, torch.device("cpu"))
+    rec = activations.record(model, s, seqs, pad, torch.device("cpu"))
     forward = time.perf_counter() - t0
     rho = A._rms(rec.h_final, s.norm_eps)
     scored = list(range(s.n_layers))[-(layers or s.n_layers):]

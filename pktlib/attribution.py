@@ -63,7 +63,6 @@ needs the attention weights, so its forward pass runs with eager attention.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -74,9 +73,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pktlib.activations import Recorded, bytes_per_example, record
 from pktlib.data import tokenize_example
 from pktlib.errors import PktError
-from pktlib.hooks import hooked
 from pktlib.lens import LogitLens, lens_scores
 from pktlib.models import VALUE_MODULES, ModelSpec, spec
 from pktlib.records import atomic_path
@@ -236,150 +235,10 @@ def _encode(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
     return out
 
 
-# ======================================================================== recording the vectors
-
-
-@dataclass
-class _Recorded:
-    """Vectors at the predicting positions of a group of examples (float32)."""
-
-    x: Tensor  # (B, L, d) layer inputs
-    attn_out: Tensor  # (B, L, d) o_proj outputs
-    attn_coef: Tensor  # (B, L, A) o_proj inputs
-    ffn_coef: Tensor  # (B, L, N) down_proj inputs
-    ffn_out: Tensor  # (B, L, d) down_proj outputs
-    h_final: Tensor  # (B, d) last hidden state before the final norm
-    target: Tensor  # (B,) long
-
-    @staticmethod
-    def cat(parts: list["_Recorded"]) -> "_Recorded":
-        return _Recorded(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(_Recorded)))
-
-
-@contextmanager
-def _eager_attention(model: nn.Module, on: bool):
-    """Eager attention while inside (so attention modules return their weights); restored after."""
-    if not on:
-        yield
-        return
-    before = getattr(model.config, "_attn_implementation", None)
-    if before == "eager":
-        yield
-        return
-    try:
-        model.set_attn_implementation("eager")
-    except (AttributeError, ValueError) as e:
-        raise PktError(f"attn_coefficient='original' needs eager attention, which this model refuses: {e}") from e
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
-
-
-def _bytes_per_example(s: ModelSpec) -> int:
-    return 4 * (s.n_layers * (3 * s.hidden_size + s.attn_size + s.intermediate_size) + s.hidden_size)
-
-
-@torch.no_grad()
-def _record(model: nn.Module, s: ModelSpec, seqs: list[list[int]], pad_id: int, device,
-            attn_coefficient: str = "summed") -> _Recorded:
-    """One forward pass over right-padded ``seqs`` (each without its target token).
-
-    Right padding with an attention mask leaves every position up to an example's own last
-    token exactly as in an unpadded run (causal attention never looks right), so the vectors
-    gathered at each example's last real position do not depend on the batch.
-    ``attn_coefficient="original"`` records the self term ``a[h, T, T] v_T`` instead of
-    ``o_proj``'s input (module docstring).
-    """
-    B = len(seqs)
-    T = max(len(q) for q in seqs) - 1
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for b, q in enumerate(seqs):
-        ids[b, : len(q) - 1] = torch.tensor(q[:-1])
-        mask[b, : len(q) - 1] = 1
-    pos = torch.tensor([len(q) - 2 for q in seqs], device=device)  # (B,) predicting positions
-    rows = torch.arange(B, device=device)
-    L = s.n_layers
-    slots: dict[str, list[Tensor | None]] = {k: [None] * L for k in ("x", "attn_out", "attn_coef", "ffn_coef", "ffn_out")}
-    final: list[Tensor] = []
-
-    def take(t: Tensor) -> Tensor:  # (B, T, n) -> (B, n) at the predicting positions
-        return t[rows, pos].detach().to(torch.float32)
-
-    def pre(key: str, l: int):
-        def fn(module, args):
-            slots[key][l] = take(args[0])
-        return fn
-
-    def post(key: str, l: int):
-        def fn(module, args, output):
-            slots[key][l] = take(output[0] if isinstance(output, tuple) else output)
-        return fn
-
-    self_weight: list[Tensor | None] = [None] * L  # (B, H) a[h, T, T], for the original coefficient
-    values: list[Tensor | None] = [None] * L  # (B, n_kv * head_dim) v_T
-
-    def attn_weights(l: int):
-        def fn(module, args, output):
-            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if w is None:
-                raise PktError(f"layer {l}'s attention returned no weights; attn_coefficient='original' needs them")
-            self_weight[l] = w[rows, :, pos, pos].detach().to(torch.float32)  # (B, H)
-        return fn
-
-    def value(l: int):
-        def fn(module, args, output):
-            values[l] = take(output)
-        return fn
-
-    original = attn_coefficient == "original"
-    pre_hooks: dict[nn.Module, list] = {}
-    post_hooks: dict[nn.Module, list] = {}
-    for l in range(L):
-        pre_hooks.setdefault(s.input_norm(model, l), []).append(pre("x", l))
-        o, down = s.module(model, l, "o_proj"), s.module(model, l, "down_proj")
-        if original:
-            slots["attn_coef"][l] = torch.empty(0)  # filled from the weights and values below
-            post_hooks.setdefault(s.attn(model, l), []).append(attn_weights(l))
-            post_hooks.setdefault(s.module(model, l, "v_proj"), []).append(value(l))
-        else:
-            pre_hooks.setdefault(o, []).append(pre("attn_coef", l))
-        post_hooks.setdefault(o, []).append(post("attn_out", l))
-        pre_hooks.setdefault(down, []).append(pre("ffn_coef", l))
-        post_hooks.setdefault(down, []).append(post("ffn_out", l))
-    pre_hooks.setdefault(s.final_norm(model), []).append(lambda m, args: final.append(take(args[0])))
-
-    # Only the predicting positions' logits are needed: skip the rest of the unembedding.
-    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-    with hooked(pre_hooks, pre=True), hooked(post_hooks), _eager_attention(model, original):
-        try:
-            model(**inputs, logits_to_keep=torch.unique(pos))
-        except TypeError:  # a model class without logits_to_keep: compute them all
-            for k, v in slots.items():
-                if not (original and k == "attn_coef"):
-                    v[:] = [None] * L
-            final.clear()
-            model(**inputs)
-    if original:
-        for l in range(L):
-            if self_weight[l] is None or values[l] is None:
-                raise PktError(f"attribution hooks did not fire for layer {l}'s attention weights or values")
-            v = values[l].view(B, s.n_kv_heads, s.head_dim).repeat_interleave(s.group_size, dim=1)  # (B, H, hd)
-            slots["attn_coef"][l] = (self_weight[l][:, :, None] * v).reshape(B, s.attn_size)  # (B, A)
-    missing = [k for k, v in slots.items() if any(t is None for t in v)] + ([] if final else ["final norm"])
-    if missing:
-        raise PktError(f"attribution hooks did not fire for {missing} on a {s.arch} model; "
-                       "check the module paths in pktlib.models.ARCHITECTURES")
-    st = {k: torch.stack(v, 1) for k, v in slots.items()}  # (B, L, n)
-    target = torch.tensor([q[-1] for q in seqs], device=device)
-    return _Recorded(st["x"], st["attn_out"], st["attn_coef"], st["ffn_coef"], st["ffn_out"], final[-1], target)
-
-
 # ======================================================================== attribution
 
 
-def _score_group(model: nn.Module, s: ModelSpec, lens: LogitLens, rec: _Recorded, rho: Tensor,
+def _score_group(model: nn.Module, s: ModelSpec, lens: LogitLens, rec: Recorded, rho: Tensor,
                  chunk_size: int, bar, layers: frozenset[int]) -> dict[str, Tensor]:
     """Per-example scores of one recorded group: ffn (B, L, N), attn (B, L, A), layers (B, L).
 
@@ -439,7 +298,7 @@ def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Sort by length so batches carry little padding; results are put back in the given order.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    group = max(batch_size, _GROUP_BYTES // _bytes_per_example(s))
+    group = max(batch_size, _GROUP_BYTES // bytes_per_example(s))
     was_training = model.training
     model.eval()
     per: dict[str, list[Tensor]] = {"ffn": [], "attn": [], "ffn_layers": [], "attn_layers": []}
@@ -450,11 +309,11 @@ def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, 
             idx = order[g0:g0 + group]
             parts = []
             for b0 in range(0, len(idx), batch_size):
-                parts.append(_record(model, s, [seqs[i] for i in idx[b0:b0 + batch_size]], pad_id, device,
+                parts.append(record(model, s, [seqs[i] for i in idx[b0:b0 + batch_size]], pad_id, device,
                                      attn_coefficient))
                 if bar is not None:
                     bar.update(len(parts[-1].target))
-            rec = _Recorded.cat(parts)
+            rec = Recorded.cat(parts)
             rho = rho_fn(rec.h_final, s.norm_eps)  # (B,) fixed normaliser
             for k, v in _score_group(model, s, lens, rec, rho, chunk_size, bar, scored).items():
                 per[k].append(v if per_example else v.sum(0, keepdim=True))  # keep only sums unless asked
