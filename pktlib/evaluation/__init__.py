@@ -67,7 +67,7 @@ Forced or chosen differences from open-instruct (also stated in the Evaluation c
   bare, Qwen2.5-Coder restates imports and header and the "\\ndef" stop cuts it before any body;
   with the problem's prompt after it but no code block, it writes the body and then prose ("You
   can test the function with ...") that no Codex stop catches, a syntax error: 12 of the 15
-  failures of Qwen2.5-Coder-1.5B-Instruct on 20 problems were that.
+  failures of Qwen2.5-Coder-1.5B-Instruct on 20 problems were that (the Real pair chapter).
 * MBPP: open-instruct scores MBPP+ (``evalplus/mbppplus``) rows 100-377 with MBPP+'s extended
   tests; offline there is only its source, sanitized MBPP. The protocol's default MBPP split is
   ``sanitized-test`` (sanitized MBPP after the same 100-problem hold-out: 327 problems) with
