@@ -302,3 +302,17 @@ def test_paired_difference_interval_is_agresti_min():
         paired_difference_interval([True, False], [True])
     with pytest.raises(PktError, match="at least one question"):
         paired_difference_interval([], [])
+
+
+def test_several_module_types_in_one_pass_equal_one_pass_each():
+    from pktlib.analysis.cka import module_representations
+
+    tok = make_tokenizer()
+    m = make_model("qwen2", tokenizer=tok)
+    modules = ["up_proj", "o_proj", "residual", "v_proj"]
+    together = module_representations(m, tok, TEXTS, modules, batch_size=3)
+    assert list(together) == modules
+    for mod in modules:
+        torch.testing.assert_close(together[mod], layer_representations(m, tok, TEXTS, module=mod, batch_size=3))
+    with pytest.raises(PktError, match="no module types"):
+        module_representations(m, tok, TEXTS, [])

@@ -45,6 +45,7 @@ __all__ = [
     "cka_grid",
     "REPRESENTATION_SITES",
     "layer_representations",
+    "module_representations",
     "cka_matrix",
     "analysis_texts",
 ]
@@ -237,26 +238,37 @@ def layer_representations(model: nn.Module, tok, texts: Sequence[str], *, module
 
     Each layer's ``module`` output is averaged over each text's non-pad tokens inside the hook
     (``capture(reduce=...)``), so memory is bounded by one batch of activations plus (n, d)
-    per layer.
+    per layer. :func:`module_representations` reads several module types in the same passes.
     """
+    return module_representations(model, tok, texts, [module], batch_size=batch_size, max_length=max_length,
+                                  progress=progress)[module]
+
+
+def module_representations(model: nn.Module, tok, texts: Sequence[str], modules: Sequence[str], *,
+                           batch_size: int = 16, max_length: int | None = 512,
+                           progress: bool = False) -> dict[str, Tensor]:
+    """:func:`layer_representations` of every module type in ``modules`` from one forward pass
+    per batch (a 1.5B model's pass costs minutes of CPU per batch: one per module type would
+    multiply it). Returns module -> (layers, n, d)."""
     if len(texts) == 0:
         raise PktError("no texts given")
+    if len(modules) == 0:
+        raise PktError("no module types given")
     s = spec(model)
-    site = _site(module)
-    modules = {str(l): site(s, model, l) for l in range(s.n_layers)}
+    sites = {f"{m}/{l}": _site(m)(s, model, l) for m in modules for l in range(s.n_layers)}
     device = next(model.parameters()).device
-    per_layer: list[list[Tensor]] = [[] for _ in range(s.n_layers)]
+    per: dict[str, list[Tensor]] = {k: [] for k in sites}
     batches = tqdm(_batches(tok, list(texts), batch_size, max_length), total=math.ceil(len(texts) / batch_size),
-                   desc=f"{module} representations", disable=not progress)
+                   desc=f"{', '.join(modules)} representations", disable=not progress)
     # Only hidden states are needed: skip the (T x vocab) logits where the model allows it.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for ids, mask in batches:
         mask_d = mask.to(device)
-        with capture(model, modules, reduce=lambda t: _masked_mean(t, mask_d).cpu()) as acts:
+        with capture(model, sites, reduce=lambda t: _masked_mean(t, mask_d).cpu()) as acts:
             model(input_ids=ids.to(device), attention_mask=mask_d, use_cache=False, **extra)
-        for l in range(s.n_layers):
-            per_layer[l].append(acts[str(l)])  # (B, d)
-    return torch.stack([torch.cat(chunks) for chunks in per_layer])  # (L, n, d)
+        for k in sites:
+            per[k].append(acts[k])  # (B, d)
+    return {m: torch.stack([torch.cat(per[f"{m}/{l}"]) for l in range(s.n_layers)]) for m in modules}  # (L, n, d)
 
 
 def cka_matrix(model_a: nn.Module, tok_a, model_b: nn.Module, tok_b, texts: Sequence[str], *,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pktlib.errors import PktError
-from pktlib.analysis.cka import cka_grid, layer_representations
+from pktlib.analysis.cka import cka_grid, module_representations
 
 __all__ = ["aligned_teacher_layer", "summary_row", "ModuleCKA", "module_cka", "reading"]
 
@@ -59,9 +59,10 @@ def module_cka(teacher: tuple, student: tuple, texts: Sequence[str], modules: Se
                batch_size: int = 16, unbiased: bool = False) -> ModuleCKA:
     """Linear CKA grids of ``(model, tokenizer)`` teacher and student for each module type."""
     ts_grids, tt_grids, rows = {}, {}, []
+    reps_t = module_representations(*teacher, texts, modules, batch_size=batch_size)  # module -> (L_T, n, d)
+    reps_s = module_representations(*student, texts, modules, batch_size=batch_size)  # module -> (L_S, n, d)
     for m in modules:
-        rt = layer_representations(*teacher, texts, module=m, batch_size=batch_size)  # (L_T, n, d)
-        rs = layer_representations(*student, texts, module=m, batch_size=batch_size)  # (L_S, n, d)
+        rt, rs = reps_t[m], reps_s[m]
         ts_grids[m] = cka_grid(list(rt), list(rs), unbiased=unbiased)  # (L_T, L_S)
         tt_grids[m] = cka_grid(list(rt), list(rt), unbiased=unbiased)  # (L_T, L_T)
         rows.append({"module": m, **summary_row(ts_grids[m], tt_grids[m])})
