@@ -39,9 +39,10 @@ from pktlib.experiments.verdict import compare_runs
 from pktlib.laten import sweep
 from pktlib.models import weights_hash
 from pktlib.records import cpu_seconds
+from pktlib.zoo.specialist import read_decisions
 
-__all__ = ["SOURCES", "METHODS", "PostAlignSettings", "LatenSettings", "SourceRuns", "run_sources", "teacher_table",
-           "per_seed_table", "over_seeds_table", "bar_values", "scorecard_rows", "SpecialistVerdict", "verdict"]
+__all__ = ["SOURCES", "METHODS", "PostAlignSettings", "LatenSettings", "SourceRuns", "decision_table", "decision_lines",
+           "run_sources", "teacher_table", "per_seed_table", "over_seeds_table", "bar_values", "scorecard_rows", "cost_line", "SpecialistVerdict", "verdict"]
 
 SOURCES = ("plain", "specialist")  # the teacher-chat, and teacher-chat trained further on the family
 METHODS = {"postalign": "Post-Align (Seeking init)", "laten": "LaTen"}
@@ -91,6 +92,37 @@ class SourceRuns:
         m = self.models
         sel = m[(m.role == role) & ((m.source == source) if source is not None else True)]
         return sel.sort_values("seed") if "seed" in sel else sel
+
+
+def decision_table(specialists: Mapping[str, str | Path]) -> pd.DataFrame:
+    """Per specialist checkpoint (``{family: folder}``) and round: the held-out decision of
+    :func:`pktlib.zoo.specialist.build_specialist` (scores, McNemar counts and p, interval) and the verdict."""
+    out = []
+    for family, path in specialists.items():
+        info = read_decisions(path)
+        for d in info["rounds"]:
+            out.append({"family": family, "round": d["round"], "questions": d["n"], "plain teacher": d["teacher"],
+                        "specialist": d["specialist"], "specialist_only": d["specialist_only"],
+                        "plain_only": d["teacher_only"], "p_value": d["p_value"], "ci_low": d["interval"][0],
+                        "ci_high": d["interval"][1], "verdict": info["verdict"], "epochs_per_round": info["config"]["epochs"],
+                        "max_rounds": info["config"]["max_rounds"], "build_seconds": info["seconds"]})
+    return pd.DataFrame(out)
+
+
+def decision_lines(decisions: pd.DataFrame) -> str:
+    """Markdown: per specialist, its last round's held-out comparison and the build's verdict."""
+    lines = []
+    for family, g in decisions.groupby("family", sort=False):
+        d = g.iloc[-1]
+        what = {"clearly better": "clearly better than the plain teacher",
+                "ceiling": "not testable: the plain teacher misses too few held-out questions for any specialist to "
+                           "clearly beat it",
+                "not clearly better": f"not clearly better after the cap of {d.max_rounds} rounds"}[d.verdict]
+        lines.append(f"- **teacher-chat-{family}** after {d['round']} round(s) of {d.epochs_per_round:g} epochs: "
+                     f"{d.specialist:.1f} vs {d['plain teacher']:.1f} on {d.questions} held-out questions "
+                     f"({d.specialist_only} only the specialist answers right, {d.plain_only} only the plain teacher; "
+                     f"McNemar p = {d.p_value:.2g}, 95% CI {d.ci_low:+.1f} to {d.ci_high:+.1f} points): {what}.")
+    return "\n".join(lines)
 
 
 def run_sources(sources: Mapping[str, Pair], student: Pair, *, family: str, seeds: Sequence[int], limit: int | None,
@@ -159,26 +191,35 @@ def _paired(a: str, b: str) -> dict[str, Any]:
             "p_value": t.p_value, "ci_low": lo, "ci_high": hi}
 
 
-def teacher_table(runs: SourceRuns) -> pd.DataFrame:
-    """The two teachers and the student on the test questions, and specialist minus plain teacher."""
-    plain, spec = runs.select("teacher", "plain").iloc[0], runs.select("teacher", "specialist").iloc[0]
-    student = runs.select("student").iloc[0]
-    return pd.DataFrame([{"family": runs.family, "n": runs.n, "student": student.score, "plain teacher": plain.score,
-                          "specialist teacher": spec.score, **_paired(spec.correct, plain.correct)}])
+def _each(runs: "SourceRuns | Sequence[SourceRuns]") -> list[SourceRuns]:
+    return [runs] if isinstance(runs, SourceRuns) else list(runs)
 
 
-def per_seed_table(runs: SourceRuns) -> pd.DataFrame:
-    """Per method and seed: the student+method score with each source, their gap, McNemar p and paired interval."""
+def teacher_table(runs: SourceRuns | Sequence[SourceRuns]) -> pd.DataFrame:
+    """Per family: the student and both teachers on the test questions, and specialist minus plain teacher."""
     out = []
-    for method in METHODS:
-        plain, spec = runs.select(method, "plain"), runs.select(method, "specialist")
-        if plain.empty:
-            continue
-        if list(plain.seed) != list(spec.seed):
-            raise PktError(f"{method}: the sources were run with other seeds ({list(plain.seed)} and {list(spec.seed)})")
-        for (_, p), (_, s) in zip(plain.iterrows(), spec.iterrows()):
-            out.append({"family": runs.family, "method": method, "seed": int(p.seed), "plain source": p.score,
-                        "specialist source": s.score, **_paired(s.correct, p.correct)})
+    for r in _each(runs):
+        plain, spec = r.select("teacher", "plain").iloc[0], r.select("teacher", "specialist").iloc[0]
+        out.append({"family": r.family, "n": r.n, "student": r.select("student").score.iloc[0],
+                    "plain teacher": plain.score, "specialist teacher": spec.score, **_paired(spec.correct, plain.correct)})
+    return pd.DataFrame(out)
+
+
+def per_seed_table(runs: SourceRuns | Sequence[SourceRuns]) -> pd.DataFrame:
+    """Per family, method and seed: the student+method score with each source, their gap, McNemar p
+    and paired interval. Raises PktError if the two sources were run with other seeds."""
+    out = []
+    for r in _each(runs):
+        for method in METHODS:
+            plain, spec = r.select(method, "plain"), r.select(method, "specialist")
+            if plain.empty:
+                continue
+            if list(plain.seed) != list(spec.seed):
+                raise PktError(f"{method}: the sources were run with other seeds ({list(plain.seed)} and "
+                               f"{list(spec.seed)})")
+            for (_, p), (_, s) in zip(plain.iterrows(), spec.iterrows()):
+                out.append({"family": r.family, "method": method, "seed": int(p.seed), "plain source": p.score,
+                            "specialist source": s.score, **_paired(s.correct, p.correct)})
     return pd.DataFrame(out)
 
 
@@ -186,53 +227,73 @@ def _frame(sel: pd.DataFrame) -> pd.DataFrame:
     return sel[["seed", "score", "correct"]].reset_index(drop=True)
 
 
-def over_seeds_table(runs: SourceRuns, *, alpha: float = 0.05) -> pd.DataFrame:
-    """Per method: mean scores over seeds with each source, the mean gap ± 2 s.e. over seeds, the
-    pooled McNemar p and whether the gap is real by :func:`~pktlib.experiments.verdict.compare_runs`."""
+def over_seeds_table(runs: SourceRuns | Sequence[SourceRuns], *, alpha: float = 0.05) -> pd.DataFrame:
+    """Per family and method: mean scores over seeds with each source, the mean gap ± 2 s.e. over
+    seeds, the pooled McNemar p and whether the gap is real by
+    :func:`~pktlib.experiments.verdict.compare_runs`."""
     out = []
-    for method in METHODS:
-        plain, spec = runs.select(method, "plain"), runs.select(method, "specialist")
-        if plain.empty:
-            continue
-        c = compare_runs(_frame(spec), _frame(plain), alpha=alpha)
-        half = 2 * c.se if c.se == c.se else float("nan")
-        out.append({"family": runs.family, "method": method, "seeds": len(plain), "student": runs.select("student").score.iloc[0],
-                    "plain source": plain.score.mean(), "specialist source": spec.score.mean(), "gap": c.gap,
-                    "gap_low": c.gap - half, "gap_high": c.gap + half, "se": c.se, "p_pooled": c.p_value,
-                    "real": c.real})
+    for r in _each(runs):
+        for method in METHODS:
+            plain, spec = r.select(method, "plain"), r.select(method, "specialist")
+            if plain.empty:
+                continue
+            c = compare_runs(_frame(spec), _frame(plain), alpha=alpha)
+            half = 2 * c.se if c.se == c.se else float("nan")
+            out.append({"family": r.family, "method": method, "seeds": len(plain),
+                        "student": r.select("student").score.iloc[0], "plain source": plain.score.mean(),
+                        "specialist source": spec.score.mean(), "gap": c.gap, "gap_low": c.gap - half,
+                        "gap_high": c.gap + half, "se": c.se, "p_pooled": c.p_value, "real": c.real})
     return pd.DataFrame(out)
 
 
-def bar_values(runs: SourceRuns) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """(means, stds) ``{group: {source: score}}`` for :func:`pktlib.plots.grouped_bars`: the teacher,
-    then each method's student+method, with the plain and the specialist source."""
-    means: dict[str, dict[str, float]] = {"teacher": {}}
-    stds: dict[str, dict[str, float]] = {"teacher": {}}
-    for source in SOURCES:
-        means["teacher"][source] = float(runs.select("teacher", source).score.iloc[0])
-        stds["teacher"][source] = 0.0
-    for method, label in METHODS.items():
-        for source in SOURCES:
-            sel = runs.select(method, source)
-            if sel.empty:
-                continue
-            means.setdefault(label, {})[source] = float(sel.score.mean())
-            stds.setdefault(label, {})[source] = float(sel.score.std(ddof=1)) if len(sel) > 1 else 0.0
-    return means, stds
+def bar_values(runs: SourceRuns | Sequence[SourceRuns]) -> tuple[dict, dict, dict]:
+    """(values, errors, references) for :func:`pktlib.plots.grouped_bars`: one panel per family,
+    groups "teacher" and each method, bars per source (mean over seeds; errors: one std over seeds,
+    ddof 1); the student's score as the reference line."""
+    values: dict[str, dict[str, dict[str, float]]] = {}
+    errors: dict[str, dict[str, dict[str, float]]] = {}
+    refs: dict[str, dict[str, float]] = {}
+    for r in _each(runs):
+        panel = f"pocket-{r.family}"
+        values[panel] = {"teacher": {s: float(r.select("teacher", s).score.iloc[0]) for s in SOURCES}}
+        errors[panel] = {}
+        for method, label in METHODS.items():
+            for source in SOURCES:
+                sel = r.select(method, source)
+                if not sel.empty:
+                    values[panel].setdefault(label, {})[source] = float(sel.score.mean())
+                    errors[panel].setdefault(label, {})[source] = float(sel.score.std(ddof=1)) if len(sel) > 1 else 0.0
+        refs[panel] = {"student": float(r.select("student").score.iloc[0])}
+    return values, errors, refs
 
 
-def scorecard_rows(runs: SourceRuns, *, pair: str) -> list[dict[str, Any]]:
+def scorecard_rows(runs: SourceRuns | Sequence[SourceRuns], *, pair: str) -> list[dict[str, Any]]:
     """Scorecard rows: ``teacher-specialist`` and ``<method>-specialist-source`` (mean over seeds)."""
-    task = f"pocket-{runs.family}"
-    rows = [{"method": "teacher-specialist", "task": task, "pair": pair, "n": runs.n,
-             "score": float(runs.select("teacher", "specialist").score.iloc[0])}]
-    for method in METHODS:
-        sel = runs.select(method, "specialist")
-        if not sel.empty:
-            name = "postalign-seeking" if method == "postalign" else method
-            rows.append({"method": f"{name}-specialist-source", "task": task, "pair": pair, "n": runs.n,
-                         "score": float(sel.score.mean())})
+    rows = []
+    for r in _each(runs):
+        task = f"pocket-{r.family}"
+        rows.append({"method": "teacher-specialist", "task": task, "pair": pair, "n": r.n,
+                     "score": float(r.select("teacher", "specialist").score.iloc[0])})
+        for method in METHODS:
+            sel = r.select(method, "specialist")
+            if not sel.empty:
+                name = "postalign-seeking" if method == "postalign" else method
+                rows.append({"method": f"{name}-specialist-source", "task": task, "pair": pair, "n": r.n,
+                             "score": float(sel.score.mean())})
     return rows
+
+
+def cost_line(runs: SourceRuns | Sequence[SourceRuns], decisions: pd.DataFrame, *, preset: str) -> str:
+    """Markdown: what the chapter costs: each specialist's build (once, cached beside the pair) and
+    this run's comparisons (wall and CPU time; a resumed run pays only for what was missing)."""
+    rs = _each(runs)
+    builds = decisions.drop_duplicates("family")
+    built = ", ".join(f"teacher-chat-{r.family} {r.build_seconds / 60:.1f} min" for r in builds.itertuples())
+    n_models = sum(len(r.models) for r in rs)
+    return (f"Cost on preset `{preset}`: the specialists are built once and kept beside the pair ({built}, wall "
+            f"time of the call that built them); the comparisons scored {n_models} models on "
+            f"{', '.join(str(r.n) for r in rs)} test questions in {sum(r.seconds for r in rs) / 60:.1f} minutes "
+            f"({sum(r.cpu_s for r in rs) / 60:.1f} CPU-minutes) in this run.")
 
 
 @dataclass
