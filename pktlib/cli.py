@@ -190,6 +190,8 @@ def zoo_build(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the checkpoints exist."),
     preset: str = typer.Option("default", help="Preset: 'default' (the book's pair) or 'tiny'."),
     score: bool = typer.Option(True, help="Score every checkpoint on the test splits (needs pktlib.evaluation)."),
+    specialist: Optional[str] = typer.Option(None, help="Then train teacher-chat further on this family (knowledge, "
+                                             "math, code) until it clearly beats it there: teacher-chat-<family>."),
 ) -> None:
     """Train the pocket pair's four checkpoints (progress bar with time left), then score them."""
     from pktlib import zoo
@@ -201,29 +203,9 @@ def zoo_build(
             typer.echo(f"{name:>13}: " + "  ".join(f"{k} {v:5.1f}" for k, v in s.items()))
     for name, path in pair.checkpoints().items():
         typer.echo(f"{name:>13}: {path}")
-
-
-@zoo_app.command("specialist")
-def zoo_specialist(
-    family: str = typer.Argument(..., help="The family to specialise in: knowledge, math or code."),
-    seed: int = typer.Option(0, help="The pair's training seed.", callback=NON_NEGATIVE),
-    preset: str = typer.Option("default", help="Preset of the pair (it must be built: pkt zoo build)."),
-    max_rounds: int = typer.Option(3, help="Cap on the rounds of further training."),
-    epochs: float = typer.Option(2.0, help="Passes over the family's train split per round."),
-    lr_scale: float = typer.Option(0.5, help="Learning rate as a multiple of the chat stage's."),
-) -> None:
-    """Train teacher-chat further on one family until it clearly beats the plain teacher there
-    (exact McNemar on the held-out extract+align questions), rounds capped; saved beside
-    teacher-chat as teacher-chat-<family> with a card. Resumes; teacher-chat is never modified."""
-    from pktlib.zoo.specialist import SpecialistConfig, build_specialist, read_decisions
-
-    path = build_specialist(family, preset=preset, seed=seed, config=SpecialistConfig(
-        family, max_rounds=max_rounds, epochs=epochs, lr_scale=lr_scale))
-    info = read_decisions(path)
-    for d in info["rounds"]:
-        typer.echo(f"round {d['round']}: specialist {d['specialist']:.1f} vs teacher {d['teacher']:.1f} on {d['n']} "
-                   f"held-out questions (+{d['specialist_only']}/-{d['teacher_only']}, McNemar p = {d['p_value']:.2g})")
-    typer.echo(f"{info['verdict']}: {path}")
+    if specialist:
+        from pktlib.zoo.specialist import build_specialist, describe
+        typer.echo(describe(build_specialist(specialist, preset=preset, seed=seed)))
 
 
 @zoo_app.command("path")

@@ -22,7 +22,7 @@ stage's learning rate, with the teacher's autocast. The checkpoint is
 ``<pair folder>/teacher-chat-<family>`` with a card (:mod:`pktlib.zoo.cards`), written under a
 lock, atomically; a round's run and each finished round are kept in
 ``<pair folder>/.runs/teacher-chat-<family>`` so an interrupted build resumes. ``teacher-chat``
-is only read.
+is only read. On the command line: ``pkt zoo build --specialist <family>``.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from pktlib.zoo.cards import MAX_NEW_TOKENS, read_card, save_checkpoint
 from pktlib.zoo.config import PairConfig, for_this_machine, get_preset, pair_dir
 
 __all__ = ["SpecialistConfig", "Decision", "specialist_name", "decision_questions", "min_discordant",
-           "build_specialist", "read_decisions"]
+           "build_specialist", "read_decisions", "describe"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,15 @@ def read_decisions(checkpoint: str | Path) -> dict[str, Any]:
     return card["specialist"]
 
 
+def describe(checkpoint: str | Path) -> str:
+    """The specialist's rounds and verdict as text lines (what ``pkt zoo build --specialist`` prints)."""
+    info = read_decisions(checkpoint)
+    lines = [f"round {d['round']}: specialist {d['specialist']:.1f} vs teacher {d['teacher']:.1f} on {d['n']} held-out "
+             f"questions (+{d['specialist_only']}/-{d['teacher_only']}, McNemar p = {d['p_value']:.2g})"
+             for d in info["rounds"]]
+    return "\n".join(lines + [f"{info['verdict']}: {checkpoint}"])
+
+
 def build_specialist(family: str, *, preset: str = "default", seed: int = 0, config: SpecialistConfig | None = None,
                      pair_config: PairConfig | None = None, root: Path | None = None,
                      progress: bool = True) -> Path:
@@ -152,7 +161,8 @@ def build_specialist(family: str, *, preset: str = "default", seed: int = 0, con
     if (out / "card.json").is_file():
         return out
     if not (source / "card.json").is_file():
-        raise PktError(f"{source} is not built: build the pair first (pkt zoo build --preset {preset} --seed {seed})")
+        raise PktError(f"{source} is not built: build the pair first "
+                       f"(pkt zoo build --preset {preset} --seed {seed} --specialist {family})")
     with locked(root / f".{name}.lock"):
         if (out / "card.json").is_file():  # another process finished it while this one waited
             return out
