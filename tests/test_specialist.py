@@ -1,6 +1,7 @@
 """Specialist teachers (pktlib.zoo.specialist) and the stronger-source experiment (pktlib.experiments.specialist)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -180,3 +181,13 @@ def test_specialist_chapter_runs_on_the_tiny_pair(tmp_path, monkeypatch):
     assert err is None, err
     record = (tmp_path / "book" / "specialist_sources.record.json").read_text()
     assert '"claim_agrees"' in record and '"teacher_comparison"' in record
+
+
+def test_scored_once_scores_each_weights_once(tiny_model):
+    calls = []
+    once = sx._ScoredOnce(lambda model, task: calls.append(task) or len(calls))
+    twin = copy.deepcopy(tiny_model)
+    assert once(tiny_model, "pocket-math") == once(twin, "pocket-math") == 1  # same weights: scored once
+    with torch.no_grad():
+        next(twin.parameters()).add_(1.0)
+    assert once(twin, "pocket-math") == 2 and once(tiny_model, "pocket-code") == 3

@@ -42,7 +42,8 @@ from pktlib.records import cpu_seconds
 from pktlib.zoo.specialist import read_decisions
 
 __all__ = ["SOURCES", "METHODS", "PostAlignSettings", "LatenSettings", "SourceRuns", "decision_table", "decision_lines",
-           "run_sources", "teacher_table", "per_seed_table", "over_seeds_table", "bar_values", "scorecard_rows", "cost_line", "SpecialistVerdict", "verdict"]
+           "run_sources", "teacher_table", "per_seed_table", "over_seeds_table", "bar_values", "scorecard_rows",
+           "cost_line", "SpecialistVerdict", "verdict"]
 
 SOURCES = ("plain", "specialist")  # the teacher-chat, and teacher-chat trained further on the family
 METHODS = {"postalign": "Post-Align (Seeking init)", "laten": "LaTen"}
@@ -94,6 +95,22 @@ class SourceRuns:
         return sel.sort_values("seed") if "seed" in sel else sel
 
 
+@dataclass
+class _ScoredOnce:
+    """A scorer that scores each (weights, task) once: :func:`postalign_grid.run_grid` scores the
+    teacher and the student of every call, which :func:`run_sources` has already scored. Keyed by
+    the weights' hash, so a new model that reuses a freed one's memory is never mistaken for it."""
+
+    scorer: BudgetedScorer
+    seen: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def __call__(self, model, task: str):
+        key = (weights_hash(model), task)
+        if key not in self.seen:
+            self.seen[key] = self.scorer(model, task)
+        return self.seen[key]
+
+
 def decision_table(specialists: Mapping[str, str | Path]) -> pd.DataFrame:
     """Per specialist checkpoint (``{family: folder}``) and round: the held-out decision of
     :func:`pktlib.zoo.specialist.build_specialist` (scores, McNemar counts and p, interval) and the verdict."""
@@ -104,7 +121,8 @@ def decision_table(specialists: Mapping[str, str | Path]) -> pd.DataFrame:
             out.append({"family": family, "round": d["round"], "questions": d["n"], "plain teacher": d["teacher"],
                         "specialist": d["specialist"], "specialist_only": d["specialist_only"],
                         "plain_only": d["teacher_only"], "p_value": d["p_value"], "ci_low": d["interval"][0],
-                        "ci_high": d["interval"][1], "verdict": info["verdict"], "epochs_per_round": info["config"]["epochs"],
+                        "ci_high": d["interval"][1], "verdict": info["verdict"],
+                        "epochs_per_round": info["config"]["epochs"],
                         "max_rounds": info["config"]["max_rounds"], "build_seconds": info["seconds"]})
     return pd.DataFrame(out)
 
@@ -146,7 +164,7 @@ def run_sources(sources: Mapping[str, Pair], student: Pair, *, family: str, seed
     t0, c0 = time.perf_counter(), cpu_seconds()
     s_model, s_tok = student
     limit = limit or len(load_task(task, "test"))
-    scorer = BudgetedScorer.for_tasks(s_tok, [task], limit=limit, margin=margin)
+    scorer = _ScoredOnce(BudgetedScorer.for_tasks(s_tok, [task], limit=limit, margin=margin))
     rows: list[dict[str, Any]] = []
 
     def add(role: str, source: str | None, seed: int | None, score: float, correct: str, **extra: Any) -> None:
@@ -176,7 +194,8 @@ def run_sources(sources: Mapping[str, Pair], student: Pair, *, family: str, seed
                         main_rate=laten.transfer_rate, steps=laten.steps, eval_steps=[laten.steps], limit=limit,
                         run_root=root / "laten", lr=laten.lr, mse_weight=laten.mse_weight,
                         align_batch=laten.align_batch, max_length=laten.max_length, baselines=False,
-                        eval_kwargs={"batch_size": limit, "max_new_tokens": scorer.budgets[task]}, progress=progress)
+                        eval_kwargs={"batch_size": limit, "max_new_tokens": scorer.scorer.budgets[task]},
+                        progress=progress)
             for r in out:
                 add("laten", source, int(r.seed), r.score, r.correct, delta_rms=r.translated_rms)
     return SourceRuns(family, limit, pd.DataFrame(rows), time.perf_counter() - t0, cpu_seconds() - c0, rows)
@@ -201,7 +220,8 @@ def teacher_table(runs: SourceRuns | Sequence[SourceRuns]) -> pd.DataFrame:
     for r in _each(runs):
         plain, spec = r.select("teacher", "plain").iloc[0], r.select("teacher", "specialist").iloc[0]
         out.append({"family": r.family, "n": r.n, "student": r.select("student").score.iloc[0],
-                    "plain teacher": plain.score, "specialist teacher": spec.score, **_paired(spec.correct, plain.correct)})
+                    "plain teacher": plain.score, "specialist teacher": spec.score,
+                    **_paired(spec.correct, plain.correct)})
     return pd.DataFrame(out)
 
 
@@ -327,7 +347,8 @@ def verdict(teachers: pd.DataFrame, over_seeds: pd.DataFrame, *, alpha: float = 
         for r in over_seeds[over_seeds.family == t.family].itertuples():
             reading = ("helps" if r.real and r.gap > 0 else "hurts" if r.real else "no difference beyond the noise")
             lines.append(f"  - {METHODS[r.method]}: {r.gap:+.1f} points with the specialist source (mean of {r.seeds} "
-                         f"seeds, ± 2 s.e. {r.gap_low:+.1f} to {r.gap_high:+.1f}; pooled McNemar p = {r.p_pooled:.2g}): "
+                         f"seeds, ± 2 s.e. {r.gap_low:+.1f} to {r.gap_high:+.1f}; pooled McNemar p = "
+                         f"{r.p_pooled:.2g}): "
                          f"{reading}")
             if stronger:
                 tested += 1

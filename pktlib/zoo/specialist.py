@@ -194,7 +194,8 @@ def _build(sc: SpecialistConfig, cfg: PairConfig, root: Path, source: Path, out:
         model.load_state_dict(load_file(str(runs / f"round{len(state['rounds'])}" / "model.safetensors")))
     examples = load_task(f"pocket-{sc.family}", "train")
     round_cfg = replace(cfg, chat=replace(cfg.chat, epochs=sc.epochs))
-    train_cfg = replace(_stage_config(cfg, "teacher", "chat"), lr=_stage_config(cfg, "teacher", "chat").lr * sc.lr_scale)
+    chat_cfg = _stage_config(cfg, "teacher", "chat")  # the chat stage at the teacher's width
+    train_cfg = replace(chat_cfg, lr=chat_cfg.lr * sc.lr_scale)
     base = base_batches(tokenizer, base_corpus(cfg.suite), cfg, seed=seed) if sc.replay > 0 else []
     while not _finished(state, sc, ceiling):
         k = len(state["rounds"]) + 1
