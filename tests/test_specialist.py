@@ -94,7 +94,7 @@ def test_min_discordant_is_the_smallest_significant_one_sided_count():
     assert min_discordant(0.01) == 8  # 2 / 2**8 = 0.0078; 2 / 2**7 = 0.0156
 
 
-def test_stronger_source_comparison_is_well_formed(built, tmp_path):
+def test_stronger_source_comparison_is_well_formed(built, tmp_path, monkeypatch):
     pair, _, spec = built
     student = load_model(pair.student_chat)
     runs = sx.run_sources({"plain": load_model(pair.teacher_chat), "specialist": load_model(spec)}, student,
@@ -119,7 +119,10 @@ def test_stronger_source_comparison_is_well_formed(built, tmp_path):
     assert list(values["pocket-math"]) == ["teacher", *sx.METHODS.values()] and "student" in refs["pocket-math"]
     v = sx.verdict(teachers, over)
     assert v.lines[0].startswith("- pocket-math") and v.conclusion
-    # a rerun reads every LoRA and translator run back
+    # a rerun reads every LoRA, translator and score back: nothing is generated again
+    assert len(list((tmp_path / "runs" / "scores").glob("scores-*.json"))) == 3 + 4  # student, teachers, LoRAs
+    monkeypatch.setattr("pktlib.experiments.scoring.evaluate", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr("pktlib.laten.sweeps.evaluate", lambda *a, **k: pytest.fail("scored again"))
     again = sx.run_sources({"plain": load_model(pair.teacher_chat), "specialist": load_model(spec)}, student,
                            family="math", seeds=[0, 1], limit=3, root=tmp_path / "runs",
                            postalign=sx.PostAlignSettings(n_train=8, epochs=1, batch_size=4, micro_batch=4,

@@ -34,7 +34,7 @@ from pktlib.analysis.stats import (correctness_from_string, correctness_string, 
 from pktlib.data import load_task
 from pktlib.errors import PktError
 from pktlib.experiments import postalign_grid
-from pktlib.experiments.scoring import BudgetedScorer
+from pktlib.experiments.scoring import BudgetedScorer, cached_score, score_path
 from pktlib.experiments.verdict import compare_runs
 from pktlib.laten import sweep
 from pktlib.models import weights_hash
@@ -95,19 +95,44 @@ class SourceRuns:
         return sel.sort_values("seed") if "seed" in sel else sel
 
 
+@dataclass(frozen=True)
+class _Answer:
+    correct: bool
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What :func:`postalign_grid.run_grid` reads of a score: ``score`` and ``records[i].correct``."""
+
+    score: float
+    records: list[_Answer]
+
+
 @dataclass
 class _ScoredOnce:
     """A scorer that scores each (weights, task) once: :func:`postalign_grid.run_grid` scores the
     teacher and the student of every call, which :func:`run_sources` has already scored. Keyed by
-    the weights' hash, so a new model that reuses a freed one's memory is never mistaken for it."""
+    the weights' hash, so a new model that reuses a freed one's memory is never mistaken for it.
+    With ``folder``, each score is also kept there (:func:`pktlib.experiments.scoring.cached_score`,
+    named after the weights and the settings), so a rerun generates nothing it has scored before.
+    """
 
-    scorer: BudgetedScorer
+    scorer: Any  # a BudgetedScorer, or any scorer(model, task) when there is no folder
+    folder: Path | None = None
     seen: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def __call__(self, model, task: str):
         key = (weights_hash(model), task)
-        if key not in self.seen:
+        if key in self.seen:
+            return self.seen[key]
+        if self.folder is None:
             self.seen[key] = self.scorer(model, task)
+        else:
+            budget, limit = self.scorer.budgets[task], self.scorer.limit
+            cs = cached_score(score_path(self.folder, model, limit=limit, max_new_tokens=budget, family=task),
+                              (model, self.scorer.tokenizer), task, limit=limit, max_new_tokens=budget,
+                              batch_size=limit)
+            self.seen[key] = _Scored(cs.score, [_Answer(c) for c in cs.answers])
         return self.seen[key]
 
 
@@ -152,7 +177,8 @@ def run_sources(sources: Mapping[str, Pair], student: Pair, *, family: str, seed
     ``sources``: ``{"plain": (model, tok), "specialist": (model, tok)}``. ``limit``: the first
     test questions scored (None: the whole split); every model gets the same generation budget
     (:class:`~pktlib.experiments.scoring.BudgetedScorer`, ``margin`` times the longest reference).
-    Runs live in ``root/postalign-<teacher hash>`` and ``root/laten``, and resume.
+    Runs live in ``root/postalign-<teacher hash>`` and ``root/laten``, scores in ``root/scores``; a rerun
+    resumes and reads back every score it has.
     Raises PktError for a source other than :data:`SOURCES` or an unknown method.
     """
     if sorted(sources) != sorted(SOURCES):
@@ -164,7 +190,7 @@ def run_sources(sources: Mapping[str, Pair], student: Pair, *, family: str, seed
     t0, c0 = time.perf_counter(), cpu_seconds()
     s_model, s_tok = student
     limit = limit or len(load_task(task, "test"))
-    scorer = _ScoredOnce(BudgetedScorer.for_tasks(s_tok, [task], limit=limit, margin=margin))
+    scorer = _ScoredOnce(BudgetedScorer.for_tasks(s_tok, [task], limit=limit, margin=margin), root / "scores")
     rows: list[dict[str, Any]] = []
 
     def add(role: str, source: str | None, seed: int | None, score: float, correct: str, **extra: Any) -> None:
