@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
 
@@ -251,10 +251,10 @@ def teacher_table(runs: SourceRuns | Sequence[SourceRuns]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def per_seed_table(runs: SourceRuns | Sequence[SourceRuns]) -> pd.DataFrame:
-    """Per family, method and seed: the student+method score with each source, their gap, McNemar p
-    and paired interval. Raises PktError if the two sources were run with other seeds."""
-    out = []
+def _method_pairs(runs: SourceRuns | Sequence[SourceRuns]) -> Iterator[tuple[SourceRuns, str, pd.DataFrame,
+                                                                              pd.DataFrame]]:
+    """(runs, method, plain-source rows, specialist-source rows) of every method that ran, rows by seed.
+    Raises PktError if the two sources were run with other seeds."""
     for r in _each(runs):
         for method in METHODS:
             plain, spec = r.select(method, "plain"), r.select(method, "specialist")
@@ -263,9 +263,17 @@ def per_seed_table(runs: SourceRuns | Sequence[SourceRuns]) -> pd.DataFrame:
             if list(plain.seed) != list(spec.seed):
                 raise PktError(f"{method}: the sources were run with other seeds ({list(plain.seed)} and "
                                f"{list(spec.seed)})")
-            for (_, p), (_, s) in zip(plain.iterrows(), spec.iterrows()):
-                out.append({"family": r.family, "method": method, "seed": int(p.seed), "plain source": p.score,
-                            "specialist source": s.score, **_paired(s.correct, p.correct)})
+            yield r, method, plain, spec
+
+
+def per_seed_table(runs: SourceRuns | Sequence[SourceRuns]) -> pd.DataFrame:
+    """Per family, method and seed: the student+method score with each source, their gap, McNemar p
+    and paired interval. Raises PktError if the two sources were run with other seeds."""
+    out = []
+    for r, method, plain, spec in _method_pairs(runs):
+        for (_, p), (_, s) in zip(plain.iterrows(), spec.iterrows()):
+            out.append({"family": r.family, "method": method, "seed": int(p.seed), "plain source": p.score,
+                        "specialist source": s.score, **_paired(s.correct, p.correct)})
     return pd.DataFrame(out)
 
 
@@ -278,17 +286,13 @@ def over_seeds_table(runs: SourceRuns | Sequence[SourceRuns], *, alpha: float = 
     seeds, the pooled McNemar p and whether the gap is real by
     :func:`~pktlib.experiments.verdict.compare_runs`."""
     out = []
-    for r in _each(runs):
-        for method in METHODS:
-            plain, spec = r.select(method, "plain"), r.select(method, "specialist")
-            if plain.empty:
-                continue
-            c = compare_runs(_frame(spec), _frame(plain), alpha=alpha)
-            half = 2 * c.se if c.se == c.se else float("nan")
-            out.append({"family": r.family, "method": method, "seeds": len(plain),
-                        "student": r.select("student").score.iloc[0], "plain source": plain.score.mean(),
-                        "specialist source": spec.score.mean(), "gap": c.gap, "gap_low": c.gap - half,
-                        "gap_high": c.gap + half, "se": c.se, "p_pooled": c.p_value, "real": c.real})
+    for r, method, plain, spec in _method_pairs(runs):
+        c = compare_runs(_frame(spec), _frame(plain), alpha=alpha)
+        half = 2 * c.se if c.se == c.se else float("nan")
+        out.append({"family": r.family, "method": method, "seeds": len(plain),
+                    "student": r.select("student").score.iloc[0], "plain source": plain.score.mean(),
+                    "specialist source": spec.score.mean(), "gap": c.gap, "gap_low": c.gap - half,
+                    "gap_high": c.gap + half, "se": c.se, "p_pooled": c.p_value, "real": c.real})
     return pd.DataFrame(out)
 
 
