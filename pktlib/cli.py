@@ -190,6 +190,8 @@ def zoo_build(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the checkpoints exist."),
     preset: str = typer.Option("default", help="Preset: 'default' (the book's pair) or 'tiny'."),
     score: bool = typer.Option(True, help="Score every checkpoint on the test splits (needs pktlib.evaluation)."),
+    specialist: Optional[str] = typer.Option(None, help="Then train teacher-chat further on this family (knowledge, "
+                                             "math, code) until it clearly beats it there: teacher-chat-<family>."),
 ) -> None:
     """Train the pocket pair's four checkpoints (progress bar with time left), then score them."""
     from pktlib import zoo
@@ -201,6 +203,9 @@ def zoo_build(
             typer.echo(f"{name:>13}: " + "  ".join(f"{k} {v:5.1f}" for k, v in s.items()))
     for name, path in pair.checkpoints().items():
         typer.echo(f"{name:>13}: {path}")
+    if specialist:
+        from pktlib.zoo.specialist import build_specialist, describe
+        typer.echo(describe(build_specialist(specialist, preset=preset, seed=seed)))
 
 
 @zoo_app.command("path")

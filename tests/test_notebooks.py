@@ -55,6 +55,9 @@ TINY: dict[str, dict] = {
     "real_pair_neurons": {"pair": "{pair}", "tasks": ["gsm8k"], "n_examples": 2, "n_layers": 1, "n_tokens": 3},
     "distillation": {"preset": "tiny", "families": ["math"], "budgets": [8], "seeds": [0], "eval_limit": 4,
                      "torch_threads": 1, "run_dir": "{tmp}/distill-runs", "laten_record": "{tmp}/book/laten.record.json"},
+    "specialist_sources": {"preset": "tiny", "specialist_families": ["math"], "families": ["math"], "max_rounds": 1,
+                           "round_epochs": 0.05, "seeds": [0, 1], "limit": 4, "n_train": 16, "pa_epochs": 1,
+                           "extract_limit": 4, "laten_steps": 1, "align_batch": 4, "run_dir": "{tmp}/specialist-runs"},
     "scorecard": {"records_dir": "{tmp}/book"},  # run last: it reads the other chapters' records
 }
 

@@ -12,6 +12,7 @@ or concept:
 * :mod:`~pktlib.experiments.unaligned_grid`: the unaligned Pre-Align grid (Figure 2);
 * :mod:`~pktlib.experiments.laten_sweep`: LaTen's sweeps (Tables 1, 3 and 5);
 * :mod:`~pktlib.experiments.distillation`: the distillation baselines beside LaTen (Tables 7 and 8);
+* :mod:`~pktlib.experiments.specialist`: stronger (specialist) sources for Post-Align and LaTen (Tables 2, 3, 6);
 * :mod:`~pktlib.experiments.locating`: what attribution locates (depth, sparsity, stability);
 * :mod:`~pktlib.experiments.cka`, :mod:`~pktlib.experiments.structural`, :mod:`~pktlib.experiments.deltas`:
   the three faces of neural incompatibility (Figures 3, 4 and 7-9);

@@ -11,9 +11,9 @@ from pktlib.plots.base import plt
 from pktlib.plots.analysis import (score_change_heatmaps, layer_profiles, neuron_heatmaps, stability_curves,
                                    heatmap_grid, structural_cosines, delta_histograms, quantile_curves)
 from pktlib.plots.scores import (bars, lines_by_bin, loss_curves, loss_bands, score_vs_step, score_vs_rate,
-                                 loss_gain, laten_lr_sweep, gain_bars, grouped_bars, curve_grid, results_dashboard)
+                                 loss_gain, laten_lr_sweep, gain_bars, grouped_bars, gap_intervals, curve_grid, results_dashboard)
 
 __all__ = ["plt", "bars", "lines_by_bin", "loss_curves", "loss_bands", "score_vs_step", "score_vs_rate", "loss_gain",
-           "laten_lr_sweep", "gain_bars", "grouped_bars", "curve_grid", "results_dashboard", "score_change_heatmaps",
+           "laten_lr_sweep", "gain_bars", "grouped_bars", "gap_intervals", "curve_grid", "results_dashboard", "score_change_heatmaps",
            "layer_profiles", "neuron_heatmaps", "stability_curves", "heatmap_grid", "structural_cosines",
            "delta_histograms", "quantile_curves"]

@@ -16,7 +16,7 @@ from pktlib.scorecard import FAMILIES
 from pktlib.plots.base import finish_axes, set_title
 
 __all__ = ["bars", "lines_by_bin", "loss_curves", "loss_bands", "score_vs_step", "score_vs_rate", "loss_gain",
-           "laten_lr_sweep", "gain_bars", "grouped_bars", "curve_grid", "results_dashboard"]
+           "laten_lr_sweep", "gain_bars", "grouped_bars", "gap_intervals", "curve_grid", "results_dashboard"]
 
 
 def bars(table: pd.DataFrame | pd.Series, *, ylabel: str, xlabel: str | None = None, title: str | None = None,
@@ -233,6 +233,34 @@ def grouped_bars(values, *, errors=None, references=None, ylabel: str = "score (
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
+
+
+def gap_intervals(per_seed: pd.DataFrame, over_seeds: pd.DataFrame, *, labels: Mapping[str, str] | None = None,
+                  xlabel: str = "specialist source minus plain source (points)", title: str | None = None) -> Figure:
+    """A forest plot of paired gaps: one row per (family, method, seed) of ``per_seed`` (columns
+    family, method, seed, gap, ci_low, ci_high, p_value; filled marker where p < 0.05) and, under
+    each (family, method), the mean over seeds of ``over_seeds`` (gap, gap_low, gap_high) as a
+    diamond. ``labels`` renames methods. A vertical line marks no difference. Returns the Figure.
+    """
+    rows = []  # (label, gap, low, high, kind)
+    for (fam, method), g in over_seeds.groupby(["family", "method"], sort=False):
+        name = (labels or {}).get(method, method)
+        for r in per_seed[(per_seed.family == fam) & (per_seed.method == method)].itertuples():
+            rows.append((f"{fam}, {name}, seed {r.seed}", r.gap, r.ci_low, r.ci_high,
+                         "significant" if r.p_value < 0.05 else "seed"))
+        m = g.iloc[0]
+        rows.append((f"{fam}, {name}: mean", m.gap, m.gap_low, m.gap_high, "mean"))
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(rows) + 1.2))
+    style = {"seed": dict(marker="o", mfc="white", color="tab:blue"),
+             "significant": dict(marker="o", color="tab:blue"), "mean": dict(marker="D", color="black")}
+    for i, (_, gap, lo, hi, kind) in enumerate(rows):
+        y = len(rows) - 1 - i
+        ax.plot([lo, hi], [y, y], color=style[kind]["color"], lw=1.2)
+        ax.plot([gap], [y], ls="", **style[kind])
+    ax.axvline(0, color="gray", ls=":", lw=1)
+    ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=8)
+    return finish_axes(fig, ax, xlabel=xlabel, title=title,
+                       default="Paired gaps: per seed 95% interval (filled: McNemar p < 0.05), mean ± 2 s.e.")
 
 
 def curve_grid(curves, *, xlabel: str = "step", ylabel: str = "loss", width: float = 4.2, height: float = 3.0,

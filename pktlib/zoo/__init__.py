@@ -5,7 +5,9 @@
 * :mod:`pktlib.zoo.tokenizer`: the byte-level BPE trained on the suite;
 * :mod:`pktlib.zoo.build`: models, batches, the two training stages and :func:`build_pair` /
   :func:`pocket_pair`;
-* :mod:`pktlib.zoo.cards`: checkpoint folders with their cards, and :func:`score_pair`.
+* :mod:`pktlib.zoo.cards`: checkpoint folders with their cards, and :func:`score_pair`;
+* :mod:`pktlib.zoo.specialist`: a specialist teacher, teacher-chat trained further on one family
+  (imported by name: ``from pktlib.zoo.specialist import build_specialist``).
 
 The tasks the pair learns are the pocket suite, :mod:`pktlib.data.suite`.
 """
