@@ -121,6 +121,19 @@ class _ScoredOnce:
     folder: Path | None = None
     seen: dict[tuple[str, str], Any] = field(default_factory=dict)
 
+    # run_grid of Post-Align keeps its own scores beside its runs and reads these from the scorer
+    @property
+    def budgets(self) -> dict[str, int]:
+        return self.scorer.budgets
+
+    @property
+    def limit(self) -> int:
+        return self.scorer.limit
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.scorer.tokenizer
+
     def __call__(self, model, task: str):
         key = (weights_hash(model), task)
         if key in self.seen:
