@@ -187,7 +187,12 @@ def test_real_model_tables_on_a_tiny_model(tokenizer):
     attr = A.attribute(model, tokenizer, pairs, per_example=True, progress=False)
     top = real_model.top_neuron_table(model, tokenizer, attr, pairs, per_prompt=2, n_tokens=3)
     assert list(top["rank"]) == [1, 2, 1, 2] and top["top tokens"].str.count("'").ge(6).all()
-    hits = real_model.answer_hits(top.assign(**{"top tokens": ["'Paris' 'x'", "'y'", "'z'", "' 7'"]}))
+    assert list(top["answer token"]) == [tokenizer.decode([tokenizer(p + a)["input_ids"][-1]]) for p, a in pairs
+                                          for _ in range(2)]
+    for _, row in top.iterrows():  # the flag says whether the scored token is among the neuron's top tokens
+        toks = [t.strip().lower() for t, _ in real_model.top_tokens(model, tokenizer, row.layer, "ffn", row.neuron, k=3)]
+        assert row["promotes answer token"] == (row["answer token"].strip().lower() in toks)
+    hits = real_model.answer_hits(top.assign(**{"promotes answer token": [True, False, False, True]}))
     assert list(hits.index) == [0, 3]
     signed = real_model.signed_neuron_table(model, tokenizer, pairs, top, n_tokens=3)
     assert len(signed) == 4 and signed["answer rank in c*w"].between(1, len(tokenizer)).all()

@@ -56,20 +56,24 @@ def next_token_table(model: nn.Module, tok, pairs: Sequence[tuple[str, str]], *,
 def top_neuron_table(model: nn.Module, tok, attr: attribution.Attribution, pairs: Sequence[tuple[str, str]], *,
                      per_prompt: int = 3, n_tokens: int = 8) -> pd.DataFrame:
     """Per prompt its ``per_prompt`` best FFN neurons (per-example scores) and the ``n_tokens``
-    tokens each value vector promotes."""
+    tokens each value vector promotes; ``answer token`` is the token attribution scored (the
+    answer's last, :func:`pktlib.attribution.scored_text`) and ``promotes answer token`` whether
+    it is among those tokens (case and surrounding spaces ignored)."""
     rows = []
     for e, (p, a) in enumerate(pairs):
+        target = tok.decode([tok(attribution.scored_text(p, a))["input_ids"][-1]])
         for rank, (layer, neuron, score) in enumerate(carriers(attr, e, kind="ffn", k=per_prompt)):
-            toks = top_tokens(model, tok, layer, "ffn", neuron, k=n_tokens)
-            rows.append({"prompt": p, "answer": a.strip(), "rank": rank + 1, "layer": layer, "neuron": neuron,
-                         "score": round(score, 3), "top tokens": " ".join(repr(t) for t, _ in toks)})
+            toks = [t for t, _ in top_tokens(model, tok, layer, "ffn", neuron, k=n_tokens)]
+            rows.append({"prompt": p, "answer": a.strip(), "answer token": target, "rank": rank + 1, "layer": layer,
+                         "neuron": neuron, "score": round(score, 3), "top tokens": " ".join(repr(t) for t in toks),
+                         "promotes answer token": bool(target.strip()) and
+                         target.strip().lower() in {t.strip().lower() for t in toks}})
     return pd.DataFrame(rows)
 
 
 def answer_hits(top_neurons: pd.DataFrame) -> pd.DataFrame:
-    """The rows of :func:`top_neuron_table` whose top tokens contain the answer (case-insensitive)."""
-    hit = [r["answer"].lower() in r["top tokens"].lower() for _, r in top_neurons.iterrows()]
-    return top_neurons[pd.Series(hit, index=top_neurons.index, dtype=bool)]
+    """The rows of :func:`top_neuron_table` whose top tokens contain the answer's scored token."""
+    return top_neurons[top_neurons["promotes answer token"].astype(bool)]
 
 
 @torch.no_grad()
