@@ -102,7 +102,7 @@ class _Answer:
 
 @dataclass(frozen=True)
 class _Scored:
-    """What :func:`postalign_grid.run_grid` reads of a score: ``score`` and ``records[i].correct``."""
+    """What :func:`run_sources` reads of a score: ``score`` and ``records[i].correct``."""
 
     score: float
     records: list[_Answer]
@@ -110,8 +110,8 @@ class _Scored:
 
 @dataclass
 class _ScoredOnce:
-    """A scorer that scores each (weights, task) once: :func:`postalign_grid.run_grid` scores the
-    teacher and the student of every call, which :func:`run_sources` has already scored. Keyed by
+    """A scorer that scores each (weights, task) once (the student and the teachers of
+    :func:`run_sources`; Post-Align's run_grid keeps its own scores beside its runs). Keyed by
     the weights' hash, so a new model that reuses a freed one's memory is never mistaken for it.
     With ``folder``, each score is also kept there (:func:`pktlib.experiments.scoring.cached_score`,
     named after the weights and the settings), so a rerun generates nothing it has scored before.
@@ -120,19 +120,6 @@ class _ScoredOnce:
     scorer: Any  # a BudgetedScorer, or any scorer(model, task) when there is no folder
     folder: Path | None = None
     seen: dict[tuple[str, str], Any] = field(default_factory=dict)
-
-    # run_grid of Post-Align keeps its own scores beside its runs and reads these from the scorer
-    @property
-    def budgets(self) -> dict[str, int]:
-        return self.scorer.budgets
-
-    @property
-    def limit(self) -> int:
-        return self.scorer.limit
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.scorer.tokenizer
 
     def __call__(self, model, task: str):
         key = (weights_hash(model), task)
@@ -221,7 +208,7 @@ def run_sources(sources: Mapping[str, Pair], student: Pair, *, family: str, seed
     for source, teacher in sources.items():
         if "postalign" in methods:
             runs = postalign_grid.run_grid(
-                teacher, student, scorer=scorer, root=root / f"postalign-{weights_hash(teacher[0])[:8]}",
+                teacher, student, scorer=scorer.scorer, root=root / f"postalign-{weights_hash(teacher[0])[:8]}",
                 families=[family], settings=settings, inits=["seeking"],
                 seeds=seeds, r=postalign.r, alpha=postalign.alpha, dropout=postalign.dropout, epochs=postalign.epochs,
                 batch_size=postalign.batch_size, micro_batch=postalign.micro_batch, lr=postalign.lr,
