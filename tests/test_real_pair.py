@@ -208,3 +208,64 @@ def test_cached_answers_asked_otherwise_are_scored_again(pair_root, tmp_path):
     # unchanged: nothing is asked
     rp.score_model(model_dir, "gsm8k", idx, settings=SETTINGS, generator=gen, root=tmp_path)
     assert gen.prompts == 7
+
+
+def _scorer(pair_root, tmp_path, models, tok, limits=None):
+    return rp.SavedScorer.for_pair(str(pair_root), limits or {"gsm8k": 2}, models, tok, settings=SETTINGS,
+                                   root=tmp_path / "scores", work=tmp_path / "work", progress=False)
+
+
+def test_saved_scorer_scores_models_in_memory_through_the_cache(pair_root, tmp_path, monkeypatch):
+    import torch
+
+    student, tok = load_model(pair_root / "student-chat")
+    scorer = _scorer(pair_root, tmp_path, {"student": student}, tok)
+    idx = rp.subset_indices("gsm8k", 2)
+    # the pair's own model: scored from its checkpoint, nothing saved
+    own = scorer(student, "gsm8k")
+    direct = rp.score_model(pair_root / "student-chat", "gsm8k", idx, settings=SETTINGS, root=tmp_path / "scores")
+    assert [r.completion for r in own.records] == [r.completion for r in direct.records]
+    assert not (tmp_path / "work" / "transferred").exists()
+    # a changed copy: saved, scored as the in-memory model would be, then removed from disk
+    changed = load_model(pair_root / "student-chat")[0]
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.add_(0.5)
+    res = scorer(changed, "gsm8k")
+    ref = evaluate((changed, tok), "gsm8k", protocol="open-instruct", indices=idx, max_new_tokens=4, progress=False)
+    assert [r.completion for r in res.records] == [r.completion for r in ref.records]
+    assert [r.completion for r in res.records] != [r.completion for r in own.records]
+    assert not (tmp_path / "work" / "transferred").exists()
+    folders = sorted(p.name for p in (tmp_path / "scores").iterdir())
+    assert len(folders) == 2 and any(f.startswith("transferred-") for f in folders)
+    # the same weights again: answered from the cache, no backend made
+    monkeypatch.setattr(rp.ScoreSettings, "generator", lambda *a, **k: pytest.fail("scored again"))
+    again = scorer(changed, "gsm8k")
+    assert [r.completion for r in again.records] == [r.completion for r in res.records]
+    with pytest.raises(PktError, match="no question subset for task 'mbpp'; known: gsm8k"):
+        scorer(changed, "mbpp")
+
+
+def test_unaligned_pre_align_on_a_fetched_pair_layout(pair_root, tmp_path):
+    """The unaligned grid on the paper's task names, GQA models and the Qwen module set, scored from disk."""
+    from pktlib.experiments import unaligned_grid as ug
+    from pktlib.pairs import TRANSFER_SETS
+
+    teacher, t_tok = load_model(pair_root / "teacher-chat")
+    student, s_tok = load_model(pair_root / "student-chat")
+    scorer = _scorer(pair_root, tmp_path, {"teacher": teacher, "student": student}, s_tok)
+    cells = [{"layers": "top", "hidden": h, "neurons": n} for h in ("pca", "embedding") for n in ("importance", "random")]
+    runs = ug.run_grid((teacher, t_tok), (student, s_tok), scorer=scorer, families=["gsm8k"], task_format="{}",
+                       cells=cells, seeds=[0], extract_limit=2, modules=TRANSFER_SETS["qwen"], progress=False)
+    res = runs.results
+    assert list(res.hidden) == ["pca", "pca", "embedding", "embedding", "seeking"]
+    assert res.rel_delta.gt(0).all() and runs.tasks == {"gsm8k": "gsm8k"}
+    direct = rp.score_model(pair_root / "teacher-chat", "gsm8k", rp.subset_indices("gsm8k", 2), settings=SETTINGS,
+                            root=tmp_path / "scores")
+    assert runs.refs["gsm8k"]["teacher"][0] == direct.score
+    rows = ug.scorecard_rows(runs, ug.summary_table(runs, ["gsm8k"]), ug.comparisons(runs), pair="tiny",
+                             families=["gsm8k"])
+    assert {r["task"] for r in rows} == {"gsm8k"}
+    assert "**gsm8k**" in ug.verdict(runs, ug.comparisons(runs), ["gsm8k"]).lines[0]
+    assert not (tmp_path / "work" / "transferred").exists()
+    mats = ug.grid_matrices(runs, ["gsm8k"])["gsm8k"]  # the cells left out are no rows or columns
+    assert list(mats.index) == ["top"] and mats.shape == (1, 5) and mats.notna().all().all()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import pandas as pd
 from tqdm.std import tqdm
 
 from pktlib.analysis.stats import paired_difference_interval, paired_test, wilson_interval
+from pktlib.baselines import save_model
 from pktlib.cache import cache_dir
 from pktlib.data import load_task, task_info
 from pktlib.errors import PktError
@@ -39,7 +41,7 @@ from pktlib.records import read_json, write_json
 from pktlib.scorecard import PAPER
 
 __all__ = ["BENCHMARKS", "QWEN_TABLE8", "ScoreSettings", "subset_indices", "score_cache_path", "score_model",
-           "score_pair", "gap_table", "cost_table", "paper_gaps", "gap_figure", "bodiless"]
+           "score_pair", "SavedScorer", "gap_table", "cost_table", "paper_gaps", "gap_figure", "bodiless"]
 
 BENCHMARKS = ("gsm8k", "mmlu", "humaneval", "mbpp")
 QWEN_TABLE8 = "Qwen2.5-3B -> Qwen2.5-1.5B (Table 8)"
@@ -248,6 +250,70 @@ def score_pair(pair: str | Pair, limits: Mapping[str, int | None], *, settings: 
                 free_engines()
             made.clear()
     return out
+
+
+@dataclass
+class SavedScorer:
+    """Scores in-memory variants of a pair's models through the score cache: ``scorer(model, task)``.
+
+    The transfer chapters build models in memory (``theta_S + delta``); vLLM reads checkpoints
+    from disk. Each call saves the model (float32 safetensors and the pair's tokenizer with its
+    chat template) to one working folder, identifies it by its weights' hash, scores it with
+    :func:`score_model` on ``indices[task]`` and removes the folder again, so a transferred
+    model costs its size on disk only while it is scored, and a rerun of a deterministic
+    transfer finds its answers in the cache (the cache folder is named after the hash). The
+    pair's own models (``references``: ``id(model) -> checkpoint folder``) are scored from
+    their checkpoints, where the real-pair scores chapter has already cached them.
+
+    Raises PktError for a task without a subset.
+    """
+
+    tokenizer: Any
+    indices: dict[str, list[int]]
+    references: dict[int, str]
+    settings: ScoreSettings = ScoreSettings()
+    root: str | Path | None = None  # the score cache (default cache_dir()/pair-scores)
+    work: str | Path | None = None  # the working folder's parent (default cache_dir())
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def for_pair(cls, pair: str | Pair, limits: Mapping[str, int | None], models: Mapping[str, Any], tokenizer: Any,
+                 **kwargs: Any) -> "SavedScorer":
+        """A scorer on the ``subset_indices`` of each task of ``limits`` (the same questions as
+        :func:`score_pair`); ``models``: role ("teacher", "student") -> the loaded model of that role."""
+        p = get_pair(pair, require=True)
+        settings = kwargs.get("settings", ScoreSettings())
+        seed = kwargs.get("seed", 0)
+        indices = {t: subset_indices(t, n, seed=seed, protocol=settings.protocol) for t, n in limits.items()}
+        return cls(tokenizer, indices, {id(m): getattr(p, role) for role, m in models.items()}, **kwargs)
+
+    def __call__(self, model: Any, task: str) -> EvalResult:
+        if task not in self.indices:
+            raise PktError(f"no question subset for task {task!r}; known: {', '.join(self.indices)}")
+        idx = self.indices[task]
+        src = self.references.get(id(model))
+        folder = Path(src) if src else Path(self.work or cache_dir()) / "transferred"
+        if not src:
+            save_model(model, self.tokenizer, folder)
+        try:
+            weights = weights_hash(folder)
+            made: list[Generator] = []
+
+            def make() -> Generator:
+                made.append(self.settings.generator(str(folder), seed=self.seed))
+                return made[-1]
+
+            with tqdm(total=len(idx), desc=f"{task} {folder.name}-{weights[:8]}", unit="q", leave=False,
+                      disable=not self.progress, file=sys.stderr, mininterval=30, ncols=100) as bar:
+                res = score_model(folder, task, idx, settings=self.settings, generator=make, root=self.root,
+                                  seed=self.seed, bar=bar, weights=weights)
+            if made and self.settings.backend == "vllm":
+                free_engines()
+            return res
+        finally:
+            if not src:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def gap_table(scores: Mapping[str, Mapping[str, EvalResult]]) -> pd.DataFrame:

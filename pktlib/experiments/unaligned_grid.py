@@ -14,19 +14,23 @@ intervals over seeds and questions, McNemar p).
 """
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.std import tqdm
 
 from pktlib.baselines import TransferRecord, grid, seeking_transfer, unaligned_transfer
 from pktlib.data import load_task
+from pktlib.evaluation import EvalResult
+from pktlib.models import TRANSFERRED_MODULES
 from pktlib.analysis.stats import correctness_string
-from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, families_with_teacher_gap
+from pktlib.experiments.scoring import NO_TEACHER_GAP, families_with_teacher_gap
 from pktlib.experiments.verdict import compare_table, comparison_text, scorecard_fields
-from pktlib.seeking import sensitivity
+from pktlib.seeking import Sensitivity, sensitivity
 
 __all__ = ["UnalignedRuns", "run_grid", "random_cell", "reference_runs", "comparisons", "summary_table", "scorecard_rows", "relative_delta", "grid_matrices",
            "UnalignedVerdict", "verdict", "GRID_ROWS", "GRID_COLUMNS"]
@@ -50,10 +54,14 @@ class UnalignedRuns:
     rows: list[dict[str, Any]]
     ref_correct: dict[str, dict[str, str]]  # family -> role -> per-question correctness ("1"/"0")
     seconds: float = 0.0  # wall seconds of run_grid
+    tasks: dict[str, str] = field(default_factory=dict)  # family -> task name (default "pocket-<family>")
+
+    def task(self, family: str) -> str:
+        return self.tasks.get(family, f"pocket-{family}")
 
     def metrics(self) -> dict[str, Any]:
         return {"reference_scores": self.refs, "reference_correct": self.ref_correct, "unaligned_grid": self.rows,
-                "layer_totals": self.layer_totals, "grid_seconds": round(self.seconds, 1)}
+                "layer_totals": self.layer_totals, "grid_seconds": round(self.seconds, 1), "tasks": self.tasks}
 
 
 def random_cell(cell: dict[str, str]) -> bool:
@@ -61,47 +69,71 @@ def random_cell(cell: dict[str, str]) -> bool:
     return cell["layers"] == "random" or cell["neurons"] == "random"
 
 
-def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: BudgetedScorer,
+def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Callable[[Any, str], EvalResult],
              families: Sequence[str], seeds: Sequence[int] = (0,), extract_limit: int = 32,
-             seeking_rank: int | None = 16, progress: bool = True) -> UnalignedRuns:
+             seeking_rank: int | None = 16, progress: bool = True, task_format: str = "pocket-{}",
+             extract: Mapping[str, Sequence[Any]] | None = None, cells: Sequence[dict[str, str]] | None = None,
+             modules: Sequence[str] = TRANSFERRED_MODULES) -> UnalignedRuns:
     """Score the student, the teacher, every grid cell and Seeking without training, per family.
 
-    One Seeking sensitivity pass on the family's first ``extract_limit`` extract examples serves
-    the "top" layer choice and Seeking. ``seeking_rank`` None (or 0) adds the full sub-matrices.
-    Cells with a random choice (:func:`random_cell`) run once per seed of ``seeds``, the others
-    (and Seeking, which has no random choice) once, with a null ``seed``.
+    ``scorer(model, task) -> EvalResult`` scores an in-memory model on the task's test questions
+    (the same questions for every model): a :class:`~pktlib.experiments.scoring.BudgetedScorer`
+    on the pocket pair, a :class:`pktlib.experiments.real_pair.SavedScorer` on a fetched pair.
+    ``task_format`` names a family's task (``"pocket-{}"``: family "math" is task
+    "pocket-math"; ``"{}"``: the family is the task, e.g. "gsm8k"). ``extract``: family ->
+    examples or (prompt, answer) pairs for the Seeking sensitivity (default: the task's first
+    ``extract_limit`` extract examples). One sensitivity pass per family serves the "top"
+    layer choice and Seeking. ``cells``: the grid cells to run (default every cell of
+    :func:`pktlib.baselines.grid`). ``modules``: the transferred modules (a pair's
+    :attr:`pktlib.pairs.Pair.modules`). ``seeking_rank`` None (or 0) adds the full
+    sub-matrices. Cells with a random choice (:func:`random_cell`) run once per seed of
+    ``seeds``, the others (and Seeking, which has no random choice) once, with a null ``seed``.
+    ``progress``: a bar over the models of the run, with the time left.
+
+    Memory: Seeking runs first and its sensitivity matrices (one float32 copy of the
+    transferred teacher weights) are dropped before anything is scored; the grid cells need
+    only the per-layer totals. At most one transferred student exists at a time.
     """
     t_model, t_tok = teacher
+    cells = list(cells) if cells is not None else grid()
+    tasks = {fam: task_format.format(fam) for fam in families}
 
     def score(model, task) -> tuple[float, list[float], str]:
         res = scorer(model, task)
+        bar.update(1)
         return res.score, list(res.ci95), correctness_string(r.correct for r in res.records)
 
+    n_models = len(families) * (3 + sum(len(seeds) if random_cell(c) else 1 for c in cells))
     t0 = time.perf_counter()
     rows, refs, ref_correct, layer_totals = [], {}, {}, {}
-    for fam in families:
-        task = f"pocket-{fam}"
-        scored = {who: score(m, task) for who, m in (("student", student[0]), ("teacher", t_model))}
-        refs[fam] = {who: (s, ci) for who, (s, ci, _) in scored.items()}
-        ref_correct[fam] = {who: c for who, (_, _, c) in scored.items()}
-        sens = sensitivity(t_model, t_tok, load_task(task, "extract", limit=extract_limit), progress=False)
-        layer_totals[fam] = [float(v) for v in sens.layer_totals]
-        for cell in grid():
-            for sd in (seeds if random_cell(cell) else [None]):
-                model, rec = unaligned_transfer(teacher, student, extract=sens, seed=seeds[0] if sd is None else sd,
-                                                progress=False, **cell)
-                s, ci, c = score(model, task)
-                rows.append({"family": fam, **cell, "seed": sd, "score": s, "ci95": ci,
-                             "teacher_layers": rec.teacher_layers, "rel_delta": _relative_delta(rec), "correct": c})
-        model, rec = seeking_transfer(teacher, student, sens, rank=seeking_rank or None, progress=False)
-        s, ci, c = score(model, task)
-        rows.append({"family": fam, "layers": "top", "hidden": "seeking", "neurons": "seeking", "seed": None,
-                     "score": s, "ci95": ci, "teacher_layers": rec.teacher_layers, "rel_delta": _relative_delta(rec),
-                     "correct": c})
-        if progress:
-            n = sum(r["family"] == fam for r in rows)
-            print(f"{task}: {n} transferred models scored ({time.perf_counter() - t0:.0f} s so far)")
-    return UnalignedRuns(pd.DataFrame(rows), refs, layer_totals, rows, ref_correct, time.perf_counter() - t0)
+    with tqdm(total=n_models, desc="unaligned Pre-Align: models", unit="model", disable=not progress,
+              file=sys.stderr, mininterval=10, ncols=100) as bar:
+        for fam, task in tasks.items():
+            scored = {who: score(m, task) for who, m in (("student", student[0]), ("teacher", t_model))}
+            refs[fam] = {who: (s, ci) for who, (s, ci, _) in scored.items()}
+            ref_correct[fam] = {who: c for who, (_, _, c) in scored.items()}
+            examples = extract[fam] if extract is not None else load_task(task, "extract", limit=extract_limit)
+            sens = sensitivity(t_model, t_tok, examples, modules=tuple(modules), progress=False)
+            layer_totals[fam] = [float(v) for v in sens.layer_totals]
+            model, rec = seeking_transfer(teacher, student, sens, rank=seeking_rank or None, modules=modules,
+                                          progress=False)
+            sens = Sensitivity(sens.layer_totals, {}, sens.n_examples, ())  # the cells need only the totals
+            s, ci, c = score(model, task)
+            del model
+            seek_row = {"family": fam, "layers": "top", "hidden": "seeking", "neurons": "seeking", "seed": None,
+                        "score": s, "ci95": ci, "teacher_layers": rec.teacher_layers,
+                        "rel_delta": _relative_delta(rec), "correct": c}
+            for cell in cells:
+                for sd in (seeds if random_cell(cell) else [None]):
+                    model, rec = unaligned_transfer(teacher, student, extract=sens, modules=modules,
+                                                    seed=seeds[0] if sd is None else sd, progress=False, **cell)
+                    s, ci, c = score(model, task)
+                    del model
+                    rows.append({"family": fam, **cell, "seed": sd, "score": s, "ci95": ci,
+                                 "teacher_layers": rec.teacher_layers, "rel_delta": _relative_delta(rec),
+                                 "correct": c})
+            rows.append(seek_row)
+    return UnalignedRuns(pd.DataFrame(rows), refs, layer_totals, rows, ref_correct, time.perf_counter() - t0, tasks)
 
 
 def reference_runs(runs: UnalignedRuns, who: str = "student") -> pd.DataFrame:
@@ -151,7 +183,7 @@ def scorecard_rows(runs: UnalignedRuns, summary: pd.DataFrame, table: pd.DataFra
         for method, row in (("seeking-unaligned", t[t.hidden == "seeking"].iloc[0]),
                             ("unaligned-best", cells.loc[cells.gap.idxmax()]),
                             ("unaligned-worst", cells.loc[cells.gap.idxmin()])):
-            out.append({"method": method, "task": f"pocket-{f}", "pair": pair,
+            out.append({"method": method, "task": runs.task(f), "pair": pair,
                         "score": float(runs.refs[f]["student"][0] + row.gap), **scorecard_fields(row)})
     return out
 
@@ -163,7 +195,8 @@ def relative_delta(runs: UnalignedRuns) -> pd.DataFrame:
 
 def grid_matrices(runs: UnalignedRuns, families: Sequence[str]) -> dict[str, pd.DataFrame]:
     """Per family the grid's scores (mean over seeds) as a matrix: rows the layer choice, columns ``"<hidden>\\n<neurons>"``
-    and a last column ``"Seeking\\n(top)"`` (Seeking in the "top" row, NaN elsewhere)."""
+    and a last column ``"Seeking\\n(top)"`` (Seeking in the "top" row, NaN elsewhere). Rows and
+    columns of cells the run left out (``run_grid(cells=...)``) are dropped."""
     out = {}
     for fam in families:
         sub = runs.results[runs.results.family == fam]
@@ -173,7 +206,8 @@ def grid_matrices(runs: UnalignedRuns, families: Sequence[str]) -> dict[str, pd.
                 mat[i, j] = sub[(sub.layers == l) & (sub.hidden == h) & (sub.neurons == n)].score.mean()
         mat[0, -1] = sub[sub.hidden == "seeking"].score.iloc[0]
         out[fam] = pd.DataFrame(mat, index=list(GRID_ROWS),
-                                columns=[f"{h}\n{n}" for h, n in GRID_COLUMNS] + ["Seeking\n(top)"])
+                                columns=[f"{h}\n{n}" for h, n in GRID_COLUMNS] + ["Seeking\n(top)"]
+                                ).dropna(how="all").dropna(axis=1, how="all")
     return out
 
 
@@ -205,7 +239,7 @@ def verdict(runs: UnalignedRuns, table: pd.DataFrame, families: Sequence[str]) -
                            "best_cell": f"{best.layers}/{best.hidden}/{best.neurons}",
                            "best_effect": float(best.gap), "best_p": float(best.p_value),
                            "seeking_effect": float(seek.gap), "seeking_p": float(seek.p_value)}
-        lines.append(f"- **pocket-{fam}**: student {base:.1f}; {int((cells.gap > 0).sum())} of {len(cells)} cells "
+        lines.append(f"- **{runs.task(fam)}**: student {base:.1f}; {int((cells.gap > 0).sum())} of {len(cells)} cells "
                      f"score above it on average, {better} better and {worse} worse by the paired test; best cell "
                      f"{best.layers}/{best.hidden}/{best.neurons}: {comparison_text(best)}; Seeking without "
                      f"training: {comparison_text(seek)}.")
