@@ -32,11 +32,11 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pktlib.data import collate, load_task, task_info, tokenize_example
+from pktlib.data import collate, load_task, prompt_answer_pairs, task_info, tokenize_example
 from pktlib.errors import PktError
 from pktlib.models import MODULES, TRANSFERRED_MODULES, check_pair, load_tokenizer, resolve_model, spec
 from pktlib.records import write_json
-from pktlib.seeking import Sensitivity, as_examples, seeking_extract, sensitivity, svd_factors
+from pktlib.seeking import SeekingExtract, Sensitivity, as_examples, seeking_extract, sensitivity, svd_factors
 from pktlib.training import Checkpointed, RunDir, Schedule, train_steps
 
 __all__ = [
@@ -93,20 +93,27 @@ def seeking_lora_factors(mat: torch.Tensor, r: int) -> tuple[torch.Tensor, torch
 def _seeking_init(peft_model, *, teacher, pairs, modules: Sequence[str], r: int, progress: bool,
                   adapter: str = "default") -> dict[str, Any]:
     """Overwrite peft's random A/B by Seeking's factors and subtract ``scale * B A`` from the base."""
-    if teacher is None or pairs is None:
-        raise PktError("init='seeking' needs teacher= and pairs= (extract examples)")
-    t_model, t_tok, _ = resolve_model(teacher)
     base = peft_model.get_base_model()
-    ts, ss = check_pair(t_model, base, method="a Seeking initialisation", larger=(), same=("vocab_size",))
-    examples = as_examples(pairs)
-    if isinstance(examples, Sensitivity):
-        sens = examples
+    if isinstance(pairs, SeekingExtract):  # extracted once by the caller (no teacher needed here)
+        ex = pairs
+        missing = sorted({m for m in modules} - {m for _, m in ex.matrices})
+        if missing:
+            raise PktError(f"the given Seeking extract has no matrices for modules {missing}")
     else:
-        if t_tok is None:
-            raise PktError("init='seeking' needs the teacher's tokenizer: pass (model, tokenizer) or a model directory")
-        sens = sensitivity(t_model, t_tok, examples, modules=tuple(modules), progress=progress)
-    # peft's LoRA layers expose their base layer's ``.weight``, so the spec reads the shapes.
-    ex = seeking_extract(t_model, sens, base, modules=modules, progress=progress)
+        if teacher is None or pairs is None:
+            raise PktError("init='seeking' needs teacher= and pairs= (extract examples)")
+        t_model, t_tok, _ = resolve_model(teacher)
+        check_pair(t_model, base, method="a Seeking initialisation", larger=(), same=("vocab_size",))
+        examples = as_examples(pairs)
+        if isinstance(examples, Sensitivity):
+            sens = examples
+        else:
+            if t_tok is None:
+                raise PktError("init='seeking' needs the teacher's tokenizer: pass (model, tokenizer) or a model directory")
+            sens = sensitivity(t_model, t_tok, examples, modules=tuple(modules), progress=progress)
+        # peft's LoRA layers expose their base layer's ``.weight``, so the spec reads the shapes.
+        ex = seeking_extract(t_model, sens, base, modules=modules, progress=progress)
+    ss = spec(base)
     with torch.no_grad():
         for (j, m), mat in ex.matrices.items():
             layer = ss.module(base, j, m)
@@ -127,8 +134,10 @@ def lora_model(student: Any, *, init: str = "random", teacher: Any = None, pairs
     ``student``: a model (wrapped in place, as peft does), a ``(model, tokenizer)`` pair or a
     model path. ``init``: "random" | "pissa" | "seeking" (the latter needs ``teacher`` and
     ``pairs``: extract examples, (prompt, answer) pairs, a task name or a precomputed teacher
-    :class:`~pktlib.seeking.Sensitivity`). The result's outputs equal the student's at
-    initialisation for every ``init``. ``peft_model.pkt_init`` records what was done.
+    :class:`~pktlib.seeking.Sensitivity`; or only ``pairs``, a precomputed
+    :class:`~pktlib.seeking.SeekingExtract` for this student, when the teacher need not stay in
+    memory). The result's outputs equal the student's at initialisation for every ``init``.
+    ``peft_model.pkt_init`` records what was done.
     """
     if init not in LORA_INITS:
         raise PktError(f"unknown LoRA init {init!r}; expected one of {', '.join(LORA_INITS)}")
@@ -220,7 +229,7 @@ def _lora_checkpoint(params: dict[str, torch.nn.Parameter]) -> Checkpointed:
 def finetune(peft_model, task: str, *, split: str = "train", n: int | None = None, lr: float | None = None,
              epochs: int | None = None, batch_size: int = 64, micro_batch: int = 8, seed: int = 0,
              out_dir: str | os.PathLike, tokenizer=None, max_length: int | None = 512, save_every: int | None = None,
-             progress: bool = True) -> FinetuneResult:
+             template: str = "default", progress: bool = True) -> FinetuneResult:
     """Fine-tune the LoRA parameters of ``peft_model`` on ``task``/``split`` (paper Table 4 defaults).
 
     ``n`` takes the first ``n`` examples of the split (None: all). ``lr``/``epochs`` default
@@ -233,6 +242,8 @@ def finetune(peft_model, task: str, *, split: str = "train", n: int | None = Non
     each epoch's end) and ``result.json``. Calling again with the same settings resumes from
     the checkpoint (recreate the model with the same ``lora_model`` arguments first). Works
     inside ``torch.no_grad()`` (the loop enables gradients: :func:`pktlib.hooks.with_grad`).
+    ``template``: the prompt format (:func:`pktlib.data.format_prompt`: "default", the original
+    code's; "chat" or "auto" for a chat model's own template, as its evaluation prompts use).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -248,7 +259,8 @@ def finetune(peft_model, task: str, *, split: str = "train", n: int | None = Non
         if n <= 0:
             raise PktError(f"n must be positive, got {n}")
         examples = examples[:n]
-    items = [tokenize_example(tok, ex, max_length=max_length) for ex in examples]
+    items = [tokenize_example(tok, pa, max_length=max_length)
+             for pa in prompt_answer_pairs(examples, tokenizer=tok, template=template)]
     items = [it for it in items if any(t != -100 for t in it["labels"])]
     if not items:
         raise PktError(f"task {task!r} split {split!r}: no example has an answer token to train on")
@@ -259,7 +271,8 @@ def finetune(peft_model, task: str, *, split: str = "train", n: int | None = Non
     if not params:
         raise PktError("the model has no trainable parameters: pass a LoRA model from lora_model()")
     run = RunDir(out, {"task": task, "split": split, "n": N, "lr": lr, "epochs": epochs, "batch_size": batch_size,
-                       "seed": seed, "max_length": max_length})
+                       "seed": seed, "max_length": max_length, "template": template},
+                 defaults={"template": "default"})
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     device = next(peft_model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

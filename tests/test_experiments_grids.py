@@ -150,7 +150,7 @@ def test_postalign_run_grid_on_a_tiny_pair(tmp_path, tokenizer):
     assert (runs.results.steps == 1).all() and (runs.results.n_examples == 4).all()
     assert runs.results.correct.str.len().eq(2).all()
     assert set(runs.metrics()) == {"reference_scores", "reference_correct", "postalign_runs", "training_curves",
-                                   "grid_seconds"}
+                                   "grid_seconds", "tasks"}
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["math-N=4-random-s0-e1-b4-x2",
                                                                        "math-N=4-seeking-s0-e1-b4-x2"]
     # each score is kept: in the run folder, the student's and teacher's beside them

@@ -74,6 +74,24 @@ def test_seeking_init_is_the_svd_of_the_extracted_matrix(tokenizer):
         torch.testing.assert_close(a, b)
 
 
+def test_seeking_init_from_a_precomputed_extract_needs_no_teacher(tokenizer):
+    student = make_model("qwen2", tokenizer=tokenizer, n_layers=2, num_key_value_heads=2)
+    teacher = make_model("qwen2", tokenizer=tokenizer, hidden_size=96, intermediate_size=160, n_layers=3, n_heads=6,
+                         num_key_value_heads=3, seed=5)
+    modules = ("up_proj", "down_proj", "o_proj")
+    sens = sensitivity(teacher, tokenizer, PAIRS, modules=modules, progress=False)
+    ex = seeking_extract(teacher, sens, student, modules=modules, progress=False)
+    a = lora_model(copy.deepcopy(student), init="seeking", teacher=teacher, pairs=sens, modules=modules, r=4,
+                   progress=False)
+    b = lora_model(copy.deepcopy(student), init="seeking", pairs=ex, modules=modules, r=4, progress=False)
+    for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    assert b.pkt_init["seeking"]["teacher_layers"] == ex.teacher_layers
+    with pytest.raises(PktError, match=r"no matrices for modules \['v_proj'\]"):
+        lora_model(copy.deepcopy(student), init="seeking", pairs=ex, modules=modules + ("v_proj",), r=4,
+                   progress=False)
+
+
 def test_seeking_factors_pad_low_rank():
     mat = torch.randn(6, 1) @ torch.randn(1, 5)
     B, A = seeking_lora_factors(mat, 3)
@@ -161,3 +179,25 @@ def test_cli_postalign(tmp_path, tokenizer, pkt):
     assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
     res = json.loads((tmp_path / "run" / "result.json").read_text())
     assert res["init"]["init"] == "seeking" and res["steps"] == 4
+
+
+def test_finetune_prompts_in_the_chosen_template(tmp_path, tokenizer):
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} + 1?"},
+                          {"role": "assistant", "content": f"So the answer is {a + 1}."}]} for a in range(4)]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    student = make_model("llama", tokenizer=tokenizer, n_layers=1)
+    tok = copy.deepcopy(tokenizer)
+
+    def run(out, template):
+        pm = lora_model(copy.deepcopy(student), init="pissa", r=4, progress=False)
+        return finetune(pm, str(task), lr=1e-2, epochs=1, batch_size=4, out_dir=tmp_path / out, tokenizer=tok,
+                        template=template, progress=False)
+
+    with pytest.raises(PktError, match="template='chat' needs a tokenizer with a chat template"):
+        run("no-template", "chat")
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    default, chat = run("default", "default"), run("chat", "chat")
+    assert json.loads((tmp_path / "chat" / "settings.json").read_text())["template"] == "chat"
+    assert default.final_loss != chat.final_loss  # other prompts, another loss
+    assert run("auto", "auto").final_loss == chat.final_loss  # "auto": the chat template when there is one

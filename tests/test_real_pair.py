@@ -269,3 +269,29 @@ def test_unaligned_pre_align_on_a_fetched_pair_layout(pair_root, tmp_path):
     assert not (tmp_path / "work" / "transferred").exists()
     mats = ug.grid_matrices(runs, ["gsm8k"])["gsm8k"]  # the cells left out are no rows or columns
     assert list(mats.index) == ["top"] and mats.shape == (1, 5) and mats.notna().all().all()
+
+
+def test_post_align_on_a_fetched_pair_layout(pair_root, tmp_path, monkeypatch):
+    """Post-Align on a paper task in the pair's chat template, GQA models, the Qwen module set, scored from disk."""
+    from pktlib.experiments import postalign_grid as pg
+    from pktlib.pairs import TRANSFER_SETS
+
+    teacher, t_tok = load_model(pair_root / "teacher-chat")
+    student, s_tok = load_model(pair_root / "student-chat")
+    scorer = _scorer(pair_root, tmp_path, {"teacher": teacher, "student": student}, s_tok)
+    kw = dict(scorer=scorer, root=tmp_path / "runs", families=["gsm8k"], settings={"align": ("align", 4)},
+              inits=["random", "pissa", "seeking"], seeds=[0], r=4, alpha=4, epochs=1, batch_size=4, micro_batch=2,
+              extract_limit=2, task_format="{}", modules=TRANSFER_SETS["qwen"], template="auto", progress=False)
+    runs = pg.run_grid((teacher, t_tok), (student, s_tok), **kw)
+    res = runs.results
+    assert list(res.init) == ["random", "pissa", "seeking"] and (res.n_examples == 4).all()
+    assert res.scored_now.isna().all() and runs.tasks == {"gsm8k": "gsm8k"}
+    settings = json.loads((tmp_path / "runs" / "gsm8k-align-seeking-s0-e1-b4-x2" / "settings.json").read_text())
+    assert settings["task"] == "gsm8k" and settings["template"] == "auto"
+    assert {r["task"] for r in pg.scorecard_rows(runs, pair="tiny", families=["gsm8k"],
+                                                  settings={"align": ("align", 4)},
+                                                  inits=["random", "pissa", "seeking"], n=2)} == {"gsm8k"}
+    # a rerun trains nothing and scores nothing: the runs resume from their folders, the answers are cached
+    monkeypatch.setattr(rp.ScoreSettings, "generator", lambda *a, **k: pytest.fail("scored again"))
+    again = pg.run_grid((teacher, t_tok), (student, s_tok), **kw)
+    pd.testing.assert_frame_equal(again.results, res)

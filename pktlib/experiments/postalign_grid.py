@@ -16,17 +16,20 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from pktlib.analysis.stats import correctness_string
 from pktlib.data import load_task
-from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, cached_score, families_with_teacher_gap, score_path
+from pktlib.evaluation import EvalResult
+from pktlib.experiments.scoring import (NO_TEACHER_GAP, BudgetedScorer, CachedScore, cached_score,
+                                        families_with_teacher_gap, score_path)
 from pktlib.experiments.verdict import (Comparison, compare_runs, compare_table, comparison_text,
                                        scorecard_fields)
-from pktlib.seeking import sensitivity
+from pktlib.seeking import seeking_extract, sensitivity
 from pktlib.postalign import finetune, finetune_defaults, lora_model, merged_copy
 from pktlib.models import TRANSFERRED_MODULES
 
@@ -47,12 +50,12 @@ def setting_ids(settings: Settings) -> dict[str, str]:
             for s, (split, n) in settings.items()}
 
 
-def family_table(families: Sequence[str]) -> pd.DataFrame:
-    """Per family: the paper's Table 4 learning rate and epochs, and the train/align split sizes."""
-    return pd.DataFrame({f: {"Table 4 lr": finetune_defaults(f"pocket-{f}")[0],
-                             "Table 4 epochs": finetune_defaults(f"pocket-{f}")[1],
-                             "train examples": len(load_task(f"pocket-{f}", "train")),
-                             "align examples": len(load_task(f"pocket-{f}", "align"))} for f in families})
+def family_table(families: Sequence[str], task_format: str = "pocket-{}",
+                 splits: Sequence[str] = ("train", "align")) -> pd.DataFrame:
+    """Per family: the paper's Table 4 learning rate and epochs, and the sizes of ``splits``."""
+    tasks = {f: task_format.format(f) for f in families}
+    return pd.DataFrame({f: {"Table 4 lr": finetune_defaults(t)[0], "Table 4 epochs": finetune_defaults(t)[1],
+                             **{f"{s} examples": len(load_task(t, s)) for s in splits}} for f, t in tasks.items()})
 
 
 @dataclass
@@ -65,65 +68,95 @@ class PostAlignRuns:
     seconds: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
     ref_correct: dict[str, dict[str, str]] = field(default_factory=dict)  # family -> who -> "1"/"0" per question
+    tasks: dict[str, str] = field(default_factory=dict)  # family -> task name (default "pocket-<family>")
+
+    def task(self, family: str) -> str:
+        return self.tasks.get(family, f"pocket-{family}")
 
     def metrics(self) -> dict[str, Any]:
         """The record entries: reference scores, the runs, and the training curves."""
         return {"reference_scores": self.refs, "reference_correct": self.ref_correct, "postalign_runs": self.rows,
-                "grid_seconds": round(self.seconds, 1),
+                "grid_seconds": round(self.seconds, 1), "tasks": self.tasks,
                 "training_curves": {"|".join(map(str, k)): v for k, v in self.curves.items()}}
 
 
-def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: BudgetedScorer, root: str | Path,
-             families: Sequence[str], settings: Settings, inits: Sequence[str], seeds: Sequence[int],
+def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Callable[[Any, str], EvalResult] | BudgetedScorer,
+             root: str | Path, families: Sequence[str], settings: Settings, inits: Sequence[str], seeds: Sequence[int],
              r: int = 16, alpha: int = 16, dropout: float = 0.05, epochs: int | None = None, batch_size: int = 64,
              micro_batch: int = 8, lr: float | None = None, extract_limit: int = 32,
+             task_format: str = "pocket-{}", extract: Mapping[str, Sequence[Any]] | None = None,
+             modules: Sequence[str] = TRANSFERRED_MODULES, template: str = "default",
              progress: bool = True) -> PostAlignRuns:
     """Fine-tune and score every (family, setting, init, seed) of the grid.
 
     ``teacher``/``student``: ``(model, tokenizer)``; the student is deep-copied for every run.
-    One Seeking sensitivity pass per family (on its first ``extract_limit`` extract examples)
-    serves all Seeking runs. Run folders are ``root/<family>-<setting>-<init>-s<seed>-e<epochs>-
-    b<batch_size>-x<extract_limit>``, so an interrupted grid resumes; each fine-tuned model's score
-    is kept there (:func:`pktlib.experiments.scoring.score_path`), the student's and teacher's in
-    ``root``. Rows carry ``eval_cpu_s``, the scoring's CPU seconds as measured when it ran (the cost
-    from nothing), ``train_wall_s`` (the training's wall seconds as logged when it ran: the last
-    step's ``time_s``, which counts only the last part of a run resumed midway) and ``scored_now`` (False
-    when the score was read back).
+    One Seeking sensitivity pass per family (on ``extract[family]``, default its first
+    ``extract_limit`` extract examples) gives one Seeking extract that serves all Seeking runs;
+    the sensitivity matrices are dropped once it is made. Run folders are ``root/<family>-
+    <setting>-<init>-s<seed>-e<epochs>-b<batch_size>-x<extract_limit>``, so an interrupted grid
+    resumes. ``task_format`` names a family's task (``"pocket-{}"``, or ``"{}"`` for the paper's
+    task names); ``modules`` are the LoRA targets (a pair's :attr:`pktlib.pairs.Pair.modules`);
+    ``template`` the training prompts' format (:func:`pktlib.postalign.finetune`).
+
+    ``scorer``: a :class:`~pktlib.experiments.scoring.BudgetedScorer` (each fine-tuned model's
+    score is kept in its run folder, :func:`pktlib.experiments.scoring.score_path`, the student's
+    and teacher's in ``root``; rows carry ``eval_cpu_s``, the scoring's CPU seconds when it ran,
+    and ``scored_now``) or any ``scorer(model, task) -> EvalResult`` that caches by itself
+    (:class:`pktlib.experiments.real_pair.SavedScorer`; ``eval_cpu_s`` is then the generation's
+    wall seconds when the answers were made, and ``scored_now`` is null). Rows carry
+    ``train_wall_s`` (the training's wall seconds as logged when it ran: the last step's
+    ``time_s``, which counts only the last part of a run resumed midway).
     """
     t_model, t_tok = teacher
     s_model, s_tok = student
     root = Path(root)
     t0 = time.perf_counter()
+    tasks = {f: task_format.format(f) for f in families}
     refs, ref_correct = {}, {}
     for f in families:
         for who, m in (("student", s_model), ("teacher", t_model)):
-            sc = _score(scorer, root, m, f"pocket-{f}", who=who)
+            sc = _score(scorer, root, m, tasks[f], who=who)
             refs.setdefault(f, {})[who] = sc.score
             ref_correct.setdefault(f, {})[who] = sc.correct
-    sens = {f: sensitivity(t_model, t_tok, load_task(f"pocket-{f}", "extract", limit=extract_limit),
-                           modules=TRANSFERRED_MODULES, progress=False) for f in families}
+    extracts = {}
+    if "seeking" in inits:
+        for f in families:
+            examples = extract[f] if extract is not None else load_task(tasks[f], "extract", limit=extract_limit)
+            sens = sensitivity(t_model, t_tok, examples, modules=tuple(modules), progress=False)
+            extracts[f] = seeking_extract(t_model, sens, s_model, modules=modules, progress=False)
+            del sens
     runs = [(f, s, i, sd) for f in families for s in settings for i in inits for sd in seeds]
     rows, curves = [], {}
     for fam, setting, init, sd in tqdm(runs, desc="LoRA runs", disable=not progress):
-        task = f"pocket-{fam}"
+        task = tasks[fam]
         split, n = settings[setting]
-        pm = lora_model((copy.deepcopy(s_model), s_tok), init=init, teacher=(t_model, t_tok), pairs=sens[fam],
-                        r=r, alpha=alpha, dropout=dropout, seed=sd, progress=False)
+        pm = lora_model((copy.deepcopy(s_model), s_tok), init=init, pairs=extracts.get(fam), r=r, alpha=alpha,
+                        dropout=dropout, modules=modules, seed=sd, progress=False)
         out = root / f"{fam}-{setting}-{init}-s{sd}-e{epochs}-b{batch_size}-x{extract_limit}"
         res = finetune(pm, task, split=split, n=n, lr=lr, epochs=epochs, batch_size=batch_size,
-                       micro_batch=micro_batch, seed=sd, out_dir=out, tokenizer=s_tok, progress=False)
-        sc = _score(scorer, out, merged_copy(pm).eval(), task)
+                       micro_batch=micro_batch, seed=sd, out_dir=out, tokenizer=s_tok, template=template,
+                       progress=False)
+        merged = merged_copy(pm).eval()
+        del pm  # one copy of the student at a time beside the scorer's
+        sc = _score(scorer, out, merged, task)
+        del merged
         rows.append({"family": fam, "setting": setting, "init": init, "seed": sd, "score": sc.score,
                      "steps": res.steps, "lr": res.lr, "epochs": res.epochs, "n_examples": res.n_examples,
                      "final_loss": res.final_loss, "train_wall_s": max((e.get("time_s", 0.0) for e in res.log), default=0.0), "eval_cpu_s": sc.cpu_s,
-                     "scored_now": not sc.from_cache,
+                     "scored_now": None if sc.from_cache is None else not sc.from_cache,
                      "correct": sc.correct})
         curves[(fam, setting, init, sd)] = [(e["step"], e["loss"]) for e in res.log]
-    return PostAlignRuns(pd.DataFrame(rows), curves, refs, time.perf_counter() - t0, rows, ref_correct)
+    return PostAlignRuns(pd.DataFrame(rows), curves, refs, time.perf_counter() - t0, rows, ref_correct, tasks)
 
 
-def _score(scorer: BudgetedScorer, folder: Path, model: Any, task: str, who: str | None = None):
-    """``scorer``'s evaluation of ``model``, kept in ``folder`` (:func:`cached_score`)."""
+def _score(scorer: Callable[[Any, str], EvalResult] | BudgetedScorer, folder: Path, model: Any, task: str,
+           who: str | None = None) -> CachedScore:
+    """``scorer``'s evaluation of ``model``: a BudgetedScorer's kept in ``folder`` (:func:`cached_score`),
+    any other scorer's as it returns it (it caches by itself; ``from_cache`` None: unknown)."""
+    if not isinstance(scorer, BudgetedScorer):
+        res = scorer(model, task)
+        return CachedScore(res.score, res.n, round(res.generate_s, 1),
+                           correctness_string(r.correct for r in res.records), None)
     budget = scorer.budgets[task]
     path = score_path(folder, model, limit=scorer.limit, max_new_tokens=budget, who=who,
                       family=task.removeprefix("pocket-") if who else None)
@@ -141,13 +174,17 @@ def vs_student(runs: PostAlignRuns) -> pd.DataFrame:
 
 def score_table(runs: PostAlignRuns, *, families: Sequence[str], settings: Settings,
                 inits: Sequence[str]) -> tuple[pd.DataFrame, dict[str, dict[str, list[float]]]]:
-    """(display table "mean ± std" with the student and teacher rows on top, the same as numbers).
+    """(display table "mean ± std" (the mean alone with one seed) with the student and teacher rows on top,
+    the same as numbers).
 
     The numbers are ``{init: {"family|setting": [mean, std]}}`` (std over seeds, ddof 1).
     """
     agg = runs.results.groupby(["init", "family", "setting"]).score.agg(["mean", "std"])
-    table = pd.DataFrame({(f, s): {i: f"{agg.loc[(i, f, s), 'mean']:.1f} ± {agg.loc[(i, f, s), 'std']:.1f}"
-                                   for i in inits} for f in families for s in settings})
+    def cell(m: float, sd: float) -> str:  # one seed has no std
+        return f"{m:.1f}" if sd != sd else f"{m:.1f} ± {sd:.1f}"
+
+    table = pd.DataFrame({(f, s): {i: cell(agg.loc[(i, f, s), "mean"], agg.loc[(i, f, s), "std"]) for i in inits}
+                          for f in families for s in settings})
     top = pd.DataFrame({(f, s): {"student (no LoRA)": f"{runs.refs[f]['student']:.1f}",
                                  "teacher": f"{runs.refs[f]['teacher']:.1f}"} for f in families for s in settings})
     numbers = {i: {f"{f}|{s}": [float(agg.loc[(i, f, s), "mean"]), float(agg.loc[(i, f, s), "std"])]
@@ -165,10 +202,10 @@ def scorecard_rows(runs: PostAlignRuns, *, pair: str, families: Sequence[str], s
     agg = runs.results.groupby(["init", "family", "setting"]).score.mean()
     ids = setting_ids(settings)
     c = compared.set_index(["family", "setting", "init"]) if compared is not None else None
-    return ([{"method": f"postalign-{i}-{ids[s]}", "task": f"pocket-{f}", "pair": pair,
+    return ([{"method": f"postalign-{i}-{ids[s]}", "task": runs.task(f), "pair": pair,
               "score": float(agg.loc[(i, f, s)]), "n": n, **(scorecard_fields(c.loc[(f, s, i)]) if c is not None else {})}
              for i in inits for f in families for s in settings]
-            + [{"method": who, "task": f"pocket-{f}", "pair": pair, "score": float(runs.refs[f][who]), "n": n}
+            + [{"method": who, "task": runs.task(f), "pair": pair, "score": float(runs.refs[f][who]), "n": n}
                for f in families for who in ("student", "teacher")])
 
 
@@ -221,7 +258,7 @@ def seeking_verdict(runs: PostAlignRuns, *, families: Sequence[str], settings: S
                  for other in ("random", "pissa") if "seeking" in inits and other in inits}
             comparisons[f"{fam}|{setting}"] = v
             parts = [f"vs {o} {comparison_text(c)}: {'real' if c.real else 'noise'}" for o, c in v.items()]
-            lines.append(f"- pocket-{fam}, {setting}: Seeking {'; '.join(parts)}")
+            lines.append(f"- {runs.task(fam)}, {setting}: Seeking {'; '.join(parts)}")
     vs_random = [v["random"] for v in comparisons.values() if "random" in v]
     wins = sum(1 for c in vs_random if c.real and c.gap > 0)
     losses = sum(1 for c in vs_random if c.real and c.gap < 0)

@@ -81,14 +81,14 @@ class CachedScore:
     ``score``: percent correct (0-100) over ``n`` questions; ``cpu_s``: CPU seconds the scoring
     took when it ran (the cost from nothing, also when read back); ``correct``: per-question
     correctness as ``"1"``/``"0"`` characters in the task's order; ``from_cache``: read back
-    rather than scored by this call.
+    rather than scored by this call (None: unknown, for a scorer that keeps its own cache).
     """
 
     score: float
     n: int
     cpu_s: float
     correct: str
-    from_cache: bool = False
+    from_cache: bool | None = False
 
     @property
     def answers(self) -> list[bool]:
