@@ -29,7 +29,7 @@ from pktlib.experiments.scoring import (NO_TEACHER_GAP, BudgetedScorer, CachedSc
                                         families_with_teacher_gap, score_path)
 from pktlib.experiments.verdict import (Comparison, compare_runs, compare_table, comparison_text,
                                        scorecard_fields)
-from pktlib.seeking import seeking_extract, sensitivity
+from pktlib.seeking import SeekingExtract, seeking_extract, sensitivity
 from pktlib.postalign import finetune, finetune_defaults, lora_model, merged_copy
 from pktlib.models import TRANSFERRED_MODULES
 
@@ -69,6 +69,8 @@ class PostAlignRuns:
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
     ref_correct: dict[str, dict[str, str]] = field(default_factory=dict)  # family -> who -> "1"/"0" per question
     tasks: dict[str, str] = field(default_factory=dict)  # family -> task name (default "pocket-<family>")
+    # family -> the Seeking extract the Seeking runs started from (kept for analyses, not logged)
+    extracts: dict[str, SeekingExtract] = field(default_factory=dict, repr=False)
 
     def task(self, family: str) -> str:
         return self.tasks.get(family, f"pocket-{family}")
@@ -146,7 +148,7 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Call
                      "scored_now": None if sc.from_cache is None else not sc.from_cache,
                      "correct": sc.correct})
         curves[(fam, setting, init, sd)] = [(e["step"], e["loss"]) for e in res.log]
-    return PostAlignRuns(pd.DataFrame(rows), curves, refs, time.perf_counter() - t0, rows, ref_correct, tasks)
+    return PostAlignRuns(pd.DataFrame(rows), curves, refs, time.perf_counter() - t0, rows, ref_correct, tasks, extracts)
 
 
 def _score(scorer: Callable[[Any, str], EvalResult] | BudgetedScorer, folder: Path, model: Any, task: str,
