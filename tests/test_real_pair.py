@@ -263,8 +263,8 @@ def test_unaligned_pre_align_on_a_fetched_pair_layout(pair_root, tmp_path):
                             root=tmp_path / "scores")
     assert runs.refs["gsm8k"]["teacher"][0] == direct.score
     rows = ug.scorecard_rows(runs, ug.summary_table(runs, ["gsm8k"]), ug.comparisons(runs), pair="tiny",
-                             families=["gsm8k"])
-    assert {r["task"] for r in rows} == {"gsm8k"}
+                             families=["gsm8k"], protocol="open-instruct")
+    assert {(r["task"], r["protocol"]) for r in rows} == {("gsm8k", "open-instruct")}
     assert "**gsm8k**" in ug.verdict(runs, ug.comparisons(runs), ["gsm8k"]).lines[0]
     assert not (tmp_path / "work" / "transferred").exists()
     mats = ug.grid_matrices(runs, ["gsm8k"])["gsm8k"]  # the cells left out are no rows or columns
@@ -288,9 +288,10 @@ def test_post_align_on_a_fetched_pair_layout(pair_root, tmp_path, monkeypatch):
     assert res.scored_now.isna().all() and runs.tasks == {"gsm8k": "gsm8k"}
     settings = json.loads((tmp_path / "runs" / "gsm8k-align-seeking-s0-e1-b4-x2" / "settings.json").read_text())
     assert settings["task"] == "gsm8k" and settings["template"] == "auto"
-    assert {r["task"] for r in pg.scorecard_rows(runs, pair="tiny", families=["gsm8k"],
-                                                  settings={"align": ("align", 4)},
-                                                  inits=["random", "pissa", "seeking"], n=2)} == {"gsm8k"}
+    rows = pg.scorecard_rows(runs, pair="tiny", families=["gsm8k"], settings={"align": ("align", 4)},
+                             inits=["random", "pissa", "seeking"], n=2, protocol="open-instruct", references=False)
+    assert [r["method"] for r in rows] == ["postalign-random-small", "postalign-pissa-small", "postalign-seeking-small"]
+    assert {(r["task"], r["protocol"]) for r in rows} == {("gsm8k", "open-instruct")}
     # a rerun trains nothing and scores nothing: the runs resume from their folders, the answers are cached
     monkeypatch.setattr(rp.ScoreSettings, "generator", lambda *a, **k: pytest.fail("scored again"))
     again = pg.run_grid((teacher, t_tok), (student, s_tok), **kw)

@@ -195,20 +195,25 @@ def score_table(runs: PostAlignRuns, *, families: Sequence[str], settings: Setti
 
 
 def scorecard_rows(runs: PostAlignRuns, *, pair: str, families: Sequence[str], settings: Settings,
-                   inits: Sequence[str], n: int, compared: pd.DataFrame | None = None) -> list[dict[str, Any]]:
-    """Scorecard rows ``postalign-<init>-<setting id>`` (mean over seeds) plus student and teacher.
+                   inits: Sequence[str], n: int, compared: pd.DataFrame | None = None,
+                   protocol: str | None = None, references: bool = True) -> list[dict[str, Any]]:
+    """Scorecard rows ``postalign-<init>-<setting id>`` (mean over seeds) plus, with ``references``,
+    the student and the teacher (leave them out where another chapter reports them on the same questions).
 
     With ``compared`` (:func:`vs_student`) each Post-Align row carries its comparison with the
     student (:func:`pktlib.experiments.verdict.scorecard_fields`: effect, ci, p, seeds, n).
+    ``protocol``: the evaluation protocol of the scores when not the project's own ("pkt").
     """
+    extra = {"protocol": protocol} if protocol else {}
     agg = runs.results.groupby(["init", "family", "setting"]).score.mean()
     ids = setting_ids(settings)
     c = compared.set_index(["family", "setting", "init"]) if compared is not None else None
     return ([{"method": f"postalign-{i}-{ids[s]}", "task": runs.task(f), "pair": pair,
-              "score": float(agg.loc[(i, f, s)]), "n": n, **(scorecard_fields(c.loc[(f, s, i)]) if c is not None else {})}
+              "score": float(agg.loc[(i, f, s)]), "n": n, **(scorecard_fields(c.loc[(f, s, i)]) if c is not None else {}),
+              **extra}
              for i in inits for f in families for s in settings]
-            + [{"method": who, "task": runs.task(f), "pair": pair, "score": float(runs.refs[f][who]), "n": n}
-               for f in families for who in ("student", "teacher")])
+            + [{"method": who, "task": runs.task(f), "pair": pair, "score": float(runs.refs[f][who]), "n": n, **extra}
+               for f in families for who in ("student", "teacher") if references])
 
 
 def curve_bands(runs: PostAlignRuns) -> pd.DataFrame:

@@ -172,10 +172,13 @@ def summary_table(runs: UnalignedRuns, families: Sequence[str]) -> pd.DataFrame:
 
 
 def scorecard_rows(runs: UnalignedRuns, summary: pd.DataFrame, table: pd.DataFrame, *, pair: str,
-                   families: Sequence[str]) -> list[dict[str, Any]]:
+                   families: Sequence[str], protocol: str | None = None) -> list[dict[str, Any]]:
     """Scorecard rows: Seeking without training, and the best and worst grid cell (mean over seeds)
     per family, each with its comparison with the student from ``table`` (:func:`comparisons`):
-    ``effect``, ``ci`` (over seeds, or over questions with one seed), ``p``, ``seeds``, ``n``."""
+    ``effect``, ``ci`` (over seeds, or over questions with one seed), ``p``, ``seeds``, ``n``.
+    ``protocol``: the evaluation protocol of the scores, when not the project's own ("pkt"); the
+    scorecard sets the paper's numbers only beside scores of the paper's protocol."""
+    extra = {"protocol": protocol} if protocol else {}
     out = []
     for f in families:
         t = table[table.family == f]
@@ -184,7 +187,7 @@ def scorecard_rows(runs: UnalignedRuns, summary: pd.DataFrame, table: pd.DataFra
                             ("unaligned-best", cells.loc[cells.gap.idxmax()]),
                             ("unaligned-worst", cells.loc[cells.gap.idxmin()])):
             out.append({"method": method, "task": runs.task(f), "pair": pair,
-                        "score": float(runs.refs[f]["student"][0] + row.gap), **scorecard_fields(row)})
+                        "score": float(runs.refs[f]["student"][0] + row.gap), **scorecard_fields(row), **extra})
     return out
 
 
