@@ -12,6 +12,7 @@ from pktlib.distill import budget_examples
 from pktlib.errors import PktError
 from pktlib.evaluation import evaluate
 from pktlib.experiments import distillation as dx
+from pktlib.experiments import laten_vs_distill as lvd
 from pktlib.experiments.scoring import cached_score, generation_budget, score_path
 from pktlib.experiments.verdict import correctness_string
 from pktlib.models import weights_hash
@@ -129,9 +130,9 @@ def _laten(*settings, student=STUDENT, same_pair=True):
     runs = pd.DataFrame([{"family": "math", "setting": name, "representative": rep, "seed": seed,
                           "score": 100 * sum(c) / len(c), "n": len(c), "correct": correctness_string(c)}
                          for name, rep, per_seed in settings for seed, c in enumerate(per_seed)],
-                        columns=dx.LATEN_COLUMNS)
+                        columns=lvd.LATEN_COLUMNS)
     pair = {"teacher": ("t" * 16, "t" * 16), "student": ("s" * 16 if same_pair else "0" * 16, "s" * 16)}
-    return dx.LatenRuns(True, same_pair, runs, {"math": correctness_string(student)}, pair)
+    return lvd.LatenRuns(True, same_pair, runs, {"math": correctness_string(student)}, pair)
 
 
 def test_paired_vs_laten_effect_mcnemar_and_verdicts_on_hand_made_answers():
@@ -140,8 +141,8 @@ def test_paired_vs_laten_effect_mcnemar_and_verdicts_on_hand_made_answers():
                         _row("gkd", "laten", 0, swap, examples=84),  # one each way
                         _row("seqkd", "laten", 0, NONE_RIGHT, examples=84),  # 10 fewer
                         _row("kd", "1000", 0, ALL_RIGHT, examples=1000)])
-    t = dx.paired_vs_laten(res, _laten((REP, True, [STUDENT])), {"math": STUDENT})
-    assert list(t.columns) == dx.LATEN_TABLE_COLUMNS
+    t = lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT])), {"math": STUDENT})
+    assert list(t.columns) == lvd.LATEN_TABLE_COLUMNS
     t = t.set_index(["budget", "method"])
     kd = t.loc[("laten", "kd")]
     assert (kd.effect, kd["LaTen ahead"], kd["distilled ahead"], kd["LaTen seeds"], kd["distilled seeds"]) == (
@@ -157,23 +158,23 @@ def test_paired_vs_laten_effect_mcnemar_and_verdicts_on_hand_made_answers():
     assert (seqkd.effect, seqkd["LaTen ahead"], seqkd.p, seqkd.verdict) == (50.0, 10, 0.001953125, "LaTen better")
     assert t.loc[("1000", "kd"), "examples"] == 1000
 
-    claim = dx.laten_claim(t.reset_index())
+    claim = lvd.laten_claim(t.reset_index())
     assert "the pocket pair does not agree: kd on pocket-math (84 examples) beats LaTen by 50.0 points " \
            "(McNemar p = 0.002)" in claim
     assert "3 comparisons: 1 LaTen better, 1 LaTen worse, 1 inside the noise" in claim  # N=1000 is not in the claim
-    agrees = dx.laten_claim(t.drop(index=("laten", "kd")).reset_index())
+    agrees = lvd.laten_claim(t.drop(index=("laten", "kd")).reset_index())
     assert "the pocket pair agrees: no distillation method trained on at most 100 examples beats LaTen" in agrees
     assert "exact McNemar test" in agrees and "2 comparisons: 1 LaTen better, 0 LaTen worse, 1 inside the noise" in agrees
-    assert "not decided here" in dx.laten_claim(t.reset_index().assign(examples=1000))
+    assert "not decided here" in lvd.laten_claim(t.reset_index().assign(examples=1000))
 
 
 def test_paired_vs_laten_counts_each_question_once_whatever_the_seeds():
     twelve = [i < 12 for i in range(20)]
     res = pd.DataFrame([_row("kd", "laten", 0, ALL_RIGHT, examples=84)])
     # three identical LaTen seeds are one LaTen: the same p as one seed (pooling would give 2 * 0.5 ** 30)
-    same = dx.paired_vs_laten(res, _laten((REP, True, [STUDENT] * 3)), {"math": STUDENT}).iloc[0]
+    same = lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT] * 3)), {"math": STUDENT}).iloc[0]
     assert (same.p, same["LaTen ahead"], same["distilled ahead"], same["LaTen seeds"]) == (0.001953125, 0, 10, 3)
-    t = dx.paired_vs_laten(res, _laten((REP, True, [STUDENT, STUDENT, twelve])), {"math": STUDENT}).iloc[0]
+    t = lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT, STUDENT, twelve])), {"math": STUDENT}).iloc[0]
     assert (t["LaTen ahead"], t["distilled ahead"], t["LaTen seeds"], t["distilled seeds"]) == (0, 10, 3, 1)
     # 3 x per-question differences: -2 on questions 10-11, -3 on 12-19; only the all-negative and
     # all-positive sign patterns of the 10 reach |sum| = 28
@@ -187,24 +188,24 @@ def test_paired_vs_laten_counts_each_question_once_whatever_the_seeds():
 
 def test_paired_vs_laten_one_laten_seed_against_several_distilled_keeps_the_direction():
     res = pd.DataFrame([_row("kd", "laten", 0, ALL_RIGHT, examples=84), _row("kd", "laten", 1, ALL_RIGHT, examples=84)])
-    t = dx.paired_vs_laten(res, _laten((REP, True, [STUDENT])), {"math": STUDENT}).iloc[0]
+    t = lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT])), {"math": STUDENT}).iloc[0]
     assert (t.effect, t["LaTen ahead"], t["distilled ahead"], t["distilled seeds"], t["ci seeds"]) == (
         -50.0, 0, 10, 2, [-50.0, -50.0])
     assert t.p == 0.001953125 and t.verdict == "LaTen worse"
     assert t["ci questions"][0] < t["ci questions"][1] < 0
     with pytest.raises(PktError, match="LaTen's 3 seeds with distillation's 2"):
-        dx.paired_vs_laten(res, _laten((REP, True, [STUDENT] * 3)), {"math": STUDENT})
+        lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT] * 3)), {"math": STUDENT})
 
 
 def test_representative_and_best_laten_settings():
     twelve = [i < 12 for i in range(20)]
     laten = _laten((REP, True, [STUDENT, STUDENT]), (BEST, False, [twelve, STUDENT]), ("other", False, [NONE_RIGHT] * 2))
-    assert dx.laten_choices(laten.runs) == {"representative": REP, "best": BEST}
+    assert lvd.laten_choices(laten.runs) == {"representative": REP, "best": BEST}
     tie = _laten((BEST, False, [STUDENT]), (REP, True, [STUDENT]))
-    assert dx.laten_choices(tie.runs) == {"representative = best": REP}  # ties go to the representative
-    assert dx.laten_choices(_laten((BEST, False, [STUDENT])).runs) == {"best": BEST}
+    assert lvd.laten_choices(tie.runs) == {"representative = best": REP}  # ties go to the representative
+    assert lvd.laten_choices(_laten((BEST, False, [STUDENT])).runs) == {"best": BEST}
     res = pd.DataFrame([_row("kd", "laten", s, STUDENT, examples=84) for s in (0, 1)])
-    t = dx.paired_vs_laten(res, laten, {"math": STUDENT}).set_index("role")
+    t = lvd.paired_vs_laten(res, laten, {"math": STUDENT}).set_index("role")
     assert list(t.index) == ["representative", "best"]
     assert (t.loc["best", "effect"], t.loc["best", "LaTen ahead"], t.loc["best", "p"]) == (5.0, 2, 0.5)
 
@@ -213,18 +214,18 @@ def test_paired_vs_laten_refuses_other_questions_or_another_pair():
     res = pd.DataFrame([_row("kd", "laten", 0, ALL_RIGHT, examples=84)])
     with pytest.raises(PktError, match=r"pocket-math: the LaTen record scored \[30\] test questions and the "
                                        r"distillation runs \[20\]: they were not scored on the same questions"):
-        dx.paired_vs_laten(res, _laten((REP, True, [[True] * 30])), {"math": STUDENT})
+        lvd.paired_vs_laten(res, _laten((REP, True, [[True] * 30])), {"math": STUDENT})
     moved = [i < 10 or i == 15 for i in range(20)]
     with pytest.raises(PktError, match="the plain student's answers differ on 1 of 20 questions"):
-        dx.paired_vs_laten(res, _laten((REP, True, [STUDENT]), student=moved), {"math": STUDENT})
+        lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT]), student=moved), {"math": STUDENT})
     with pytest.raises(PktError, match="another pair: student 0000000000000000 there, ssssssssssssssss here"):
-        dx.paired_vs_laten(res, _laten((REP, True, [STUDENT]), same_pair=False), {"math": STUDENT})
+        lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT]), same_pair=False), {"math": STUDENT})
     no_answers = _laten((REP, True, [STUDENT]))
     no_answers.runs["correct"] = None
     with pytest.raises(PktError, match="keeps no per-question correctness"):
-        dx.paired_vs_laten(res, no_answers, {"math": STUDENT})
+        lvd.paired_vs_laten(res, no_answers, {"math": STUDENT})
     # a family LaTen did not run is left out, not an error
-    assert dx.paired_vs_laten(res.assign(family="code"), _laten((REP, True, [STUDENT])), {"code": STUDENT}).empty
+    assert lvd.paired_vs_laten(res.assign(family="code"), _laten((REP, True, [STUDENT])), {"code": STUDENT}).empty
 
 
 def _laten_record(path, teacher_sha, student_sha):
@@ -248,12 +249,12 @@ def test_laten_runs_read_per_question_from_a_record_of_the_same_pair(tmp_path, t
     student = tmp_path / "student"
     make_model("llama", seed=1).save_pretrained(student)
     rec = tmp_path / "laten.record.json"
-    missing = dx.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
+    missing = lvd.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
     assert (missing.found, missing.same_pair, len(missing.runs)) == (False, False, 0)
     assert "No LaTen record" in missing.note(rec)
 
     _laten_record(rec, weights_hash(tiny_dir), weights_hash(student))
-    same = dx.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
+    same = lvd.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
     assert (same.found, same.same_pair) == (True, True) and same.note(rec) is None
     got = same.runs.sort_values(["setting", "seed"])
     assert list(zip(got.setting, got.representative, got.seed, got.score)) == [
@@ -264,7 +265,7 @@ def test_laten_runs_read_per_question_from_a_record_of_the_same_pair(tmp_path, t
     assert same.student_correct == {"math": correctness_string(STUDENT)}
 
     _laten_record(rec, weights_hash(tiny_dir), "0" * 16)
-    other = dx.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
+    other = lvd.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
     assert (other.found, other.same_pair, len(other.runs)) == (True, False, 0)
     assert "another pocket pair" in other.note(rec)
     assert other.pair["student"] == ("0" * 16, weights_hash(student))
