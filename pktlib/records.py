@@ -1,7 +1,7 @@
 """Results records: atomic JSON files that every run writes and the book is built from.
 
-A notebook executed by ``pkt run`` (or :func:`run_notebook`) calls :func:`log_metrics` and
-:func:`log_model`; those land in a sidecar file named by ``$PKT_RECORD_SIDECAR``. When the
+A notebook executed by ``pkt run`` (or :func:`run_notebook`) calls :func:`log_metrics`,
+:func:`log_model` and, when it reads another chapter's record, :func:`log_input`; those land in a sidecar file named by ``$PKT_RECORD_SIDECAR``. When the
 notebook finishes, :func:`run_notebook` merges the sidecar with the parameters, wall time and
 peak memory into ``<executed notebook>.record.json``. Outside ``pkt run`` the calls keep the
 values in memory (see :func:`current`), so notebooks run interactively too.
@@ -9,6 +9,7 @@ values in memory (see :func:`current`), so notebooks run interactively too.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import platform
@@ -36,6 +37,8 @@ __all__ = [
     "read_json",
     "log_metrics",
     "log_model",
+    "log_input",
+    "record_digest",
     "current",
     "RunRecord",
     "run_notebook",
@@ -171,6 +174,21 @@ def log_model(role: str, source: str | os.PathLike, model=None) -> None:
     _update("models", {role: {"source": str(source), "weights_sha256": h}})
 
 
+def record_digest(path: str | os.PathLike) -> str | None:
+    """SHA-256 (16 hex digits) of the file at ``path``, or None when there is none."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except FileNotFoundError:
+        return None
+
+
+def log_input(name: str, path: str | os.PathLike) -> None:
+    """Record that the running chapter read another chapter's record ``path`` (by that chapter's
+    ``name``, e.g. ``"laten"``), with its :func:`record_digest` (None: it did not exist). The book
+    builder re-executes the chapter once that record changes (:func:`pktlib.book.build.stale_reason`)."""
+    _update("inputs", {name: {"path": str(path), "sha256": record_digest(path)}})
+
+
 # ----------------------------------------------------------------------------------------
 # Executing notebooks
 
@@ -182,6 +200,7 @@ class RunRecord:
     parameters: dict[str, Any]
     models: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)  # other chapters' records it read (log_input)
     seed: Any = None
     wall_time_s: float = 0.0
     peak_memory_mb: float = 0.0
@@ -201,7 +220,7 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     """Execute ``notebook`` with papermill and write its record beside the executed copy.
 
     ``output`` defaults to ``book/<notebook name>``. The record (``<output stem>.record.json``)
-    holds the parameters, the models and metrics the notebook logged, its seed parameter,
+    holds the parameters, the models, metrics and input records the notebook logged, its seed parameter,
     wall time and the run's peak resident memory (:func:`_execute_measured`). A failing cell is
     a :class:`PktError` naming the notebook and the cell's error.
     """
@@ -234,7 +253,7 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     effective = {**notebook_defaults(notebook), **parameters}
     rec = RunRecord(
         notebook=str(notebook), output=str(output), parameters=effective,
-        models=logged.get("models", {}), metrics=logged.get("metrics", {}),
+        models=logged.get("models", {}), metrics=logged.get("metrics", {}), inputs=logged.get("inputs", {}),
         seed=effective.get("seed", effective.get("seeds")),
         wall_time_s=round(wall, 2), peak_memory_mb=round(peak_mb, 1), started=started,
         pktlib_version=__version__,

@@ -12,15 +12,18 @@ from pktlib.book.build import stale_reason
 from pktlib.records import record_path
 
 
-def _chapter(root: Path, name: str, models: dict, *, summary: bool = False) -> tuple[Path, Path]:
+def _chapter(root: Path, name: str, models: dict, *, summary: bool = False, reads: list[str] | None = None,
+             inputs: dict | None = None) -> tuple[Path, Path]:
     src, out = root / "notebooks" / f"{name}.ipynb", root / "book" / f"{name}.ipynb"
     for p in (src, out):
         p.parent.mkdir(parents=True, exist_ok=True)
         nb = nbformat.v4.new_notebook()
         if summary:
             nb.metadata["pktlib"] = {"summary": True}
+        if reads is not None:
+            nb.metadata["pktlib"] = {"reads": reads}
         nbformat.write(nb, p)
-    record_path(out).write_text(json.dumps({"models": models}))
+    record_path(out).write_text(json.dumps({"models": models, **({"inputs": inputs} if inputs is not None else {})}))
     return src, out
 
 
@@ -55,6 +58,56 @@ def test_summary_stale_when_another_record_is_newer(tmp_path):
     _age(record_path(out), 100)
     _age(src, 200)
     assert stale_reason(src, out, tmp_path) == "newer records: a.record.json"
+
+
+def test_stale_when_an_input_record_it_read_changed(tmp_path, monkeypatch):
+    from pktlib import records
+
+    laten_src, laten_out = _chapter(tmp_path, "laten", {})
+    laten_rec = record_path(laten_out)
+    # what the reading chapter logs while it runs (no sidecar: in memory)
+    monkeypatch.setattr(records, "_MEMORY", {"metrics": {}, "models": {}})
+    monkeypatch.delenv(records.SIDECAR_ENV, raising=False)
+    records.log_input("laten", laten_rec)
+    logged = records.current()["inputs"]
+    assert logged == {"laten": {"path": str(laten_rec), "sha256": records.record_digest(laten_rec)}}
+
+    src, out = _chapter(tmp_path, "distillation", {}, reads=["laten"], inputs=logged)
+    assert stale_reason(src, out, tmp_path) is None
+    assert stale_reason(laten_src, laten_out, tmp_path) is None  # reading it does not make laten stale
+    laten_rec.write_text(json.dumps({"models": {}, "metrics": {"scorecard": []}}))  # laten executed again
+    assert stale_reason(src, out, tmp_path) == "its input record laten.record.json changed"
+    _age(laten_rec, -100)  # newer, yet the same content: up to date
+    src, out = _chapter(tmp_path, "distillation", {}, reads=["laten"],
+                        inputs={"laten": {"sha256": records.record_digest(laten_rec)}})
+    assert stale_reason(src, out, tmp_path) is None
+    laten_rec.unlink()  # it read a record that is gone
+    assert stale_reason(src, out, tmp_path) == "its input record laten.record.json changed"
+    # declared but never logged (a record from before the chapter logged its inputs): not known to match
+    src, out = _chapter(tmp_path, "distillation", {}, reads=["laten"])
+    assert stale_reason(src, out, tmp_path) == "its input record laten.record.json changed"
+    # logged but not declared counts too; a record that did not exist when read, and still does not, is fine
+    src, out = _chapter(tmp_path, "other", {}, inputs={"laten": {"sha256": None}, "postalign": {"sha256": "0" * 16}})
+    assert stale_reason(src, out, tmp_path) == "its input record postalign.record.json changed"
+
+
+def test_run_notebook_keeps_the_inputs_a_chapter_logged(tmp_path, monkeypatch):
+    from pktlib import records
+
+    src = tmp_path / "a.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), src)
+    (tmp_path / "laten.record.json").write_text("{}")
+
+    def execute(notebook, output, parameters, *, cwd, progress):  # the kernel's side of a run, in process
+        records.log_input("laten", tmp_path / "laten.record.json")
+        output.write_text(src.read_text())
+        return 1.0
+
+    monkeypatch.setattr(records, "_execute_measured", execute)
+    rec = records.run_notebook(src, tmp_path / "book" / "a.ipynb", progress=False)
+    digest = records.record_digest(tmp_path / "laten.record.json")
+    assert rec.inputs == {"laten": {"path": str(tmp_path / "laten.record.json"), "sha256": digest}}
+    assert json.loads((tmp_path / "book" / "a.record.json").read_text())["inputs"]["laten"]["sha256"] == digest
 
 
 def test_stale_when_run_with_non_default_parameters(tmp_path):

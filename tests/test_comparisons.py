@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from pktlib.analysis.stats import paired_difference_interval, paired_test, t_quantile
+from pktlib.analysis.stats import paired_difference_interval, paired_runs_test, paired_test, t_quantile
 from pktlib.errors import PktError
 from pktlib.evaluation import protocols
 from pktlib.experiments.verdict import COMPARISON_COLUMNS, compare_runs, compare_table, comparison_text
@@ -112,3 +112,29 @@ def test_run_programs_runs_each_distinct_program_once(monkeypatch):
     assert [r.status for r in again] == ["failed", "passed", "passed"] and ran == [ok, bad, "assert True\n"]
     protocols.run_programs([ok], timeout=5.0)  # another limit: run again
     assert ran[-1] == ok and len(ran) == 4
+
+
+def test_paired_runs_test_is_mcnemar_with_one_run_a_side_and_counts_each_question_once():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 40)
+        a, b = [rng.random() < 0.5 for _ in range(n)], [rng.random() < 0.6 for _ in range(n)]
+        r, t = paired_runs_test([a], [b]), paired_test(a, b)
+        assert (r.p_value, r.a_ahead, r.b_ahead) == (pytest.approx(t.p_value, abs=1e-12), t.a_only, t.b_only)
+        assert (r.lo, r.hi) == paired_difference_interval(a, b)
+    a, b = [True] * 10 + [False] * 10, [True] * 20
+    assert paired_runs_test([a], [b]).p_value == 0.001953125  # 10 vs 0 discordant: 2 * 0.5 ** 10
+    three = paired_runs_test([a, a, a], [b])  # identical runs add no evidence
+    assert (three.p_value, three.a_ahead, three.b_ahead, three.diff) == (0.001953125, 0, 10, -50.0)
+    assert (three.lo, three.hi) == paired_difference_interval(a, b)
+    # a's mean over runs: 2/3 on question 0, 0 on 1, 1 on 2, against b's 0, 0, 0:
+    # 3 x differences 2, 0, 3, sum 5; of the 4 sign patterns of (2, 3) only +2+3 and -2-3 reach |5|
+    r = paired_runs_test([[1, 0, 1], [1, 0, 1], [0, 0, 1]], [[0, 0, 0]])
+    assert (r.p_value, r.a_ahead, r.b_ahead) == (0.5, 2, 0) and r.diff == pytest.approx(100 * 5 / 9)
+    assert paired_runs_test([a], [a]).p_value == 1.0
+    with pytest.raises(PktError, match=r"the same questions in every run: got lengths \[2, 20\]"):
+        paired_runs_test([a], [b, [True, False]])
+    with pytest.raises(PktError, match="at least one run a side"):
+        paired_runs_test([], [b])

@@ -9,8 +9,10 @@ import pytest
 
 from conftest import make_model
 from pktlib.distill import budget_examples
+from pktlib.errors import PktError
 from pktlib.evaluation import evaluate
 from pktlib.experiments import distillation as dx
+from pktlib.experiments import laten_vs_distill as lvd
 from pktlib.experiments.scoring import cached_score, generation_budget, score_path
 from pktlib.experiments.verdict import correctness_string
 from pktlib.models import weights_hash
@@ -118,63 +120,174 @@ def test_score_table_scorecard_and_bars():
     assert bars["references"] == {"pocket-math": {"student": 50.0, "teacher": 70.0}}
 
 
-# ------------------------------------------------------------------------------ LaTen rows
-def _record(path, teacher_sha, student_sha):
-    rows = [{"method": "laten", "task": "pocket-math", "score": 40.0, "n": 30},
-            {"method": "laten-lr3e-4", "task": "pocket-math", "score": 45.0, "n": 30},
-            {"method": "student", "task": "pocket-math", "score": 50.0, "n": 30},  # not a LaTen row
-            {"method": "laten", "task": "pocket-code", "score": 5.0, "n": 30}]  # a family not run here
+# ------------------------------------------------------------------------------ against LaTen, paired
+REP, BEST = "paper lr, rate 0.1, step 4", "lr 0.003, penalty 0, rate 0.1, step 4"
+ALL_RIGHT, NONE_RIGHT = [True] * 20, [False] * 20
+
+
+def _laten(*settings, student=STUDENT, same_pair=True):
+    """LatenRuns of pocket-math from (setting, representative, [correctness per seed]) triples."""
+    runs = pd.DataFrame([{"family": "math", "setting": name, "representative": rep, "seed": seed,
+                          "score": 100 * sum(c) / len(c), "n": len(c), "correct": correctness_string(c)}
+                         for name, rep, per_seed in settings for seed, c in enumerate(per_seed)],
+                        columns=lvd.LATEN_COLUMNS)
+    pair = {"teacher": ("t" * 16, "t" * 16), "student": ("s" * 16 if same_pair else "0" * 16, "s" * 16)}
+    return lvd.LatenRuns(True, same_pair, runs, {"math": correctness_string(student)}, pair)
+
+
+def test_paired_vs_laten_effect_mcnemar_and_verdicts_on_hand_made_answers():
+    swap = [i < 9 or i == 10 for i in range(20)]  # the student's answers with question 9 traded for 10
+    res = pd.DataFrame([_row("kd", "laten", 0, ALL_RIGHT, examples=84),  # 10 more than LaTen
+                        _row("gkd", "laten", 0, swap, examples=84),  # one each way
+                        _row("seqkd", "laten", 0, NONE_RIGHT, examples=84),  # 10 fewer
+                        _row("kd", "1000", 0, ALL_RIGHT, examples=1000)])
+    t = lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT])), {"math": STUDENT})
+    assert list(t.columns) == lvd.LATEN_TABLE_COLUMNS
+    t = t.set_index(["budget", "method"])
+    kd = t.loc[("laten", "kd")]
+    assert (kd.effect, kd["LaTen ahead"], kd["distilled ahead"], kd["LaTen seeds"], kd["distilled seeds"]) == (
+        -50.0, 0, 10, 1, 1)
+    assert kd.p == 0.001953125  # exact McNemar: 2 * 0.5 ** 10
+    assert (kd.verdict, kd.role, kd["LaTen setting"], kd.LaTen, kd.distilled) == (
+        "LaTen worse", "representative = best", REP, 50.0, 100.0)
+    assert kd["ci questions"][1] < 0  # the paired difference's interval excludes 0
+    gkd = t.loc[("laten", "gkd")]
+    assert (gkd.effect, gkd["LaTen ahead"], gkd["distilled ahead"], gkd.p, gkd.verdict) == (
+        0.0, 1, 1, 1.0, "inside the noise")
+    seqkd = t.loc[("laten", "seqkd")]
+    assert (seqkd.effect, seqkd["LaTen ahead"], seqkd.p, seqkd.verdict) == (50.0, 10, 0.001953125, "LaTen better")
+    assert t.loc[("1000", "kd"), "examples"] == 1000
+
+    claim = lvd.laten_claim(t.reset_index())
+    assert "the pocket pair does not agree: kd on pocket-math (84 examples) beats LaTen by 50.0 points " \
+           "(McNemar p = 0.002)" in claim
+    assert "3 comparisons: 1 LaTen better, 1 LaTen worse, 1 inside the noise" in claim  # N=1000 is not in the claim
+    agrees = lvd.laten_claim(t.drop(index=("laten", "kd")).reset_index())
+    assert "the pocket pair agrees: no distillation method trained on at most 100 examples beats LaTen" in agrees
+    assert "exact McNemar test" in agrees and "2 comparisons: 1 LaTen better, 0 LaTen worse, 1 inside the noise" in agrees
+    assert "not decided here" in lvd.laten_claim(t.reset_index().assign(examples=1000))
+
+
+def test_paired_vs_laten_counts_each_question_once_whatever_the_seeds():
+    twelve = [i < 12 for i in range(20)]
+    res = pd.DataFrame([_row("kd", "laten", 0, ALL_RIGHT, examples=84)])
+    # three identical LaTen seeds are one LaTen: the same p as one seed (pooling would give 2 * 0.5 ** 30)
+    same = lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT] * 3)), {"math": STUDENT}).iloc[0]
+    assert (same.p, same["LaTen ahead"], same["distilled ahead"], same["LaTen seeds"]) == (0.001953125, 0, 10, 3)
+    t = lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT, STUDENT, twelve])), {"math": STUDENT}).iloc[0]
+    assert (t["LaTen ahead"], t["distilled ahead"], t["LaTen seeds"], t["distilled seeds"]) == (0, 10, 3, 1)
+    # 3 x per-question differences: -2 on questions 10-11, -3 on 12-19; only the all-negative and
+    # all-positive sign patterns of the 10 reach |sum| = 28
+    assert t.p == 2 / 2 ** 10
+    mean = (50 + 50 + 60) / 3
+    half = 4.302653 * pd.Series([50.0, 50.0, 60.0]).std(ddof=1) / 3 ** 0.5  # t(2) x s.e. over LaTen's seeds
+    assert t.effect == round(mean - 100, 1) == -46.7
+    assert t["ci seeds"] == [round(mean - 100 - half, 1), round(mean - 100 + half, 1)]
+    assert t.verdict == "LaTen worse"
+
+
+def test_paired_vs_laten_one_laten_seed_against_several_distilled_keeps_the_direction():
+    res = pd.DataFrame([_row("kd", "laten", 0, ALL_RIGHT, examples=84), _row("kd", "laten", 1, ALL_RIGHT, examples=84)])
+    t = lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT])), {"math": STUDENT}).iloc[0]
+    assert (t.effect, t["LaTen ahead"], t["distilled ahead"], t["distilled seeds"], t["ci seeds"]) == (
+        -50.0, 0, 10, 2, [-50.0, -50.0])
+    assert t.p == 0.001953125 and t.verdict == "LaTen worse"
+    assert t["ci questions"][0] < t["ci questions"][1] < 0
+    with pytest.raises(PktError, match="LaTen's 3 seeds with distillation's 2"):
+        lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT] * 3)), {"math": STUDENT})
+
+
+def test_representative_and_best_laten_settings():
+    twelve = [i < 12 for i in range(20)]
+    laten = _laten((REP, True, [STUDENT, STUDENT]), (BEST, False, [twelve, STUDENT]), ("other", False, [NONE_RIGHT] * 2))
+    assert lvd.laten_choices(laten.runs) == {"representative": REP, "best": BEST}
+    tie = _laten((BEST, False, [STUDENT]), (REP, True, [STUDENT]))
+    assert lvd.laten_choices(tie.runs) == {"representative = best": REP}  # ties go to the representative
+    assert lvd.laten_choices(_laten((BEST, False, [STUDENT])).runs) == {"best": BEST}
+    res = pd.DataFrame([_row("kd", "laten", s, STUDENT, examples=84) for s in (0, 1)])
+    t = lvd.paired_vs_laten(res, laten, {"math": STUDENT}).set_index("role")
+    assert list(t.index) == ["representative", "best"]
+    assert (t.loc["best", "effect"], t.loc["best", "LaTen ahead"], t.loc["best", "p"]) == (5.0, 2, 0.5)
+
+
+def test_paired_vs_laten_refuses_other_questions_or_another_pair():
+    res = pd.DataFrame([_row("kd", "laten", 0, ALL_RIGHT, examples=84)])
+    with pytest.raises(PktError, match=r"pocket-math: the LaTen record scored \[30\] test questions and the "
+                                       r"distillation runs \[20\]: they were not scored on the same questions"):
+        lvd.paired_vs_laten(res, _laten((REP, True, [[True] * 30])), {"math": STUDENT})
+    moved = [i < 10 or i == 15 for i in range(20)]
+    with pytest.raises(PktError, match="the plain student's answers differ on 1 of 20 questions"):
+        lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT]), student=moved), {"math": STUDENT})
+    with pytest.raises(PktError, match="another pair: student 0000000000000000 there, ssssssssssssssss here"):
+        lvd.paired_vs_laten(res, _laten((REP, True, [STUDENT]), same_pair=False), {"math": STUDENT})
+    no_answers = _laten((REP, True, [STUDENT]))
+    no_answers.runs["correct"] = None
+    with pytest.raises(PktError, match="keeps no per-question correctness"):
+        lvd.paired_vs_laten(res, no_answers, {"math": STUDENT})
+    # a family LaTen did not run is left out, not an error
+    assert lvd.paired_vs_laten(res.assign(family="code"), _laten((REP, True, [STUDENT])), {"code": STUDENT}).empty
+
+
+def _laten_record(path, teacher_sha, student_sha):
+    def row(model, seed=None, step=None, correct=STUDENT, **extra):
+        return {"task": "pocket-math", "model": model, "score": 100 * sum(correct) / 20, "n": 20, "seed": seed,
+                "step": step, "transfer_rate": None if model != "laten" else 0.1, "config": "paper lr", "lr": 3e-5,
+                "correct": correctness_string(correct), **extra}
+    grid = [row("student"), row("teacher", correct=ALL_RIGHT),
+            row("laten", 0, 4), row("laten", 1, 4, correct=NONE_RIGHT),
+            row("laten", 0, 2, correct=ALL_RIGHT),  # not the Table 5 step (4 for math): left out
+            row("laten", 0, 4, transfer_rate=0.2), row("laten", 0, 4, config="scale-matched lr", lr=6e-4),
+            {**row("laten", 0, 2), "task": "pocket-code"}]  # a family not run here
+    sweep = [{**row("laten", 0, 2), "lr": 0.003, "penalty": 0.0}, {**row("student"), "lr": 0.003, "penalty": 0.0}]
     path.write_text(json.dumps({"models": {"teacher": {"weights_sha256": teacher_sha},
                                            "student": {"weights_sha256": student_sha}},
-                                "metrics": {"scorecard": rows}}))
+                                "parameters": {"main_rate": 0.1},
+                                "metrics": {"laten_runs": grid, "lr_sweep_runs": sweep}}))
 
 
-def test_laten_rows_only_from_a_record_of_the_same_pair(tmp_path, tiny_dir):
+def test_laten_runs_read_per_question_from_a_record_of_the_same_pair(tmp_path, tiny_dir):
     student = tmp_path / "student"
     make_model("llama", seed=1).save_pretrained(student)
     rec = tmp_path / "laten.record.json"
-    missing = dx.laten_rows(rec, teacher=tiny_dir, student=student, families=["math"])
-    assert (missing.found, missing.same_pair, missing.rows) == (False, False, {})
+    missing = lvd.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
+    assert (missing.found, missing.same_pair, len(missing.runs)) == (False, False, 0)
     assert "No LaTen record" in missing.note(rec)
 
-    _record(rec, weights_hash(tiny_dir), weights_hash(student))
-    same = dx.laten_rows(rec, teacher=tiny_dir, student=student, families=["math"])
+    _laten_record(rec, weights_hash(tiny_dir), weights_hash(student))
+    same = lvd.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
     assert (same.found, same.same_pair) == (True, True) and same.note(rec) is None
-    assert same.rows == {"math": {"laten": (40.0, 30), "laten-lr3e-4": (45.0, 30)}}
+    got = same.runs.sort_values(["setting", "seed"])
+    assert list(zip(got.setting, got.representative, got.seed, got.score)) == [
+        ("lr 0.003, penalty 0, rate 0.1, step 2", False, 0, 50.0),
+        ("paper lr, rate 0.1, step 4", True, 0, 50.0), ("paper lr, rate 0.1, step 4", True, 1, 0.0),
+        ("paper lr, rate 0.2, step 4", False, 0, 50.0), ("scale-matched lr, rate 0.1, step 4", False, 0, 50.0)]
+    assert set(got.family) == {"math"} and (got.correct.str.len() == 20).all()
+    assert same.student_correct == {"math": correctness_string(STUDENT)}
 
-    _record(rec, weights_hash(tiny_dir), "0" * 16)
-    other = dx.laten_rows(rec, teacher=tiny_dir, student=student, families=["math"])
-    assert (other.found, other.same_pair, other.rows) == (True, False, {})
+    _laten_record(rec, weights_hash(tiny_dir), "0" * 16)
+    other = lvd.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
+    assert (other.found, other.same_pair, len(other.runs)) == (True, False, 0)
     assert "another pocket pair" in other.note(rec)
-
-
-def test_compare_with_laten_by_wilson_intervals():
-    res = pd.DataFrame([_row("kd", "laten", 0, [i < 10 for i in range(100)]),  # 10/100
-                        _row("gkd", "laten", 0, [i < 52 for i in range(100)]),  # 52/100
-                        _row("seqkd", "laten", 0, [i < 90 for i in range(100)])])  # 90/100
-    laten = dx.LatenRows(True, True, {"math": {"laten": (50.0, 100)}})
-    c = dx.compare_with_laten(res, laten, methods=["kd", "gkd", "seqkd"]).set_index("method (matched)")
-    assert dict(c.verdict) == {"kd": "LaTen higher", "gkd": "overlap", "seqkd": "distillation higher"}
-    assert c.loc["kd", "LaTen 95%"] == "[40.4, 59.6]" and c.loc["kd", "distilled 95%"] == "[5.5, 17.4]"
-    # no matched-budget runs (or no LaTen rows): nothing to compare
-    assert dx.compare_with_laten(res.assign(budget="8"), laten, methods=["kd"]).empty
-    assert dx.compare_with_laten(res, dx.LatenRows(False, False, {}), methods=["kd"]).empty
+    assert other.pair["student"] == ("0" * 16, weights_hash(student))
 
 
 # ------------------------------------------------------------------------------ summary and cost
 def test_summary_lines_and_conclusion():
     tests = dx.paired_vs_student(_results(), REFS, {"math": STUDENT})
-    lines, text = dx.summary(tests, pd.DataFrame(), REFS, families=["math"], budgets=["laten"],
+    lines, text = dx.summary(tests, None, REFS, families=["math"], budgets=["laten"],
                              methods=["kd", "gkd", "seqkd"])
     assert lines == ["- **pocket-math, matched budget** (teacher +20.0 over the student): "
                      "kd +50.0 (p = 1.9e-06, better); gkd -40.0 (p = 3.1e-05, worse); seqkd +0.0 (p = 1, no difference)"]
     assert text == ("Against the student, 1 of 3 method/budget/family runs score higher and 1 lower by the paired "
                     "test (p < 0.05); the others do not differ from it.")
-    compare = pd.DataFrame({"verdict": ["LaTen higher", "overlap", "overlap"]})
-    _, text = dx.summary(tests, compare, REFS, families=["math"], budgets=["laten"], methods=["kd"])
-    assert text.endswith(" Beside the LaTen rows of the LaTen chapter, at the matched budget: 1 comparisons favour "
-                         "LaTen, 0 favour distillation and 2 overlap.")
-    _, text = dx.summary(tests, compare, {"math": {"student": 50.0, "teacher": 50.0}}, families=["math"],
+    versus = pd.DataFrame({"role": ["representative", "best", "representative = best", "representative"],
+                           "verdict": ["LaTen better", "LaTen worse", "inside the noise", "LaTen worse"]})
+    _, text = dx.summary(tests, versus, REFS, families=["math"], budgets=["laten"], methods=["kd"])
+    assert text.endswith(" Against LaTen's representative setting on the same questions (paired): 1 of 3 comparisons "
+                         "favour LaTen, 1 favour distillation and 1 are inside the noise.")
+    assert dx.summary(tests, None, REFS, families=["math"], budgets=["laten"], methods=["kd"])[1] == (
+        dx.summary(tests, pd.DataFrame(), REFS, families=["math"], budgets=["laten"], methods=["kd"])[1])
+    _, text = dx.summary(tests, versus, {"math": {"student": 50.0, "teacher": 50.0}}, families=["math"],
                          budgets=["laten"], methods=["kd"])
     assert text == dx.NOTHING_TO_DISTIL
 

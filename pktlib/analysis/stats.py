@@ -12,8 +12,8 @@ from typing import Sequence
 
 from pktlib.errors import PktError
 
-__all__ = ["wilson_interval", "PairedTest", "paired_test", "paired_difference_interval", "correctness_string",
-           "t_quantile",
+__all__ = ["wilson_interval", "PairedTest", "paired_test", "paired_difference_interval", "RunsTest",
+           "paired_runs_test", "correctness_string", "t_quantile",
            "correctness_from_string"]
 
 
@@ -77,6 +77,66 @@ def paired_difference_interval(a: Sequence[bool], b: Sequence[bool], z: float = 
     var = ((a_only + b_only) - (a_only - b_only) ** 2 / n) / n ** 2
     half = z * math.sqrt(max(var, 0.0))
     return 100 * max(-1.0, diff - half), 100 * min(1.0, diff + half)
+
+
+@dataclass(frozen=True)
+class RunsTest:
+    """Two methods, each with one or more runs, compared question by question (:func:`paired_runs_test`)."""
+
+    n: int  # questions
+    a_ahead: int  # questions where a's mean correctness over its runs is higher than b's
+    b_ahead: int  # ... lower
+    diff: float  # mean over questions of (a's mean over runs - b's), points
+    lo: float  # 95% interval of diff over the questions, points
+    hi: float
+    p_value: float  # exact sign-flip test, two-sided
+
+
+def paired_runs_test(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], z: float = 1.959964) -> RunsTest:
+    """Whether two methods differ on the same questions, each given as runs (e.g. seeds) of
+    per-question correctness, without counting a question more than once.
+
+    Each question gives one difference, ``d_i`` = a's mean correctness over its runs minus b's.
+    Under "no difference" each ``d_i`` is as likely to have either sign; the two-sided p-value is
+    the exact probability, over the ``2^m`` sign flips of the ``m`` non-zero ``d_i``, of a sum at
+    least as far from 0 as the observed one (computed exactly by counting sums; the ``d_i`` are
+    multiples of ``1 / (runs_a * runs_b)``). With one run a side this *is* the exact McNemar test
+    (:func:`paired_test`): ``d_i`` is +1/-1 on the discordant questions. Pooling the runs' pairs
+    into one McNemar table instead counts each question once per pair, which shrinks p as if there
+    were more questions (k identical runs against one reference look like k times the evidence).
+    Interval: :func:`paired_difference_interval` with one run a side (a side whose runs are all
+    identical counts as one run), else the normal interval of the mean ``d_i`` (``z`` x its
+    standard error over questions). Raises PktError when a side has
+    no runs or the runs differ in length.
+    """
+    if not a or not b:
+        raise PktError(f"paired_runs_test needs at least one run a side: got {len(a)} and {len(b)}")
+    lengths = {len(r) for r in (*a, *b)}
+    if len(lengths) != 1:
+        raise PktError(f"paired_runs_test needs the same questions in every run: got lengths {sorted(lengths)}")
+    # A side whose runs all answer alike is that one run (its mean over runs is that run).
+    a, b = ([runs[0]] if all(list(r) == list(runs[0]) for r in runs) else runs for runs in (a, b))
+    n, ka, kb = lengths.pop(), len(a), len(b)
+    # k_a * k_b * d_i, an integer
+    x = [kb * sum(r[i] for r in a) - ka * sum(r[i] for r in b) for i in range(n)]
+    observed = abs(sum(x))
+    counts = {0: 1}  # sum of the flipped |x_i| -> number of sign patterns giving it
+    for v in (abs(v) for v in x if v):
+        nxt: dict[int, int] = {}
+        for total, c in counts.items():
+            for t in (total + v, total - v):
+                nxt[t] = nxt.get(t, 0) + c
+        counts = nxt
+    m = sum(1 for v in x if v)
+    p = sum(c for total, c in counts.items() if abs(total) >= observed) / 2 ** m
+    d = [v / (ka * kb) for v in x]
+    diff = sum(d) / n if n else 0.0
+    if ka == kb == 1:
+        lo, hi = paired_difference_interval(a[0], b[0], z)
+    else:
+        sd = math.sqrt(sum((v - diff) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
+        lo, hi = 100 * (diff - z * sd / math.sqrt(n)), 100 * (diff + z * sd / math.sqrt(n))
+    return RunsTest(n, sum(v > 0 for v in x), sum(v < 0 for v in x), 100 * diff, lo, hi, min(1.0, p))
 
 
 def correctness_string(correct: Sequence[bool]) -> str:

@@ -4,8 +4,10 @@
 ``notebooks/<name>.ipynb``. An executed copy whose record is newer than its source is kept
 (so an interrupted ``make book`` resumes), unless ``force`` or :func:`stale_reason` finds it
 stale for another reason (it ran on a pocket pair the code no longer builds, it ran with
-parameters other than the notebook's defaults, or it is a summary older than the records it
-reads). A chapter executed with other parameters (``pkt run -p ...`` writes to ``book/`` too) is
+parameters other than the notebook's defaults, another chapter's record it reads changed, or it
+is a summary older than the records it reads). A chapter that reads other chapters' records
+declares them (``metadata.pktlib.reads``, e.g. ``["laten"]`` for ``book/laten.record.json``) and
+logs the digest of what it read (:func:`pktlib.records.log_input`). A chapter executed with other parameters (``pkt run -p ...`` writes to ``book/`` too) is
 not the book's chapter: it is executed again, or kept only when the user asks (``keep_params``).
 
 Optional chapters (``metadata.pktlib.optional`` names what they need, e.g. "the real pair:
@@ -29,9 +31,9 @@ import yaml
 
 from pktlib.book.assets import check
 from pktlib.errors import PktError
-from pktlib.records import notebook_defaults, record_path, run_notebook
+from pktlib.records import notebook_defaults, record_digest, record_path, run_notebook
 
-__all__ = ["toc_entries", "notebook_chapters", "optional_need", "stale_reason", "parameter_drift",
+__all__ = ["toc_entries", "notebook_chapters", "optional_need", "reads_records", "changed_inputs", "stale_reason", "parameter_drift",
            "non_default_chapters", "execute_all", "book_toc", "build_book"]
 
 
@@ -71,6 +73,20 @@ def optional_need(src: Path) -> str | None:
     """What an optional chapter needs (``metadata.pktlib.optional``), or None for a default chapter."""
     need = nbformat.read(src, as_version=4).metadata.get("pktlib", {}).get("optional")
     return str(need) if need else None
+
+
+def reads_records(src: Path) -> list[str]:
+    """The chapters whose records ``src`` reads (``metadata.pktlib.reads``), e.g. ``["laten"]``."""
+    return [str(n) for n in nbformat.read(src, as_version=4).metadata.get("pktlib", {}).get("reads", [])]
+
+
+def changed_inputs(record: dict[str, Any], reads: list[str], book: Path) -> list[str]:
+    """The input records (``<name>.record.json`` in ``book``) that differ from what ``record`` logged
+    it read (:func:`pktlib.records.log_input`): each declared in ``reads`` or logged, whose current
+    digest is not the logged one, or declared but never logged."""
+    logged = record.get("inputs") or {}
+    return [f"{name}.record.json" for name in sorted(set(reads) | set(logged))
+            if name not in logged or logged[name].get("sha256") != record_digest(book / f"{name}.record.json")]
 
 
 def _is_summary(src: Path) -> bool:
@@ -128,9 +144,13 @@ def stale_reason(src: Path, out: Path, root: Path, *, keep_params: bool = False)
         newer = sorted(p.name for p in others if p.stat().st_mtime > rec.stat().st_mtime)
         return f"newer records: {', '.join(newer)}" if newer else None
     try:
-        models = json.loads(rec.read_text(encoding="utf-8")).get("models") or {}
+        record = json.loads(rec.read_text(encoding="utf-8"))
     except ValueError:
         return f"unreadable record {rec}"
+    changed = changed_inputs(record, reads_records(src), root / "book")
+    if changed:
+        return f"its input record{'s' if len(changed) > 1 else ''} {', '.join(changed)} changed"
+    models = record.get("models") or {}
     # A chapter run on a pocket pair the code no longer builds (a preset or training change).
     # Imported here, as the test of deferred imports records: the zoo loads torch, which building
     # the HTML alone does not need.

@@ -6,8 +6,8 @@ train examples; :func:`pktlib.distill.budget_examples`), method (supervised KD, 
 (:func:`pktlib.distill.distill`, resumable from its run folder) and scored once on the test
 questions (:func:`pktlib.experiments.scoring.cached_score`). :func:`run_grid` returns the runs as
 a tidy table; the functions below it turn that table into the chapter's Table 7/8 analogue, its
-scorecard rows, the paired tests against the student, the comparison with the LaTen chapter's
-rows (Wilson intervals, as that chapter keeps no per-question results), the summary and the cost.
+scorecard rows, the paired tests against the student, the summary and the cost. The paired tests
+against the LaTen chapter's injected students are :mod:`pktlib.experiments.laten_vs_distill`.
 """
 from __future__ import annotations
 
@@ -22,15 +22,14 @@ from tqdm.auto import tqdm
 from pktlib.data import load_task
 from pktlib.distill import budget_examples, distill
 from pktlib.analysis.stats import correctness_string
-from pktlib.evaluation import wilson_interval
 from pktlib.experiments.scoring import cached_score, families_with_teacher_gap, generation_budget, score_path
+from pktlib.experiments.laten_vs_distill import INSIDE_THE_NOISE, LATEN_VERDICTS
 from pktlib.experiments.verdict import compare_runs
 from pktlib.models import weights_hash
-from pktlib.records import read_json
 
 __all__ = ["NOTHING_TO_DISTIL", "budget_label", "budget_id", "run_root", "DistillSetup", "setup", "References",
            "reference_scores", "DistillRuns", "run_grid", "score_table", "scorecard_rows", "bar_values",
-           "curve_panels", "paired_vs_student", "LatenRows", "laten_rows", "compare_with_laten", "summary",
+           "curve_panels", "paired_vs_student", "summary",
            "cost_from_nothing", "cost_text"]
 
 NOTHING_TO_DISTIL = ("The teacher does not outscore the student on any family in this run (as with the barely "
@@ -258,76 +257,11 @@ def paired_vs_student(results: pd.DataFrame, refs: Mapping[str, Mapping[str, flo
                                        "only student", "p", "verdict"])
 
 
-@dataclass
-class LatenRows:
-    """The LaTen chapter's scorecard rows, when its record exists and was run on the same pair."""
-
-    found: bool  # the record exists
-    same_pair: bool  # its teacher and student have the same weights' sha256 as this run's
-    rows: dict[str, dict[str, tuple[float, int]]]  # family -> LaTen method -> (score 0-100, questions)
-
-    def note(self, record: str | Path) -> str | None:
-        """Markdown saying why no LaTen rows are shown, or None when they are."""
-        if not self.found:
-            return f"No LaTen record at `{record}`: execute the LaTen chapter first to fill this section."
-        if not self.same_pair:
-            return (f"The LaTen record at `{record}` was run on another pocket pair; its rows are not set "
-                    "beside these.")
-        return None
-
-
-def laten_rows(record: str | Path, *, teacher: str | Path, student: str | Path,
-               families: Sequence[str]) -> LatenRows:
-    """Read the LaTen rows (scorecard methods starting ``laten``) of ``families`` from ``record``.
-
-    The rows count only if the record's ``models.teacher``/``models.student`` ``weights_sha256``
-    equal :func:`pktlib.models.weights_hash` of ``teacher``/``student`` (model folders). A missing
-    record gives ``found=False``; raises PktError if it holds malformed JSON.
-    """
-    path = Path(record)
-    laten = read_json(path) if path.is_file() else None
-    same = bool(laten) and all((laten.get("models") or {}).get(r, {}).get("weights_sha256") == weights_hash(p)
-                               for r, p in (("teacher", teacher), ("student", student)))
-    rows: dict[str, dict[str, tuple[float, int]]] = {}
-    if same:
-        for row in (laten.get("metrics") or {}).get("scorecard", []):
-            fam = row.get("task", "").removeprefix("pocket-")
-            if row.get("method", "").startswith("laten") and fam in families:
-                rows.setdefault(fam, {})[row["method"]] = (float(row["score"]), int(row.get("n") or 0))
-    return LatenRows(bool(laten), same, rows)
-
-
-def compare_with_laten(results: pd.DataFrame, laten: LatenRows, *, methods: Sequence[str]) -> pd.DataFrame:
-    """Each LaTen row against each method at the matched budget, by Wilson 95% intervals.
-
-    The distilled score is the mean over seeds, its questions the sum over seeds. Verdict:
-    ``"LaTen higher"`` / ``"distillation higher"`` when the intervals do not overlap, else
-    ``"overlap"``. Empty when there are no LaTen rows or the matched budget (``"laten"``) was not run.
-    """
-    best = results[results.budget == "laten"].groupby(["family", "method"]).agg(score=("score", "mean"),
-                                                                                 n=("n", "sum"))
-    rows = []
-    for fam, by_method in laten.rows.items():
-        for lname, (lscore, ln) in by_method.items():
-            lo, hi = wilson_interval(round(lscore * ln / 100), ln)
-            for method in methods:
-                if (fam, method) not in best.index:
-                    continue
-                s, n = best.loc[(fam, method), "score"], int(best.loc[(fam, method), "n"])
-                dlo, dhi = wilson_interval(round(s * n / 100), n)
-                rows.append({"family": fam, "LaTen row": lname, "LaTen": round(lscore, 1), "LaTen n": ln,
-                             "LaTen 95%": f"[{lo:.1f}, {hi:.1f}]", "method (matched)": method,
-                             "distilled": round(s, 1), "distilled 95%": f"[{dlo:.1f}, {dhi:.1f}]",
-                             "verdict": ("LaTen higher" if lo > dhi else "distillation higher" if dlo > hi
-                                         else "overlap")})
-    return pd.DataFrame(rows)
-
-
-def summary(tests: pd.DataFrame, compare: pd.DataFrame, refs: Mapping[str, Mapping[str, float]], *,
+def summary(tests: pd.DataFrame, versus_laten: pd.DataFrame | None, refs: Mapping[str, Mapping[str, float]], *,
             families: Sequence[str], budgets: Sequence[str], methods: Sequence[str]) -> tuple[list[str], str]:
     """(one markdown line per family and budget, the conclusion) from :func:`paired_vs_student`
-    and :func:`compare_with_laten`; :data:`NOTHING_TO_DISTIL` when the teacher outscores the
-    student on no family."""
+    and :func:`pktlib.experiments.laten_vs_distill.paired_vs_laten` (its representative rows; None or empty without LaTen); :data:`NOTHING_TO_DISTIL`
+    when the teacher outscores the student on no family."""
     lines = []
     for fam in families:
         for budget in budgets:
@@ -339,11 +273,13 @@ def summary(tests: pd.DataFrame, compare: pd.DataFrame, refs: Mapping[str, Mappi
     helped, hurt = (tests.verdict == "better").sum(), (tests.verdict == "worse").sum()
     text = (f"Against the student, {helped} of {len(tests)} method/budget/family runs score higher and {hurt} "
             f"lower by the paired test (p < 0.05); the others do not differ from it.")
-    if len(compare):
-        text += (f" Beside the LaTen rows of the LaTen chapter, at the matched budget: "
-                 f"{(compare.verdict == 'LaTen higher').sum()} comparisons favour LaTen, "
-                 f"{(compare.verdict == 'distillation higher').sum()} favour distillation and "
-                 f"{(compare.verdict == 'overlap').sum()} overlap.")
+    rep = (versus_laten[versus_laten.role.str.startswith("representative")] if versus_laten is not None
+           and len(versus_laten) else None)
+    if rep is not None and len(rep):
+        text += (f" Against LaTen's representative setting on the same questions (paired): "
+                 f"{(rep.verdict == LATEN_VERDICTS['better']).sum()} of {len(rep)} comparisons favour LaTen, "
+                 f"{(rep.verdict == LATEN_VERDICTS['worse']).sum()} favour distillation and "
+                 f"{(rep.verdict == INSIDE_THE_NOISE).sum()} are inside the noise.")
     if not families_with_teacher_gap({f: refs[f]["student"] for f in families},
                                      {f: refs[f]["teacher"] for f in families}):
         text = NOTHING_TO_DISTIL

@@ -30,7 +30,7 @@ from pktlib.errors import PktError
 from pktlib.analysis.stats import (correctness_from_string, correctness_string, paired_difference_interval,
                                    paired_test, t_quantile)
 
-__all__ = ["Comparison", "compare_runs", "compare_table", "comparison_text", "scorecard_fields", "COMPARISON_COLUMNS",
+__all__ = ["Comparison", "beyond_seed_noise", "compare_runs", "compare_table", "comparison_text", "scorecard_fields", "COMPARISON_COLUMNS",
            "correctness_string"]
 
 
@@ -59,6 +59,13 @@ class Comparison(NamedTuple):
             return "same answers"
         return ("better" if self.gap > 0 else "worse") if self.real else "n.s."
 
+    def swapped(self) -> "Comparison":
+        """The same comparison read as ``b`` minus ``a``: gap, intervals, counts and seed tallies
+        mirrored (used when the side with a single run must be the fixed reference)."""
+        return self._replace(gap=-self.gap, lo=-self.hi, hi=-self.lo, q_lo=-self.q_hi, q_hi=-self.q_lo,
+                             a_only=self.b_only, b_only=self.a_only, seeds_better=self.seeds_worse,
+                             seeds_worse=self.seeds_better)
+
     def row(self) -> dict[str, Any]:
         """The fields and the verdict as a plain dict (JSON-ready for a record)."""
         return {**self._asdict(), "verdict": self.verdict}
@@ -69,6 +76,12 @@ COMPARISON_COLUMNS = list(Comparison._fields) + ["verdict"]
 
 def _fixed_reference(b: pd.DataFrame) -> bool:
     return len(b) == 1 and ("seed" not in b or pd.isna(b.seed.iloc[0]))
+
+
+def beyond_seed_noise(gap: float, se: float) -> bool:
+    """The training-noise half of the rule (module docstring): ``|gap| > 2 se``, or any non-zero
+    gap when there is no spread over seeds (one seed, or identical scores: ``se`` NaN or 0)."""
+    return bool(abs(gap) > 2 * se) if se == se and se > 0 else bool(gap != 0)
 
 
 def compare_runs(a: pd.DataFrame, b: pd.DataFrame, *, alpha: float = 0.05) -> Comparison:
@@ -93,7 +106,7 @@ def compare_runs(a: pd.DataFrame, b: pd.DataFrame, *, alpha: float = 0.05) -> Co
     k = len(x)
     gap = float(x.score.mean() - y.score.mean())
     se = float(np.sqrt(x.score.var(ddof=1) / k + var_b / k)) if k > 1 else math.nan
-    beyond_seeds = bool(abs(gap) > 2 * se) if se == se and se > 0 else bool(gap != 0)
+    beyond_seeds = beyond_seed_noise(gap, se)
     half = t_quantile(k - 1) * se if k > 1 else math.nan
     per_seed = [paired_test(correctness_from_string(ca), correctness_from_string(cb))
                 for ca, cb in zip(x.correct, y.correct)]
