@@ -98,7 +98,7 @@ class ScoreRow:
     # against the student, when the chapter compared them (pktlib.experiments.verdict.scorecard_fields)
     effect: float | None = None  # points
     ci: tuple[float, float] | None = None  # 95%, over seeds (over questions with one seed)
-    p: float | None = None  # exact McNemar
+    p: float | None = None  # paired per-question test (exact McNemar with one seed; verdict.compare_runs)
     seeds: int | None = None
 
     @property
@@ -214,7 +214,7 @@ def scorecard_tables(records: Mapping[str, Mapping[str, Any]], *,
 
 def _effect_text(r: ScoreRow) -> str | None:
     """``"+1.2 [-0.3, +2.7], p = 0.12 (3 seeds)"``: the row's effect over the student, its 95%
-    interval and McNemar p; None when the chapter made no comparison."""
+    interval and paired p; None when the chapter made no comparison."""
     if r.effect is None:
         return None
     ci = f" [{r.ci[0]:+.1f}, {r.ci[1]:+.1f}]" if r.ci else ""

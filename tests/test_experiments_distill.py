@@ -88,13 +88,16 @@ def _results():
                          _row("seqkd", "laten", 0, STUDENT), _row("seqkd", "laten", 1, STUDENT)])
 
 
-def test_paired_vs_student_pools_seeds_and_gives_the_verdicts():
+def test_paired_vs_student_counts_each_question_once_and_gives_the_verdicts():
     t = dx.paired_vs_student(_results(), REFS, {"math": STUDENT}).set_index("method")
     assert list(t.index) == ["gkd", "kd", "seqkd"]  # sorted by family, budget, method
-    assert (t.loc["kd", "gap"], t.loc["kd", "only distilled"], t.loc["kd", "only student"]) == (50.0, 20, 0)
-    assert t.loc["kd", "p"] == pytest.approx(2 * 0.5 ** 20) and t.loc["kd", "verdict"] == "better"
-    assert (t.loc["gkd", "gap"], t.loc["gkd", "only distilled"], t.loc["gkd", "only student"]) == (-40.0, 0, 16)
-    assert t.loc["gkd", "p"] == pytest.approx(2 * 0.5 ** 16) and t.loc["gkd", "verdict"] == "worse"
+    # two identical seeds count each question once: 10 questions gained, p = 2 * 0.5 ** 10 (pooling
+    # the seeds counted 20, p = 2 * 0.5 ** 20)
+    assert (t.loc["kd", "gap"], t.loc["kd", "only distilled"], t.loc["kd", "only student"]) == (50.0, 10, 0)
+    assert t.loc["kd", "p"] == 2 * 0.5 ** 10 and t.loc["kd", "verdict"] == "better"
+    # 8 questions lost, p = 2 * 0.5 ** 8 (pooled: 16, p = 2 * 0.5 ** 16)
+    assert (t.loc["gkd", "gap"], t.loc["gkd", "only distilled"], t.loc["gkd", "only student"]) == (-40.0, 0, 8)
+    assert t.loc["gkd", "p"] == 2 * 0.5 ** 8 and t.loc["gkd", "verdict"] == "worse"
     assert (t.loc["seqkd", "p"], t.loc["seqkd", "verdict"]) == (1.0, "no difference")
 
 
@@ -160,7 +163,7 @@ def test_paired_vs_laten_effect_mcnemar_and_verdicts_on_hand_made_answers():
 
     claim = lvd.laten_claim(t.reset_index())
     assert "the pocket pair does not agree: kd on pocket-math (84 examples) beats LaTen by 50.0 points " \
-           "(McNemar p = 0.002)" in claim
+           "(paired p = 0.002)" in claim
     assert "3 comparisons: 1 LaTen better, 1 LaTen worse, 1 inside the noise" in claim  # N=1000 is not in the claim
     agrees = lvd.laten_claim(t.drop(index=("laten", "kd")).reset_index())
     assert "the pocket pair agrees: no distillation method trained on at most 100 examples beats LaTen" in agrees
@@ -277,7 +280,7 @@ def test_summary_lines_and_conclusion():
     lines, text = dx.summary(tests, None, REFS, families=["math"], budgets=["laten"],
                              methods=["kd", "gkd", "seqkd"])
     assert lines == ["- **pocket-math, matched budget** (teacher +20.0 over the student): "
-                     "kd +50.0 (p = 1.9e-06, better); gkd -40.0 (p = 3.1e-05, worse); seqkd +0.0 (p = 1, no difference)"]
+                     "kd +50.0 (p = 0.002, better); gkd -40.0 (p = 0.0078, worse); seqkd +0.0 (p = 1, no difference)"]
     assert text == ("Against the student, 1 of 3 method/budget/family runs score higher and 1 lower by the paired "
                     "test (p < 0.05); the others do not differ from it.")
     versus = pd.DataFrame({"role": ["representative", "best", "representative = best", "representative"],

@@ -66,9 +66,10 @@ def test_compare_runs_real_gap_beats_both_noises():
 def test_compare_runs_gap_within_seed_noise_or_question_noise_is_not_real():
     # spread over seeds larger than the gap
     assert not compare_runs(_runs([70, 30, 50], [70, 30, 50]), _runs([45, 48, 42], [45, 48, 42])).real
-    # consistent over seeds, but one discordant question per seed (McNemar p = 2 / 2**3 > 0.05)
+    # consistent over seeds, but the same one discordant question in every seed: counted once,
+    # p = 2 * 0.5 ** 1 = 1 (pooling the 3 seeds' pairs gave 3 vs 0, p = 0.25; with 6 seeds 0.03)
     c = compare_runs(_runs([41, 41, 41], [41, 41, 41]), _runs([40, 40, 40], [40, 40, 40]))
-    assert c.se == 0 and c.p_value == pytest.approx(0.25) and not c.real
+    assert c.se == 0 and c.p_value == 1.0 and (c.a_only, c.b_only) == (1, 0) and not c.real
 
 
 def test_compare_runs_one_seed_and_mismatched_seeds():
@@ -111,7 +112,9 @@ def test_postalign_tables_from_runs():
     compared = postalign_grid.vs_student(runs)
     assert len(compared) == 6 and set(compared.verdict) == {"better"}  # 10 to 22 questions more, every seed
     c = compared.set_index(["setting", "init"]).loc[("N=16", "seeking")]
-    assert (c.gap, c.se, c.a_only, c.b_only, c.seeds) == (21.0, pytest.approx(1 / math.sqrt(3)), 63, 0, 3)
+    # a_only: questions 30-51, where some Seeking seed (50, 51, 52 right) beats the student (30):
+    # each question once (the pooled count was 20 + 21 + 22 = 63)
+    assert (c.gap, c.se, c.a_only, c.b_only, c.seeds) == (21.0, pytest.approx(1 / math.sqrt(3)), 22, 0, 3)
     rows = postalign_grid.scorecard_rows(runs, pair="p", families=["math"], settings=settings, inits=["seeking"], n=100,
                                          compared=compared)
     assert {(r["method"], r["score"]) for r in rows} == {("postalign-seeking-n16", 51.0), ("postalign-seeking-small", 51.0),
@@ -192,12 +195,16 @@ def test_unaligned_comparisons_tables_and_verdict():
     assert len(runs.results) == 6 + 12 * 2 + 1  # cells without a random choice run once
     table = unaligned_grid.comparisons(runs)
     assert len(table) == 19 and table.set_index(["layers", "hidden", "neurons"]).verdict.value_counts().to_dict() == {
-        "same answers": 16, "better": 1, "worse": 1, "n.s.": 1}
+        "same answers": 16, "better": 1, "n.s.": 2}
     t = table.set_index(["layers", "hidden", "neurons"])
     best = t.loc[("random", "embedding", "importance")]
-    assert (best.gap, best.seeds, best.a_only, best.lo, best.hi) == (80.0, 2, 32, 80.0, 80.0)
+    # two identical seeds, 16 questions more than the student, counted once: p = 2 / 2**16
+    assert (best.gap, best.seeds, best.a_only, best.lo, best.hi) == (80.0, 2, 16, 80.0, 80.0)
+    assert best.p_value == 2 / 2 ** 16 and best.verdict == "better"
     worst = t.loc[("top", "pca", "random")]
-    assert (worst.gap, worst.b_only, worst.verdict) == (-20.0, 8, "worse")  # p = 2 / 2**8
+    # two identical seeds that lose the student's 4 questions: 4 questions, p = 2 / 2**4 = 0.125, not
+    # significant (pooling the seeds counted 8 lost questions, p = 2 / 2**8, "worse")
+    assert (worst.gap, worst.b_only, worst.p_value, worst.verdict) == (-20.0, 4, 0.125, "n.s.")
     seek = t.loc[("top", "seeking", "seeking")]
     assert (seek.gap, seek.seeds, seek.p_value, seek.verdict) == (-10.0, 1, 0.5, "n.s.")
     summary = unaligned_grid.summary_table(runs, ["math"])
@@ -216,7 +223,7 @@ def test_unaligned_comparisons_tables_and_verdict():
     assert mat.loc["top", "Seeking\n(top)"] == 10.0 and mat["Seeking\n(top)"].isna().sum() == 2
     v = unaligned_grid.verdict(runs, table, ["math"])
     assert (v.per_family["math"]["cells_above_student"], v.per_family["math"]["cells_better"],
-            v.per_family["math"]["cells_worse"]) == (1, 1, 1)
+            v.per_family["math"]["cells_worse"]) == (1, 1, 0)  # top/pca/random: n.s. (above)
     assert v.per_family["math"]["best_cell"] == "random/embedding/importance"
     assert v.conclusion.startswith("1 cell(s) improve") and "+80.0 points" in v.lines[0]
 
@@ -365,7 +372,14 @@ def test_lr_sweep_summary_reads_each_setting():
     assert reading == {3e-5: "inert", 3e-4: "no clear effect", 3e-3: "helps", 3e-2: "unstable", 1e-1: "hurts"}
     helps = summary[summary.lr == 3e-3].iloc[0]
     assert helps.gap == pytest.approx((50 + 100 * 11 / 12 - 50) / 2)
-    assert helps.p_pooled == pytest.approx(2 / 2 ** 11)  # seeds pooled: 11 questions only LaTen got right
+    # each question once: both seeds right on questions 6-10 (2 x d = 2), one on 11 (1), the student
+    # on none of them; only the all-plus and all-minus of the 2^6 sign patterns reach |11|:
+    # p = 2 / 2**6 (pooling the seeds' pairs counted 11 questions, p = 2 / 2**11)
+    assert helps.p_value == 2 / 2 ** 6
+    hurts = summary[summary.lr == 1e-1].iloc[0]
+    # 2 x d = -2 on questions 0-5 (both seeds lose them), +1 on 11: |sum| >= 11 for 4 of the 2^7
+    # sign patterns (all six 2s with the sum's sign, the 1 either way)
+    assert hurts.p_value == 4 / 2 ** 7 and (hurts.seeds_better, hurts.seeds_worse) == (0, 1)
     assert (helps.seeds, helps.seeds_better, helps.seeds_worse) == (2, 1, 0)
     assert summary.set_index("lr").ratio[3e-2] == pytest.approx(0.05)
     lines = laten_sweep.lr_sweep_lines(summary)

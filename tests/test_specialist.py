@@ -140,7 +140,7 @@ def _tables(teacher_gap: float, teacher_p: float, gaps: dict[str, tuple[float, b
                               "ci_high": teacher_gap + 4}])
     over = pd.DataFrame([{"family": "math", "method": m, "seeds": 3, "student": 30.0, "plain source": 31.0,
                           "specialist source": 31.0 + g, "gap": g, "gap_low": g - 1, "gap_high": g + 1, "se": 0.5,
-                          "p_pooled": 0.01 if real else 0.5, "real": real} for m, (g, real) in gaps.items()])
+                          "p_value": 0.01 if real else 0.5, "real": real} for m, (g, real) in gaps.items()])
     return teachers, over
 
 

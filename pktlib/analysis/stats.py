@@ -2,7 +2,8 @@
 
 Scores are proportions of questions answered correctly; :func:`wilson_interval` gives their 95%
 interval. Two systems scored on the same questions are compared by :func:`paired_test` (exact
-McNemar), which counts the sampling of the questions that an interval over seeds misses.
+McNemar), which counts the sampling of the questions that an interval over seeds misses; two
+methods with several runs (seeds) each by :func:`paired_runs_test`, which counts each question once.
 """
 from __future__ import annotations
 
@@ -100,8 +101,13 @@ def paired_runs_test(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], z
     Under "no difference" each ``d_i`` is as likely to have either sign; the two-sided p-value is
     the exact probability, over the ``2^m`` sign flips of the ``m`` non-zero ``d_i``, of a sum at
     least as far from 0 as the observed one (computed exactly by counting sums; the ``d_i`` are
-    multiples of ``1 / (runs_a * runs_b)``). With one run a side this *is* the exact McNemar test
-    (:func:`paired_test`): ``d_i`` is +1/-1 on the discordant questions. Pooling the runs' pairs
+    multiples of ``1 / (runs_a * runs_b)``): a sign-flip (Fisher-Pitman) permutation test over the
+    sampling of the questions, the runs held fixed. It is exact when, under the null, a question's
+    ``d_i`` is as likely to be ``+v`` as ``-v`` for every ``v`` (with one run a side that is
+    McNemar's null, P(only a right) = P(only b right)); for the weaker null "mean ``d_i`` = 0"
+    it is asymptotically valid (the flips' variance ``sum d_i^2`` estimates that of the sum).
+    With one run a side this *is* the exact McNemar test (:func:`paired_test`): ``d_i`` is +1/-1
+    on the discordant questions. Pooling the runs' pairs
     into one McNemar table instead counts each question once per pair, which shrinks p as if there
     were more questions (k identical runs against one reference look like k times the evidence).
     Interval: :func:`paired_difference_interval` with one run a side (a side whose runs are all

@@ -6,7 +6,8 @@ or concept:
 
 * :mod:`~pktlib.experiments.scoring`: generation budgets, the scorer shared by the transfer grids and
   scores cached beside a run;
-* :mod:`~pktlib.experiments.verdict`: when one method beats another (2 s.e. over seeds and McNemar);
+* :mod:`~pktlib.experiments.verdict`: when one method beats another (2 s.e. over seeds and a paired
+  test counting each question once);
 * :mod:`~pktlib.experiments.paper`: the paper's numbers as the chapters show them (from the scorecard);
 * :mod:`~pktlib.experiments.postalign_grid`: the Post-Align grid (Tables 1 and 2);
 * :mod:`~pktlib.experiments.unaligned_grid`: the unaligned Pre-Align grid (Figure 2);

@@ -236,13 +236,15 @@ def paired_vs_student(results: pd.DataFrame, refs: Mapping[str, Mapping[str, flo
     """Each (family, budget, method) against the student: :func:`pktlib.experiments.verdict.compare_runs`
     with the student as the fixed reference.
 
-    Each seed's run is paired with the one student and the seeds pooled. Columns: family, budget,
-    method, gap (mean score minus the student's, points, 1 decimal), ci seeds (95% interval of the
-    gap over seeds, points; NaN with one seed), only distilled, only student (discordant
-    questions), p (pooled exact McNemar), verdict (``"better"``/``"worse"`` by the sign of the gap
-    when p < ``alpha``, else ``"no difference"``). Rows sorted by family, budget, method. Raises
-    PktError (from :func:`pktlib.evaluation.paired_test`) when a run scored other questions than
-    the student.
+    Each question counts once: the distilled students' correctness averaged over the seeds against
+    the student's. Columns: family, budget, method, gap (mean score minus the student's, points,
+    1 decimal), ci seeds (95% interval of the gap over seeds, points; NaN with one seed), only
+    distilled, only student (questions the student missed and some seed got right / the student
+    got right and some seed missed), p (the exact per-question sign-flip test of
+    :func:`pktlib.analysis.stats.paired_runs_test`; exact McNemar with one seed), verdict
+    (``"better"``/``"worse"`` by the sign of the gap when p < ``alpha``, else ``"no difference"``).
+    Rows sorted by family, budget, method. Raises PktError (from the paired tests) when a run
+    scored other questions than the student.
     """
     rows = []
     for (fam, budget, method), g in results.groupby(["family", "budget", "method"]):

@@ -70,7 +70,7 @@ def _eval_kwargs(eval_kwargs: Mapping[str, Any], budgets: Mapping[str, int] | No
 
 def comparisons(runs: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
     """LaTen at the Table 5 step against the student, per task, configuration and transfer rate
-    (:func:`pktlib.experiments.verdict.compare_table`; seeds pooled, the student a fixed reference)."""
+    (:func:`pktlib.experiments.verdict.compare_table`; each question once, the student a fixed reference)."""
     student = baselines(runs)
     student = student[student.model == "student"].drop_duplicates("task")[["task", "score", "correct"]]
     return compare_table(final_runs(runs), student, by=["task", "config", "transfer_rate"], on=["task"], alpha=alpha)
@@ -328,8 +328,8 @@ def lr_sweep_table(runs: pd.DataFrame, *, weight_rms: float, alpha: float = 0.05
 # What a setting does to the student, decided from its seeds (lr_sweep_summary).
 READINGS = {
     "inert": "every seed's injected student answers every question as the student does",
-    "helps": "the mean gain beats twice its standard error over seeds and the pooled McNemar p < alpha",
-    "hurts": "the mean loss beats twice its standard error over seeds and the pooled McNemar p < alpha",
+    "helps": "the mean gain beats twice its standard error over seeds and the per-question paired p < alpha",
+    "hurts": "the mean loss beats twice its standard error over seeds and the per-question paired p < alpha",
     "unstable": "seeds differ significantly from the student in both directions (McNemar p < alpha each)",
     "no clear effect": "answers change, but neither the seeds' spread nor the paired test is beaten",
 }
@@ -337,15 +337,15 @@ READINGS = {
 
 def lr_sweep_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
     """Per (task, penalty, lr, step) of :func:`lr_sweep_table`: median ratio, mean and std of the
-    gap over seeds, the number of seeds significantly better / worse, the pooled comparison of
-    :func:`pktlib.experiments.verdict.compare_runs` (gap, its s.e. over seeds, pooled McNemar p)
-    and the reading (:data:`READINGS`)."""
+    gap over seeds, the number of seeds significantly better / worse (each seed's own McNemar
+    test), the comparison of :func:`pktlib.experiments.verdict.compare_runs` (gap, its s.e. over
+    seeds, p_value: the per-question test, each question once) and the reading (:data:`READINGS`)."""
     out = []
     for key, g in table.groupby(["task", "penalty", "lr", "step"], sort=True):
         laten = g[["seed", "score", "correct"]]
         student = pd.DataFrame({"seed": g.seed, "score": g.student, "correct": g.student_correct})
         cmp = compare_runs(laten, student, alpha=alpha)
-        better, worse = int((g.outcome == "better").sum()), int((g.outcome == "worse").sum())
+        better, worse = cmp.seeds_better, cmp.seeds_worse
         if (g.outcome == "same answers").all():
             reading = "inert"
         elif better and worse:
@@ -356,7 +356,7 @@ def lr_sweep_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFram
             reading = "no clear effect"
         out.append({**dict(zip(["task", "penalty", "lr", "step"], key)), "ratio": float(g.ratio.median()),
                     "gap": cmp.gap, "gap_std": float(g.gap.std(ddof=1)) if len(g) > 1 else float("nan"),
-                    "se": cmp.se, "p_pooled": cmp.p_value, "seeds": len(g), "seeds_better": better,
+                    "se": cmp.se, "p_value": cmp.p_value, "seeds": len(g), "seeds_better": better,
                     "seeds_worse": worse, "reading": reading})
     return pd.DataFrame(out)
 
@@ -375,7 +375,7 @@ def lr_sweep_lines(summary: pd.DataFrame, *, band: tuple[float, float] = (0.01, 
             d = g[g.reading == reading]
             if len(d):
                 where = "; ".join(f"penalty {r.penalty:g}, lr {r.lr:g}, step {r.step}: {r.gap:+.1f} points "
-                                  f"(p {r.p_pooled:.2g}, {r.seeds_better}/{r.seeds} seeds better, "
+                                  f"(p {r.p_value:.2g}, {r.seeds_better}/{r.seeds} seeds better, "
                                   f"{r.seeds_worse} worse)" for r in d.itertuples())
                 lines.append(f"  - {reading} ({len(d)} of {len(g)} settings): {where}.")
     return lines
@@ -402,4 +402,5 @@ def lr_sweep_claim(summary: pd.DataFrame) -> str:
                    "score beyond the noise")
     shown = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
     return (f"\n**The paper's claim, \"LaTen improves the student, unstably\"**: {verdict} ({len(summary)} settings: "
-            f"{shown}; each decided by the spread over seeds and the pooled exact McNemar test, p < 0.05).")
+            f"{shown}; each decided by the spread over seeds and the exact per-question paired test, each question "
+            f"once, p < 0.05).")

@@ -15,10 +15,10 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from pktlib.analysis.stats import correctness_from_string, correctness_string, paired_runs_test
+from pktlib.analysis.stats import correctness_string
 from pktlib.errors import PktError
 from pktlib.experiments.laten_sweep import final_runs
-from pktlib.experiments.verdict import Comparison, beyond_seed_noise, compare_runs
+from pktlib.experiments.verdict import Comparison, compare_runs
 from pktlib.models import weights_hash
 from pktlib.records import read_json
 
@@ -144,7 +144,8 @@ def _same_questions(fam: str, laten: pd.DataFrame, distilled: pd.DataFrame, late
 
 
 def _laten_minus_distilled(laten: pd.DataFrame, distilled: pd.DataFrame, alpha: float) -> Comparison:
-    # The gap and its interval over seeds (compare_runs); the questions' side is decided separately.
+    # compare_runs: the gap, its interval over seeds and the per-question test (which counts each
+    # question once whatever the pairing of seeds below).
     a, b = laten[["seed", "score", "correct"]], distilled[["seed", "score", "correct"]]
     if len(b) == 1:  # one distilled student: the fixed reference of every LaTen seed
         return compare_runs(a, b.assign(seed=None), alpha=alpha)
@@ -168,9 +169,10 @@ def paired_vs_laten(results: pd.DataFrame, laten: LatenRuns, student_correct: Ma
     Effect = LaTen's mean score minus the distilled students' (points), with its 95% interval over
     seeds from :func:`pktlib.experiments.verdict.compare_runs` (one distillation seed: LaTen's
     spread alone; equal numbers of seeds: paired in order; NaN with one seed a side). The questions'
-    side is :func:`pktlib.analysis.stats.paired_runs_test` on LaTen's runs against the distilled
-    runs: the exact McNemar test when each side has one run, its exact sign-flip generalisation on
-    the per-question mean over seeds otherwise, so that LaTen's seeds (identical ones included) do
+    side is the same comparison's per-question test
+    (:func:`pktlib.analysis.stats.paired_runs_test` on LaTen's runs against the distilled runs):
+    the exact McNemar test when each side has one run, its exact sign-flip generalisation on the
+    per-question mean over seeds otherwise, so that LaTen's seeds (identical ones included) do
     not count a question more than once. Columns: family, budget, examples (training examples),
     method, role, LaTen setting, LaTen, distilled (mean scores), effect, ci seeds, ci questions
     (95%, points), LaTen ahead, distilled ahead (questions where that side's mean correctness is
@@ -199,17 +201,14 @@ def paired_vs_laten(results: pd.DataFrame, laten: LatenRuns, student_correct: Ma
             lat = fam_runs[fam_runs.setting == setting]
             for (budget, method), g in distilled.groupby(["budget", "method"], sort=True):
                 c = _laten_minus_distilled(lat, g, alpha)
-                q = paired_runs_test([correctness_from_string(x) for x in lat.correct],
-                                     [correctness_from_string(x) for x in g.correct])
-                real = beyond_seed_noise(c.gap, c.se) and q.p_value < alpha
                 rows.append({"family": fam, "budget": budget, "examples": int(g.examples.iloc[0]), "method": method,
                              "role": role, "LaTen setting": setting, "LaTen": round(float(lat.score.mean()), 1),
                              "distilled": round(float(g.score.mean()), 1), "effect": round(c.gap, 1),
-                             "ci seeds": [round(c.lo, 1), round(c.hi, 1)], "ci questions": [round(q.lo, 1),
-                                                                                            round(q.hi, 1)],
-                             "LaTen ahead": q.a_ahead, "distilled ahead": q.b_ahead, "p": q.p_value,
+                             "ci seeds": [round(c.lo, 1), round(c.hi, 1)], "ci questions": [round(c.q_lo, 1),
+                                                                                            round(c.q_hi, 1)],
+                             "LaTen ahead": c.a_only, "distilled ahead": c.b_only, "p": c.p_value,
                              "LaTen seeds": len(lat), "distilled seeds": len(g),
-                             "verdict": (LATEN_VERDICTS["better" if c.gap > 0 else "worse"] if real
+                             "verdict": (LATEN_VERDICTS["better" if c.gap > 0 else "worse"] if c.real
                                          else INSIDE_THE_NOISE)})
     return pd.DataFrame(rows, columns=LATEN_TABLE_COLUMNS)
 
@@ -246,7 +245,7 @@ def laten_claim(table: pd.DataFrame, *, max_examples: int = 100) -> str:
     else:
         verdict = "the pocket pair does not agree: " + "; ".join(
             f"{r.method} on pocket-{r.family} ({r.examples} examples) beats LaTen by {-r.effect:.1f} points "
-            f"(McNemar p = {r.p:.2g})" for r in lost.itertuples())
+            f"(paired p = {r.p:.2g})" for r in lost.itertuples())
     settings = "; ".join(f"pocket-{f}: {st}" for f, st in sorted(set(zip(rep.family, rep["LaTen setting"]))))
     text = (f"{head}{verdict}. Decided by the paired test on the same test questions: each distilled student "
             f"against LaTen's representative setting ({settings}), exact McNemar test on the questions the two "

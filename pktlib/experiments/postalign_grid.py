@@ -7,7 +7,7 @@ from its run folder) and scored on the same test questions. :func:`run_grid` ret
 as a tidy table; the functions below it turn that table into the chapter's score table, its
 scorecard rows, the comparisons with the student and the verdict, all by
 :func:`pktlib.experiments.verdict.compare_runs` (effect, intervals over seeds and questions,
-McNemar p). Each fine-tuned model's score is kept in its run folder
+paired p counting each question once). Each fine-tuned model's score is kept in its run folder
 (:func:`pktlib.experiments.scoring.cached_score`), so a rerun neither trains nor scores again.
 """
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _score(scorer: Callable[[Any, str], EvalResult] | BudgetedScorer, folder: Pa
 
 
 def vs_student(runs: PostAlignRuns) -> pd.DataFrame:
-    """Every (family, setting, init) against the student without LoRA, seeds pooled
+    """Every (family, setting, init) against the student without LoRA, each question once
     (:func:`pktlib.experiments.verdict.compare_table`, the student a fixed reference)."""
     student = pd.DataFrame([{"family": f, "score": runs.refs[f]["student"], "correct": runs.ref_correct[f]["student"]}
                             for f in runs.refs])

@@ -15,7 +15,8 @@ seeds and the same test questions:
 * each method's specialist-source runs are compared with its plain-source runs per seed (exact
   McNemar on the same questions, :func:`pktlib.analysis.stats.paired_test`, and the paired
   interval :func:`pktlib.analysis.stats.paired_difference_interval`) and over the seeds (mean gap,
-  ± twice its standard error, and the two-test rule :func:`pktlib.experiments.verdict.compare_runs`).
+  ± twice its standard error, and the two-test rule :func:`pktlib.experiments.verdict.compare_runs`,
+  whose paired test counts each question once).
 
 Run folders are named after the weights' hashes, so a rerun resumes and a rebuilt model gets new
 ones.
@@ -283,7 +284,7 @@ def _frame(sel: pd.DataFrame) -> pd.DataFrame:
 
 def over_seeds_table(runs: SourceRuns | Sequence[SourceRuns], *, alpha: float = 0.05) -> pd.DataFrame:
     """Per family and method: mean scores over seeds with each source, the mean gap ± 2 s.e. over
-    seeds, the pooled McNemar p and whether the gap is real by
+    seeds, the per-question paired p (each question once) and whether the gap is real by
     :func:`~pktlib.experiments.verdict.compare_runs`."""
     out = []
     for r, method, plain, spec in _method_pairs(runs):
@@ -292,7 +293,7 @@ def over_seeds_table(runs: SourceRuns | Sequence[SourceRuns], *, alpha: float = 
         out.append({"family": r.family, "method": method, "seeds": len(plain),
                     "student": r.select("student").score.iloc[0], "plain source": plain.score.mean(),
                     "specialist source": spec.score.mean(), "gap": c.gap, "gap_low": c.gap - half,
-                    "gap_high": c.gap + half, "se": c.se, "p_pooled": c.p_value, "real": c.real})
+                    "gap_high": c.gap + half, "se": c.se, "p_value": c.p_value, "real": c.real})
     return pd.DataFrame(out)
 
 
@@ -364,7 +365,7 @@ def verdict(teachers: pd.DataFrame, over_seeds: pd.DataFrame, *, alpha: float = 
     A family tests the claim only if the specialist teacher beats the plain one on the test
     questions (exact McNemar p < ``alpha``). There, a method's specialist source *helps* when
     :func:`~pktlib.experiments.verdict.compare_runs` finds its gap real (beyond 2 s.e. over seeds
-    and pooled McNemar p < ``alpha``) and positive. The claim holds when no tested (family,
+    and per-question paired p < ``alpha``) and positive. The claim holds when no tested (family,
     method) is helped.
     """
     lines, tested, helped = [], 0, []
@@ -377,15 +378,15 @@ def verdict(teachers: pd.DataFrame, over_seeds: pd.DataFrame, *, alpha: float = 
         for r in over_seeds[over_seeds.family == t.family].itertuples():
             reading = ("helps" if r.real and r.gap > 0 else "hurts" if r.real else "no difference beyond the noise")
             lines.append(f"  - {METHODS[r.method]}: {r.gap:+.1f} points with the specialist source (mean of {r.seeds} "
-                         f"seeds, ± 2 s.e. {r.gap_low:+.1f} to {r.gap_high:+.1f}; pooled McNemar p = "
-                         f"{r.p_pooled:.2g}): "
+                         f"seeds, ± 2 s.e. {r.gap_low:+.1f} to {r.gap_high:+.1f}; paired p = "
+                         f"{r.p_value:.2g}): "
                          f"{reading}")
             if stronger:
                 tested += 1
                 if r.real and r.gap > 0:
                     helped.append(f"{METHODS[r.method]} on pocket-{t.family}")
     rule = ("decided by the two-test rule: the mean gap beyond twice its standard error over seeds and the seeds' "
-            f"pooled exact McNemar test p < {alpha:g}")
+            f"exact per-question paired test (each question once, correctness averaged over seeds) p < {alpha:g}")
     if not tested:
         return SpecialistVerdict(lines, "No specialist here is stronger than the plain teacher on the test questions, "
                                  "so this run cannot test the paper's claim.", None)

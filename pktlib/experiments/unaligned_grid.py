@@ -10,7 +10,7 @@ A cell with a random choice (random layers or random neurons) is run once per se
 choices; a cell without one is the same model whatever the seed and is run once (``seed`` null).
 Every model keeps its per-question correctness, and :func:`comparisons` sets each cell and
 Seeking against the student with :func:`pktlib.experiments.verdict.compare_table` (effect,
-intervals over seeds and questions, McNemar p).
+intervals over seeds and questions, paired p counting each question once).
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def reference_runs(runs: UnalignedRuns, who: str = "student") -> pd.DataFrame:
 
 def comparisons(runs: UnalignedRuns) -> pd.DataFrame:
     """Every grid cell and Seeking against the student, per family
-    (:func:`pktlib.experiments.verdict.compare_table`: one row per family and cell, seeds pooled)."""
+    (:func:`pktlib.experiments.verdict.compare_table`: one row per family and cell, each question once)."""
     return compare_table(runs.results, reference_runs(runs), by=["family", "layers", "hidden", "neurons"],
                          on=["family"])
 
@@ -229,7 +229,7 @@ class UnalignedVerdict:
 
 def verdict(runs: UnalignedRuns, table: pd.DataFrame, families: Sequence[str]) -> UnalignedVerdict:
     """Per family: the grid cells above the student, and those better or worse than it by the
-    comparison of :func:`comparisons` (``table``: both noises beaten, McNemar p < 0.05)."""
+    comparison of :func:`comparisons` (``table``: both noises beaten, paired p < 0.05)."""
     per_family, lines = {}, []
     for fam in families:
         base = runs.refs[fam]["student"][0]

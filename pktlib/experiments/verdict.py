@@ -7,15 +7,22 @@ It reports the **effect** (gap of the mean scores, points), two 95% intervals an
 * **training noise**: the interval over seeds, ``gap +- t(k - 1) * se`` with the standard error
   ``sqrt(var_a / k + var_b / k)`` over the ``k`` seeds (a reference without seeds has no variance);
   with one seed there is no spread to measure and the interval is NaN;
-* **question sampling**: an exact McNemar test (:func:`pktlib.analysis.stats.paired_test`) on the
-  per-question correctness, each run of ``a`` paired with the same seed's run of ``b`` (or with the
-  one reference run) and the seeds pooled, and the Agresti-Min interval of the paired difference
-  over the same pooled pairs (:func:`pktlib.analysis.stats.paired_difference_interval`). Pooling
-  treats a question's pairs from different seeds as independent, which makes both somewhat
-  optimistic; each seed's own test is exact (``seeds_better`` / ``seeds_worse``).
+* **question sampling**: each question counted once. Its difference ``d_i`` is a's correctness
+  averaged over a's seeds minus b's averaged over b's (the reference's one run); the p-value is
+  the exact sign-flip test of the ``d_i`` and the interval the normal 95% interval of their mean
+  over the questions, both by :func:`pktlib.analysis.stats.paired_runs_test`. With one run a side (or a
+  side whose seeds all answer alike) this is the exact McNemar test and the Agresti-Min interval.
+  The test holds the trained models fixed and asks whether the gap could come from the sampling
+  of the questions: it is exact when a question's ``d_i`` is as likely to be ``+v`` as ``-v``
+  under the null, and an asymptotically valid randomisation test of "no mean difference"
+  otherwise. The seeds' own noise is the other half of the rule.
+  It does *not* pool the seeds' per-question pairs into one McNemar table: a question's answers
+  are correlated across seeds, so pooling counts a question up to ``k`` times and its p-value can
+  be far too small (``k`` identical seeds would look like ``k`` times the evidence). Each seed's
+  own exact McNemar test is tallied too (``seeds_better`` / ``seeds_worse``).
 
 A difference is *real* only if both noises are beaten: ``|gap| > 2 se`` (any non-zero gap with
-one seed) and the pooled p < ``alpha``. :func:`compare_table` applies it group by group,
+one seed) and the per-question p < ``alpha``. :func:`compare_table` applies it group by group,
 :func:`comparison_text` writes one comparison for a chapter's prose.
 """
 from __future__ import annotations
@@ -27,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 from pktlib.errors import PktError
-from pktlib.analysis.stats import (correctness_from_string, correctness_string, paired_difference_interval,
-                                   paired_test, t_quantile)
+from pktlib.analysis.stats import (correctness_from_string, correctness_string, paired_runs_test, paired_test,
+                                   t_quantile)
 
 __all__ = ["Comparison", "beyond_seed_noise", "compare_runs", "compare_table", "comparison_text", "scorecard_fields", "COMPARISON_COLUMNS",
            "correctness_string"]
@@ -39,22 +46,28 @@ class Comparison(NamedTuple):
 
     gap: float  # mean score of a minus mean score of b
     se: float  # standard error of the gap over seeds (NaN with one seed)
-    p_value: float  # exact McNemar, seeds pooled, two-sided
+    p_value: float  # exact sign-flip test over the questions (paired_runs_test), two-sided
     real: bool  # both noises beaten (module docstring)
     lo: float = math.nan  # 95% interval of the gap over seeds (NaN with one seed)
     hi: float = math.nan
-    q_lo: float = math.nan  # 95% interval of the paired difference over the pooled questions
+    q_lo: float = math.nan  # 95% interval over the questions of the mean per-question difference
     q_hi: float = math.nan
     seeds: int = 0  # runs of a (= pairs)
     n: int = 0  # questions per run
-    a_only: int = 0  # pooled questions only a got right
-    b_only: int = 0  # pooled questions only b got right
+    # Questions on which a's correctness averaged over its seeds is above b's (each question once;
+    # with one seed a side: the questions only a got right; against a fixed reference: the
+    # questions the reference missed and some seed of a got right).
+    a_only: int = 0
+    b_only: int = 0  # ... below b's
+
     seeds_better: int = 0  # seeds whose own McNemar test gives p < alpha with a ahead
     seeds_worse: int = 0  # ... with b ahead
 
     @property
     def verdict(self) -> str:
-        """``"better"`` / ``"worse"`` when real, ``"same answers"`` when no question differs, else ``"n.s."``."""
+        """``"better"`` / ``"worse"`` when real, ``"same answers"`` when no question's averaged
+        correctness differs (one seed a side or a fixed reference: every run answers every question
+        as its partner does), else ``"n.s."``."""
         if self.a_only + self.b_only == 0:
             return "same answers"
         return ("better" if self.gap > 0 else "worse") if self.real else "n.s."
@@ -90,8 +103,9 @@ def compare_runs(a: pd.DataFrame, b: pd.DataFrame, *, alpha: float = 0.05) -> Co
     ``a``, ``b``: one row per seed with columns ``seed``, ``score`` (0-100) and ``correct`` (a
     :func:`correctness_string` over the same questions in the same order). ``b`` may instead be a
     single row without a seed (``seed`` missing or null): a reference such as the plain student,
-    paired with every run of ``a``. Raises PktError if the two methods were not run with the same
-    seeds, and (from the paired test) if runs were scored on different questions.
+    paired with every run of ``a`` by each seed's own test and counted once by the question test.
+    Raises PktError if the two methods were not run with the same seeds, and (from the paired
+    tests) if runs were scored on different questions.
     """
     x = a.sort_values("seed")
     if _fixed_reference(b):
@@ -110,11 +124,13 @@ def compare_runs(a: pd.DataFrame, b: pd.DataFrame, *, alpha: float = 0.05) -> Co
     half = t_quantile(k - 1) * se if k > 1 else math.nan
     per_seed = [paired_test(correctness_from_string(ca), correctness_from_string(cb))
                 for ca, cb in zip(x.correct, y.correct)]
-    pa, pb = correctness_from_string("".join(x.correct)), correctness_from_string("".join(y.correct))
-    pooled = paired_test(pa, pb)
-    q_lo, q_hi = paired_difference_interval(pa, pb)
-    return Comparison(gap, se, pooled.p_value, beyond_seeds and pooled.p_value < alpha, gap - half, gap + half,
-                      q_lo, q_hi, k, per_seed[0].n if per_seed else 0, pooled.a_only, pooled.b_only,
+    # The question side counts each question once: a's runs against b's own runs (the fixed
+    # reference once, not once per seed of a).
+    runs_b = [b.correct.iloc[0]] if _fixed_reference(b) else list(y.correct)
+    q = paired_runs_test([correctness_from_string(c) for c in x.correct],
+                         [correctness_from_string(c) for c in runs_b])
+    return Comparison(gap, se, q.p_value, beyond_seeds and q.p_value < alpha, gap - half, gap + half,
+                      q.lo, q.hi, k, q.n, q.a_ahead, q.b_ahead,
                       sum(t.p_value < alpha and t.a_only > t.b_only for t in per_seed),
                       sum(t.p_value < alpha and t.b_only > t.a_only for t in per_seed))
 
@@ -144,17 +160,17 @@ def compare_table(runs: pd.DataFrame, reference: pd.DataFrame, *, by: Sequence[s
 
 def comparison_text(c: Any) -> str:
     """One comparison (a :class:`Comparison` or a row of :func:`compare_table`) as prose: effect,
-    the intervals over seeds and over questions, the pooled McNemar p and the number of seeds."""
+    the intervals over seeds and over questions, the per-question p and the number of seeds."""
     get = (lambda f: getattr(c, f)) if isinstance(c, Comparison) else (lambda f: c[f])
     seeds = int(get("seeds"))
     over_seeds = (f"95% CI over seeds [{get('lo'):+.1f}, {get('hi'):+.1f}], " if seeds > 1 else "")
     return (f"{get('gap'):+.1f} points ({over_seeds}over questions [{get('q_lo'):+.1f}, {get('q_hi'):+.1f}]; "
-            f"McNemar p = {get('p_value'):.2g}; {seeds} seed{'s' if seeds != 1 else ''} x {int(get('n'))} questions)")
+            f"paired p = {get('p_value'):.2g}; {seeds} seed{'s' if seeds != 1 else ''} x {int(get('n'))} questions)")
 
 
 def scorecard_fields(c: Any) -> dict[str, Any]:
     """A comparison with the student as the extra fields of a scorecard row (:mod:`pktlib.scorecard`):
-    ``effect`` (points), ``ci`` (95% over seeds, or over questions with one seed), ``p`` (McNemar),
+    ``effect`` (points), ``ci`` (95% over seeds, or over questions with one seed), ``p`` (per-question test),
     ``seeds`` and ``n`` (questions per run). ``c``: a :class:`Comparison` or a :func:`compare_table` row."""
     get = (lambda f: getattr(c, f)) if isinstance(c, Comparison) else (lambda f: c[f])
     seeds = int(get("seeds"))
