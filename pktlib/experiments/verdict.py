@@ -10,8 +10,9 @@ It reports the **effect** (gap of the mean scores, points), two 95% intervals an
 * **question sampling**: each question counted once. Its difference ``d_i`` is a's correctness
   averaged over a's seeds minus b's averaged over b's (the reference's one run); the p-value is
   the exact sign-flip test of the ``d_i`` and the interval the normal 95% interval of their mean
-  over the questions, both by :func:`pktlib.analysis.stats.paired_runs_test`. With one run a side (or a
-  side whose seeds all answer alike) this is the exact McNemar test and the Agresti-Min interval.
+  over the questions, both by :func:`pktlib.analysis.stats.paired_runs_test`. With one run a side
+  (or a side whose seeds all answer alike) this is the exact McNemar test and the Agresti-Min
+  interval.
   The test holds the trained models fixed and asks whether the gap could come from the sampling
   of the questions: it is exact when a question's ``d_i`` is as likely to be ``+v`` as ``-v``
   under the null, and an asymptotically valid randomisation test of "no mean difference"
@@ -59,7 +60,6 @@ class Comparison(NamedTuple):
     # questions the reference missed and some seed of a got right).
     a_only: int = 0
     b_only: int = 0  # ... below b's
-
     seeds_better: int = 0  # seeds whose own McNemar test gives p < alpha with a ahead
     seeds_worse: int = 0  # ... with b ahead
 
