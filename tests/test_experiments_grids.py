@@ -243,7 +243,52 @@ def test_unaligned_run_grid_on_a_tiny_pair(tokenizer):
     assert len(runs.layer_totals["knowledge"]) == 3
     assert set(runs.refs["knowledge"]) == {"student", "teacher"}
     assert len(unaligned_grid.comparisons(runs)) == 19
+    assert res.scored_now.eq(True).all() and runs.scoring_costs()["scored_now"] == 31 + 2
     json.dumps(runs.metrics())  # the record entries are plain JSON
+
+
+def test_unaligned_run_grid_keeps_each_score_under_its_root(tokenizer, tmp_path, monkeypatch):
+    """A second run with the same root scores nothing and returns the same results; another seed,
+    cell or task gets its own file."""
+    from pktlib.experiments import scoring
+
+    teacher = make_model("llama", tokenizer=tokenizer, hidden_size=96, intermediate_size=160, n_layers=3, seed=1)
+    student = make_model("llama", tokenizer=tokenizer, n_layers=2, seed=2)
+    # the same budget on both tasks: only the folder tells a model's score on one task from the other
+    scorer = BudgetedScorer(tokenizer, 2, {"pocket-knowledge": 3, "pocket-math": 3})
+    cells = [{"layers": "bottom", "hidden": "pca", "neurons": "random"},
+             {"layers": "top", "hidden": "embedding", "neurons": "importance"}]
+    kw = dict(scorer=scorer, families=["knowledge", "math"], extract_limit=2, cells=cells, progress=False)
+    pair = ((teacher, tokenizer), (student, tokenizer))
+    direct = unaligned_grid.run_grid(*pair, seeds=[0, 1], **kw)
+    first = unaligned_grid.run_grid(*pair, seeds=[0, 1], root=tmp_path, **kw)
+    files = {t: sorted(p.name for p in (tmp_path / t).iterdir()) for t in ("pocket-knowledge", "pocket-math")}
+    # per task: student, teacher, bottom/pca/random x 2 seeds, top/embedding/importance, Seeking
+    assert {t: len(f) for t, f in files.items()} == {"pocket-knowledge": 6, "pocket-math": 6}
+    assert sum(f.startswith("scores-student-") and f.endswith("-knowledge-n2-t3.json")
+               for f in files["pocket-knowledge"]) == 1
+    # bottom layers and random neurons ignore the task (and the top layers may agree): the same models,
+    # one file per task
+    assert len(set(files["pocket-knowledge"]) & set(files["pocket-math"])) >= 2
+    assert first.results.scored_now.eq(True).all() and direct.results.scored_now.eq(True).all()
+    cost = first.scoring_costs()
+    assert (cost["models"], cost["scored_now"], cost["read_back"]) == (12, 12, 0) and cost["eval_cpu_s"] > 0
+    same = ["family", "layers", "hidden", "neurons", "seed", "score", "ci95", "correct"]
+    assert first.results[same].equals(direct.results[same]) and first.refs == direct.refs
+
+    monkeypatch.setattr(scoring, "evaluate", lambda *a, **k: pytest.fail("scored again"))
+    again = unaligned_grid.run_grid(*pair, seeds=[0, 1], root=tmp_path, **kw)
+    assert again.results.scored_now.eq(False).all()
+    assert again.results.drop(columns="scored_now").equals(first.results.drop(columns="scored_now"))
+    assert (again.refs, again.ref_correct) == (first.refs, first.ref_correct)
+    assert again.scoring_costs() == {**cost, "scored_now": 0, "read_back": 12}
+    with pytest.raises(pytest.fail.Exception, match="scored again"):  # a new seed is a new model
+        unaligned_grid.run_grid(*pair, seeds=[2], root=tmp_path, **{**kw, "families": ["math"]})
+
+    monkeypatch.undo()
+    new = unaligned_grid.run_grid(*pair, seeds=[0, 2], root=tmp_path, **{**kw, "families": ["math"], "cells": cells[:1]})
+    assert list(new.results.scored_now) == [False, True, False]  # seed 0, seed 2, Seeking
+    assert len(list((tmp_path / "pocket-math").iterdir())) == 7
 
 
 # ------------------------------------------------------------------------------ LaTen tables

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from pktlib.data import load_task
 from pktlib.distill import budget_examples, distill
 from pktlib.analysis.stats import correctness_string
-from pktlib.experiments.scoring import cached_score, families_with_teacher_gap, generation_budget, score_path
+from pktlib.experiments.scoring import (cached_score, families_with_teacher_gap, generation_budget, run_root,
+                                        score_path)
 from pktlib.experiments.laten_vs_distill import INSIDE_THE_NOISE, LATEN_VERDICTS
 from pktlib.experiments.verdict import compare_runs
-from pktlib.models import weights_hash
 
 __all__ = ["NOTHING_TO_DISTIL", "budget_label", "budget_id", "run_root", "DistillSetup", "setup", "References",
            "reference_scores", "DistillRuns", "run_grid", "score_table", "scorecard_rows", "bar_values",
@@ -47,11 +47,6 @@ def budget_label(budget: str) -> str:
 def budget_id(budget: str) -> str:
     """How scorecard methods name a budget: ``"matched"`` for ``"laten"``, else ``"n<budget>"``."""
     return "matched" if budget == "laten" else f"n{budget}"
-
-
-def run_root(base: str | Path, preset: str, student: str | Path, teacher: str | Path) -> Path:
-    """``base/<preset>-<student hash>-<teacher hash>``: one folder of runs per pair build (8 hex digits each)."""
-    return Path(base) / f"{preset}-{weights_hash(student)[:8]}-{weights_hash(teacher)[:8]}"
 
 
 @dataclass

@@ -8,7 +8,7 @@ as a tidy table; the functions below it turn that table into the chapter's score
 scorecard rows, the comparisons with the student and the verdict, all by
 :func:`pktlib.experiments.verdict.compare_runs` (effect, intervals over seeds and questions,
 paired p counting each question once). Each fine-tuned model's score is kept in its run folder
-(:func:`pktlib.experiments.scoring.cached_score`), so a rerun neither trains nor scores again.
+(:func:`pktlib.experiments.scoring.score_once`), so a rerun neither trains nor scores again.
 """
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pktlib.analysis.stats import correctness_string
 from pktlib.data import load_task
 from pktlib.evaluation import EvalResult
-from pktlib.experiments.scoring import (NO_TEACHER_GAP, BudgetedScorer, CachedScore, cached_score,
-                                        families_with_teacher_gap, score_path)
+from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, families_with_teacher_gap, score_once
 from pktlib.experiments.verdict import (Comparison, compare_runs, compare_table, comparison_text,
                                        scorecard_fields)
 from pktlib.seeking import SeekingExtract, seeking_extract, sensitivity
@@ -117,7 +115,7 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Call
     refs, ref_correct = {}, {}
     for f in families:
         for who, m in (("student", s_model), ("teacher", t_model)):
-            sc = _score(scorer, root, m, tasks[f], who=who)
+            sc = score_once(scorer, root, m, tasks[f], who=who)
             refs.setdefault(f, {})[who] = sc.score
             ref_correct.setdefault(f, {})[who] = sc.correct
     extracts = {}
@@ -140,7 +138,7 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Call
                        progress=False)
         merged = merged_copy(pm).eval()
         del pm  # one copy of the student at a time beside the scorer's
-        sc = _score(scorer, out, merged, task)
+        sc = score_once(scorer, out, merged, task)
         del merged
         rows.append({"family": fam, "setting": setting, "init": init, "seed": sd, "score": sc.score,
                      "steps": res.steps, "lr": res.lr, "epochs": res.epochs, "n_examples": res.n_examples,
@@ -149,21 +147,6 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Call
                      "correct": sc.correct})
         curves[(fam, setting, init, sd)] = [(e["step"], e["loss"]) for e in res.log]
     return PostAlignRuns(pd.DataFrame(rows), curves, refs, time.perf_counter() - t0, rows, ref_correct, tasks, extracts)
-
-
-def _score(scorer: Callable[[Any, str], EvalResult] | BudgetedScorer, folder: Path, model: Any, task: str,
-           who: str | None = None) -> CachedScore:
-    """``scorer``'s evaluation of ``model``: a BudgetedScorer's kept in ``folder`` (:func:`cached_score`),
-    any other scorer's as it returns it (it caches by itself; ``from_cache`` None: unknown)."""
-    if not isinstance(scorer, BudgetedScorer):
-        res = scorer(model, task)
-        return CachedScore(res.score, res.n, round(res.generate_s, 1),
-                           correctness_string(r.correct for r in res.records), None)
-    budget = scorer.budgets[task]
-    path = score_path(folder, model, limit=scorer.limit, max_new_tokens=budget, who=who,
-                      family=task.removeprefix("pocket-") if who else None)
-    return cached_score(path, (model, scorer.tokenizer), task, limit=scorer.limit, max_new_tokens=budget,
-                        batch_size=scorer.limit)
 
 
 def vs_student(runs: PostAlignRuns) -> pd.DataFrame:

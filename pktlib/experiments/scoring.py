@@ -12,15 +12,18 @@ from one pair. They share two rules, kept here once:
 Models kept on disk (a chapter's student and teacher, each distilled student) are scored once:
 :func:`cached_score` keeps the score beside the run as JSON, named by :func:`score_path` after
 the weights' hash and the scoring settings, so a rerun reads it back without generating.
+:func:`score_once` does the same for a grid's in-memory models (hashed over their tensors, so a
+deterministic transfer or training finds its score again) when the scorer is a
+:class:`BudgetedScorer`, and leaves any other scorer to its own cache.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from pktlib.analysis.stats import correctness_from_string, correctness_string
+from pktlib.analysis.stats import correctness_from_string, correctness_string, wilson_interval
 from pktlib.data import answer_token_budget, load_task
 from pktlib.errors import PktError
 from pktlib.evaluation import EvalResult, evaluate
@@ -28,7 +31,7 @@ from pktlib.models import weights_hash
 from pktlib.records import cpu_seconds, read_json, write_json
 
 __all__ = ["generation_budget", "BudgetedScorer", "families_with_teacher_gap", "NO_TEACHER_GAP", "CachedScore",
-           "score_path", "cached_score"]
+           "run_root", "score_path", "cached_score", "score_once"]
 
 NO_TEACHER_GAP = ("The teacher does not outscore the student on any family in this run (as with the barely "
                   "trained `tiny` preset), so there is no teacher knowledge to transfer: this run tests the "
@@ -62,10 +65,14 @@ class BudgetedScorer:
     def for_tasks(cls, tokenizer, tasks: Sequence[str], *, limit: int, margin: float) -> "BudgetedScorer":
         return cls(tokenizer, limit, {t: generation_budget(tokenizer, t, limit=limit, margin=margin) for t in tasks})
 
-    def __call__(self, model, task: str) -> EvalResult:
+    def budget(self, task: str) -> int:
+        """``task``'s new-token budget. Raises PktError for a task without one."""
         if task not in self.budgets:
             raise PktError(f"no generation budget for task {task!r}; known: {', '.join(self.budgets)}")
-        return evaluate((model, self.tokenizer), task, limit=self.limit, max_new_tokens=self.budgets[task],
+        return self.budgets[task]
+
+    def __call__(self, model, task: str) -> EvalResult:
+        return evaluate((model, self.tokenizer), task, limit=self.limit, max_new_tokens=self.budget(task),
                         batch_size=self.limit, progress=False)
 
 
@@ -94,6 +101,17 @@ class CachedScore:
     def answers(self) -> list[bool]:
         """Per-question correctness as booleans (for :func:`pktlib.evaluation.paired_test`)."""
         return correctness_from_string(self.correct)
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """Wilson 95% interval of the score in percent, as :attr:`pktlib.evaluation.EvalResult.ci95`."""
+        return wilson_interval(self.correct.count("1"), len(self.correct))
+
+
+def run_root(base: str | os.PathLike, preset: str, student: str | os.PathLike, teacher: str | os.PathLike) -> Path:
+    """``base/<preset>-<student hash>-<teacher hash>``: one folder of a chapter's runs per pair build
+    (the first 8 hex digits of each model folder's :func:`pktlib.models.weights_hash`)."""
+    return Path(base) / f"{preset}-{weights_hash(student)[:8]}-{weights_hash(teacher)[:8]}"
 
 
 def score_path(folder: str | os.PathLike, weights: Any, *, limit: int | None, max_new_tokens: int,
@@ -130,3 +148,31 @@ def cached_score(path: str | os.PathLike, model: Any, task: str, *, limit: int |
            "correct": correctness_string([r.correct for r in ev.records])}
     write_json(path, out)
     return CachedScore(float(out["score"]), int(out["n"]), float(out["cpu_s"]), out["correct"], False)
+
+
+def score_once(scorer: Callable[[Any, str], EvalResult] | BudgetedScorer, folder: str | os.PathLike | None,
+               model: Any, task: str, who: str | None = None) -> CachedScore:
+    """``scorer``'s evaluation of the in-memory ``model`` on ``task``, scored at most once per folder.
+
+    A :class:`BudgetedScorer`'s score is kept in ``folder`` (:func:`cached_score`, at
+    :func:`score_path` named by the hash of ``model``'s tensors, the scorer's ``limit`` and the
+    task's budget; with ``who``, e.g. "student", also by ``who`` and the task's family), so a
+    later call with the same weights reads it back (``from_cache`` True). Any other
+    ``scorer(model, task) -> EvalResult`` caches by itself
+    (:class:`pktlib.experiments.real_pair.SavedScorer`) and is called directly: ``cpu_s`` is then
+    its generation's wall seconds and ``from_cache`` None (unknown). ``folder`` None keeps nothing:
+    the scorer is called directly (``from_cache`` False for a BudgetedScorer, which always
+    generates). The file name carries no task without ``who``: give each task its own ``folder``
+    when one model is scored on several tasks. Raises PktError if the BudgetedScorer has no budget
+    for ``task``.
+    """
+    budgeted = isinstance(scorer, BudgetedScorer)
+    if folder is None or not budgeted:
+        res = scorer(model, task)
+        return CachedScore(res.score, res.n, round(res.generate_s, 1),
+                           correctness_string(r.correct for r in res.records), False if budgeted else None)
+    budget = scorer.budget(task)
+    path = score_path(folder, model, limit=scorer.limit, max_new_tokens=budget, who=who,
+                      family=task.removeprefix("pocket-") if who else None)
+    return cached_score(path, (model, scorer.tokenizer), task, limit=scorer.limit, max_new_tokens=budget,
+                        batch_size=scorer.limit)

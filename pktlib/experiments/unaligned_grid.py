@@ -4,7 +4,9 @@ For each task family every cell of :func:`pktlib.baselines.grid` (layer choice x
 reduction x neuron choice) adds mapped teacher weights to a copy of the student
 (:func:`pktlib.baselines.unaligned_transfer`), and Seeking adds its rank-``r`` extracted
 sub-matrices (:func:`pktlib.baselines.seeking_transfer`); every model is scored on the same
-test questions. :func:`run_grid` returns the tidy table; the other functions summarise it.
+test questions. :func:`run_grid` returns the tidy table; the other functions summarise it. Given a
+run folder, each model's score is kept there under its weights' hash
+(:func:`pktlib.experiments.scoring.score_once`), so a rerun rebuilds the models but scores none again.
 
 A cell with a random choice (random layers or random neurons) is run once per seed of the random
 choices; a cell without one is the same model whatever the seed and is run once (``seed`` null).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -27,8 +30,7 @@ from pktlib.baselines import TransferRecord, grid, seeking_transfer, unaligned_t
 from pktlib.data import load_task
 from pktlib.evaluation import EvalResult
 from pktlib.models import TRANSFERRED_MODULES
-from pktlib.analysis.stats import correctness_string
-from pktlib.experiments.scoring import NO_TEACHER_GAP, families_with_teacher_gap
+from pktlib.experiments.scoring import NO_TEACHER_GAP, BudgetedScorer, families_with_teacher_gap, score_once
 from pktlib.experiments.verdict import compare_table, comparison_text, scorecard_fields
 from pktlib.seeking import Sensitivity, sensitivity
 
@@ -48,20 +50,37 @@ def _relative_delta(rec: TransferRecord) -> float:
 class UnalignedRuns:
     """Every transferred model of the grid, scored."""
 
-    results: pd.DataFrame  # one row per (family, cell, seed): layers, hidden, neurons, seed, score, ci95, correct, ...
+    results: pd.DataFrame  # one row per (family, cell, seed): layers, hidden, neurons, seed, score, ci95, correct,
+    # eval_cpu_s, scored_now, ...
     refs: dict[str, dict[str, tuple[float, list[float]]]]  # family -> role -> (score, 95% interval)
     layer_totals: dict[str, list[float]]  # family -> the teacher's per-layer Seeking sensitivity
     rows: list[dict[str, Any]]
     ref_correct: dict[str, dict[str, str]]  # family -> role -> per-question correctness ("1"/"0")
     seconds: float = 0.0  # wall seconds of run_grid
     tasks: dict[str, str] = field(default_factory=dict)  # family -> task name (default "pocket-<family>")
+    # family -> role -> {"eval_cpu_s", "scored_now"} of the student's and teacher's scoring, as in the rows
+    ref_costs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def task(self, family: str) -> str:
         return self.tasks.get(family, f"pocket-{family}")
 
     def metrics(self) -> dict[str, Any]:
         return {"reference_scores": self.refs, "reference_correct": self.ref_correct, "unaligned_grid": self.rows,
-                "layer_totals": self.layer_totals, "grid_seconds": round(self.seconds, 1), "tasks": self.tasks}
+                "layer_totals": self.layer_totals, "grid_seconds": round(self.seconds, 1), "tasks": self.tasks,
+                "reference_costs": self.ref_costs}
+
+    def scoring_costs(self) -> dict[str, Any]:
+        """Every scored model of the run (student, teacher, cells, Seeking): ``models``, how many were
+        ``scored_now`` and ``read_back`` (both None for a scorer that caches by itself), and
+        ``eval_cpu_s``, their scoring's seconds from nothing (CPU seconds when it ran; a
+        self-caching scorer's generation wall seconds)."""
+        costs = [{"eval_cpu_s": r["eval_cpu_s"], "scored_now": r["scored_now"]} for r in self.rows]
+        costs += [c for by_role in self.ref_costs.values() for c in by_role.values()]
+        known = all(c["scored_now"] is not None for c in costs)
+        now = sum(bool(c["scored_now"]) for c in costs)
+        return {"models": len(costs), "scored_now": now if known else None,
+                "read_back": len(costs) - now if known else None,
+                "eval_cpu_s": round(sum(c["eval_cpu_s"] for c in costs), 1)}
 
 
 def random_cell(cell: dict[str, str]) -> bool:
@@ -69,11 +88,12 @@ def random_cell(cell: dict[str, str]) -> bool:
     return cell["layers"] == "random" or cell["neurons"] == "random"
 
 
-def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Callable[[Any, str], EvalResult],
-             families: Sequence[str], seeds: Sequence[int] = (0,), extract_limit: int = 32,
-             seeking_rank: int | None = 16, progress: bool = True, task_format: str = "pocket-{}",
-             extract: Mapping[str, Sequence[Any]] | None = None, cells: Sequence[dict[str, str]] | None = None,
-             modules: Sequence[str] = TRANSFERRED_MODULES) -> UnalignedRuns:
+def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *,
+             scorer: Callable[[Any, str], EvalResult] | BudgetedScorer, families: Sequence[str],
+             seeds: Sequence[int] = (0,), extract_limit: int = 32, seeking_rank: int | None = 16,
+             progress: bool = True, task_format: str = "pocket-{}", extract: Mapping[str, Sequence[Any]] | None = None,
+             cells: Sequence[dict[str, str]] | None = None, modules: Sequence[str] = TRANSFERRED_MODULES,
+             root: str | Path | None = None) -> UnalignedRuns:
     """Score the student, the teacher, every grid cell and Seeking without training, per family.
 
     ``scorer(model, task) -> EvalResult`` scores an in-memory model on the task's test questions
@@ -90,6 +110,16 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Call
     ``seeds``, the others (and Seeking, which has no random choice) once, with a null ``seed``.
     ``progress``: a bar over the models of the run, with the time left.
 
+    ``root``: with a :class:`~pktlib.experiments.scoring.BudgetedScorer`, every scored model's
+    score is kept under ``root/<task>`` (:func:`pktlib.experiments.scoring.score_once`, named by the
+    hash of the model's weights: the transfers are deterministic, so a rerun builds the same
+    models and reads their scores back instead of generating). None keeps nothing. A scorer that
+    caches by itself is called directly whatever ``root``. Rows carry ``eval_cpu_s`` (the scoring's
+    CPU seconds when it ran; a self-caching scorer's generation wall seconds) and ``scored_now``
+    (False: read back; None: unknown, for a self-caching scorer); the student's and teacher's are in
+    ``ref_costs``. The sensitivity pass and the transfers run again on a rerun (seconds per family
+    on the pocket pair), only the scoring is skipped.
+
     Memory: Seeking runs first and its sensitivity matrices (one float32 copy of the
     transferred teacher weights) are dropped before anything is scored; the grid cells need
     only the per-layer totals. At most one transferred student exists at a time.
@@ -98,42 +128,44 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *, scorer: Call
     cells = list(cells) if cells is not None else grid()
     tasks = {fam: task_format.format(fam) for fam in families}
 
-    def score(model, task) -> tuple[float, list[float], str]:
-        res = scorer(model, task)
+    def score(model, task, who=None) -> dict[str, Any]:
+        sc = score_once(scorer, None if root is None else Path(root) / task, model, task, who=who)
         bar.update(1)
-        return res.score, list(res.ci95), correctness_string(r.correct for r in res.records)
+        return {"score": sc.score, "ci95": list(sc.ci95), "correct": sc.correct, "eval_cpu_s": sc.cpu_s,
+                "scored_now": None if sc.from_cache is None else not sc.from_cache}
 
     n_models = len(families) * (3 + sum(len(seeds) if random_cell(c) else 1 for c in cells))
     t0 = time.perf_counter()
-    rows, refs, ref_correct, layer_totals = [], {}, {}, {}
+    rows, refs, ref_correct, ref_costs, layer_totals = [], {}, {}, {}, {}
     with tqdm(total=n_models, desc="unaligned Pre-Align: models", unit="model", disable=not progress,
               file=sys.stderr, mininterval=10, ncols=100) as bar:
         for fam, task in tasks.items():
-            scored = {who: score(m, task) for who, m in (("student", student[0]), ("teacher", t_model))}
-            refs[fam] = {who: (s, ci) for who, (s, ci, _) in scored.items()}
-            ref_correct[fam] = {who: c for who, (_, _, c) in scored.items()}
+            scored = {who: score(m, task, who) for who, m in (("student", student[0]), ("teacher", t_model))}
+            refs[fam] = {who: (sc["score"], sc["ci95"]) for who, sc in scored.items()}
+            ref_correct[fam] = {who: sc["correct"] for who, sc in scored.items()}
+            ref_costs[fam] = {who: {k: sc[k] for k in ("eval_cpu_s", "scored_now")} for who, sc in scored.items()}
             examples = extract[fam] if extract is not None else load_task(task, "extract", limit=extract_limit)
             sens = sensitivity(t_model, t_tok, examples, modules=tuple(modules), progress=False)
             layer_totals[fam] = [float(v) for v in sens.layer_totals]
             model, rec = seeking_transfer(teacher, student, sens, rank=seeking_rank or None, modules=modules,
                                           progress=False)
             sens = Sensitivity(sens.layer_totals, {}, sens.n_examples, ())  # the cells need only the totals
-            s, ci, c = score(model, task)
+            sc = score(model, task)
             del model
             seek_row = {"family": fam, "layers": "top", "hidden": "seeking", "neurons": "seeking", "seed": None,
-                        "score": s, "ci95": ci, "teacher_layers": rec.teacher_layers,
-                        "rel_delta": _relative_delta(rec), "correct": c}
+                        "score": sc.pop("score"), "ci95": sc.pop("ci95"), "teacher_layers": rec.teacher_layers,
+                        "rel_delta": _relative_delta(rec), **sc}
             for cell in cells:
                 for sd in (seeds if random_cell(cell) else [None]):
                     model, rec = unaligned_transfer(teacher, student, extract=sens, modules=modules,
                                                     seed=seeds[0] if sd is None else sd, progress=False, **cell)
-                    s, ci, c = score(model, task)
+                    sc = score(model, task)
                     del model
-                    rows.append({"family": fam, **cell, "seed": sd, "score": s, "ci95": ci,
-                                 "teacher_layers": rec.teacher_layers, "rel_delta": _relative_delta(rec),
-                                 "correct": c})
+                    rows.append({"family": fam, **cell, "seed": sd, "score": sc.pop("score"), "ci95": sc.pop("ci95"),
+                                 "teacher_layers": rec.teacher_layers, "rel_delta": _relative_delta(rec), **sc})
             rows.append(seek_row)
-    return UnalignedRuns(pd.DataFrame(rows), refs, layer_totals, rows, ref_correct, time.perf_counter() - t0, tasks)
+    return UnalignedRuns(pd.DataFrame(rows), refs, layer_totals, rows, ref_correct, time.perf_counter() - t0, tasks,
+                         ref_costs)
 
 
 def reference_runs(runs: UnalignedRuns, who: str = "student") -> pd.DataFrame:
