@@ -272,7 +272,7 @@ def test_unaligned_run_grid_keeps_each_score_under_its_root(tokenizer, tmp_path,
     assert len(set(files["pocket-knowledge"]) & set(files["pocket-math"])) >= 2
     assert first.results.scored_now.eq(True).all() and direct.results.scored_now.eq(True).all()
     cost = first.scoring_costs()
-    assert (cost["models"], cost["scored_now"], cost["read_back"]) == (12, 12, 0) and cost["eval_cpu_s"] > 0
+    assert (cost["models"], cost["scored_now"], cost["read_back"]) == (12, 12, 0)
     same = ["family", "layers", "hidden", "neurons", "seed", "score", "ci95", "correct"]
     assert first.results[same].equals(direct.results[same]) and first.refs == direct.refs
 
