@@ -20,9 +20,10 @@ import os
 import random
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 from tqdm.std import tqdm
@@ -212,6 +213,24 @@ def score_model(model_dir: str | Path, task: str, indices: Sequence[int], *, set
     return _result(task, split, settings, str(model_dir), done, indices, max_new)
 
 
+@contextmanager
+def _lazy_backend(settings: ScoreSettings, model_dir: str | Path, *, seed: int) -> Iterator[Callable[[], Generator]]:
+    """A callable making ``model_dir``'s backend on first use and returning the same one after;
+    a vLLM engine it made is shut down on exit (the next model gets the memory)."""
+    made: list[Generator] = []
+
+    def backend() -> Generator:
+        if not made:
+            made.append(settings.generator(str(model_dir), seed=seed))
+        return made[0]
+
+    try:
+        yield backend
+    finally:
+        if made and settings.backend == "vllm":
+            free_engines()
+
+
 def score_pair(pair: str | Pair, limits: Mapping[str, int | None], *, settings: ScoreSettings = ScoreSettings(),
                subset_seed: int = 0, root: str | Path | None = None, chunk: int = 20, progress: bool = True,
                roles: Sequence[str] = ("teacher", "student")) -> dict[str, dict[str, EvalResult]]:
@@ -234,21 +253,10 @@ def score_pair(pair: str | Pair, limits: Mapping[str, int | None], *, settings: 
         for role in roles:
             model_dir = getattr(p, role)
             weights = weights_hash(model_dir)
-            made: list[Generator] = []
-
-            def make(model_dir=model_dir) -> Generator:
-                made.append(settings.generator(model_dir, seed=subset_seed))
-                return made[-1]
-
-            def shared(made=made, make=make) -> Generator:  # one backend for all of this model's tasks
-                return made[0] if made else make()
-
-            out[role] = {t: score_model(model_dir, t, idx, settings=settings, generator=shared, root=root,
-                                        chunk=chunk, seed=subset_seed, bar=bar, weights=weights)
-                         for t, idx in subsets.items()}
-            if made and settings.backend == "vllm":
-                free_engines()
-            made.clear()
+            with _lazy_backend(settings, model_dir, seed=subset_seed) as backend:
+                out[role] = {t: score_model(model_dir, t, idx, settings=settings, generator=backend, root=root,
+                                            chunk=chunk, seed=subset_seed, bar=bar, weights=weights)
+                             for t, idx in subsets.items()}
     return out
 
 
@@ -298,19 +306,11 @@ class SavedScorer:
             save_model(model, self.tokenizer, folder)
         try:
             weights = weights_hash(folder)
-            made: list[Generator] = []
-
-            def make() -> Generator:
-                made.append(self.settings.generator(str(folder), seed=self.seed))
-                return made[-1]
-
-            with tqdm(total=len(idx), desc=f"{task} {folder.name}-{weights[:8]}", unit="q", leave=False,
-                      disable=not self.progress, file=sys.stderr, mininterval=30, ncols=100) as bar:
-                res = score_model(folder, task, idx, settings=self.settings, generator=make, root=self.root,
-                                  seed=self.seed, bar=bar, weights=weights)
-            if made and self.settings.backend == "vllm":
-                free_engines()
-            return res
+            with _lazy_backend(self.settings, folder, seed=self.seed) as backend, \
+                    tqdm(total=len(idx), desc=f"{task} {folder.name}-{weights[:8]}", unit="q", leave=False,
+                         disable=not self.progress, file=sys.stderr, mininterval=30, ncols=100) as bar:
+                return score_model(folder, task, idx, settings=self.settings, generator=backend, root=self.root,
+                                   seed=self.seed, bar=bar, weights=weights)
         finally:
             if not src:
                 shutil.rmtree(folder, ignore_errors=True)
