@@ -190,6 +190,15 @@ class Attribution:
             return self.ffn_layers if kind == "ffn" else self.attn_layers
         return _one_example(self.ffn_layers_per_example if kind == "ffn" else self.attn_layers_per_example, example)
 
+    def example(self, example: int) -> "Attribution":
+        """The attribution of pair ``example`` alone, as ``attribute(model, tok, [pair])`` returns it
+        (its scores as the sums, no per-example fields). Needs ``per_example=True`` scores."""
+        return Attribution(ffn=self.scores("ffn", example=example), attn=self.scores("attn", example=example),
+                           ffn_layers=self.layer_scores("ffn", example=example),
+                           attn_layers=self.layer_scores("attn", example=example),
+                           targets=self.targets[example].reshape(1), normaliser=self.normaliser,
+                           attn_coefficient=self.attn_coefficient)
+
     def tensors(self) -> dict[str, Tensor]:
         """The non-empty tensors by field name (what :func:`save_attribution` writes)."""
         return {f.name: getattr(self, f.name).contiguous() for f in fields(self)

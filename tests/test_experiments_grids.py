@@ -446,3 +446,26 @@ def test_lr_sweep_table_refuses_other_questions():
     runs.loc[runs.model == "laten", "correct"] = "1" * 11
     with pytest.raises(PktError, match="same questions"):
         laten_sweep.lr_sweep_table(runs, weight_rms=0.1)
+
+
+def test_laten_tables_on_paper_task_names():
+    """A real pair's sweep names tasks as the paper (gsm8k): tables keyed by the task, protocol on every row."""
+    runs = _laten_runs()
+    runs["task"] = "gsm8k"
+    runs["changed_entries"] = 30.0
+    t1, table = laten_sweep.table1(runs, tasks=["gsm8k"], configs=["paper lr"], main_rate=0.1)
+    assert list(t1.columns) == ["gsm8k"] and table["gsm8k"]["student"] == 10.0
+    assert laten_sweep.task_label("pocket-math") == "math" and laten_sweep.task_label("gsm8k") == "gsm8k"
+    rows = laten_sweep.scorecard_rows(table, laten_sweep.comparisons(runs), tasks=["gsm8k"], pair="p", main_rate=0.1,
+                                      protocol="open-instruct")
+    assert [(r["method"], r["task"], r["protocol"]) for r in rows] == [
+        ("student", "gsm8k", "open-instruct"), ("teacher", "gsm8k", "open-instruct"), ("laten", "gsm8k", "open-instruct")]
+    bars = laten_sweep.seed_bars(runs, tasks=["gsm8k"], main_rate=0.1)
+    # gsm8k's Table 5 step is 4: seed 1 of the scale-matched lr scores 10 + 1 * 4
+    assert bars["values"]["gsm8k"] == {"paper lr": {"seed 0": 10.0, "seed 1": 10.0},
+                                       "scale-matched lr": {"seed 0": 10.0, "seed 1": 14.0}}
+    assert bars["references"]["gsm8k"] == {"student": 10.0, "teacher": 30.0}
+    sizes = laten_sweep.delta_size_table(runs, weight_rms=1e-3)
+    row = sizes.loc[("scale-matched lr", "gsm8k")]
+    assert row.runs == 8 and row.delta_rms == pytest.approx(1.5e-5) and row.delta_rms_max == pytest.approx(2e-5)
+    assert row.ratio_to_weights == pytest.approx(1.5e-2) and row.changed_vectors == 30

@@ -474,3 +474,26 @@ def test_lr_sweep_delta_grows_with_learning_rate(llama_pair, tokenizer, tmp_path
         eval_kwargs={"max_new_tokens": 2})
     # resumed from the results files: the same injections, the same answers
     pd.testing.assert_frame_equal(again, runs)
+
+
+def test_attribute_examples_equals_single_calls_and_caches(pair, tokenizer, tmp_path):
+    from pktlib.attribution import attribute
+    from pktlib.data import prompt_answer_pairs
+    from pktlib.laten import attribute_examples, cached_attribution
+    model = pair[0]
+    texts = prompt_answer_pairs(EXAMPLES[:3]) + prompt_answer_pairs(EXAMPLES[:1])  # a duplicate too
+    got = attribute_examples(model, tokenizer, texts, model_id="m", cache_dir=tmp_path)
+    assert len(got) == 4 and len(list(tmp_path.iterdir())) == 3
+    for text, a in zip(texts, got):
+        one = attribute(model, tokenizer, [text])
+        assert a.n_examples == 1 and torch.equal(a.targets, one.targets)
+        for kind in ("ffn", "attn"):
+            torch.testing.assert_close(a.scores(kind), one.scores(kind), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(a.layer_scores(kind), one.layer_scores(kind), atol=1e-4, rtol=1e-4)
+    # what the batched call cached is what a single-pair lookup reads; nothing is computed again
+    with torch.no_grad():
+        broken = copy.deepcopy(model)
+        for p in broken.parameters():
+            p.zero_()
+    again = cached_attribution(broken, tokenizer, texts[1], model_id="m", cache_dir=tmp_path)
+    assert torch.equal(again.ffn, got[1].ffn)

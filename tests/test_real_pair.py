@@ -296,3 +296,52 @@ def test_post_align_on_a_fetched_pair_layout(pair_root, tmp_path, monkeypatch):
     monkeypatch.setattr(rp.ScoreSettings, "generator", lambda *a, **k: pytest.fail("scored again"))
     again = pg.run_grid((teacher, t_tok), (student, s_tok), **kw)
     pd.testing.assert_frame_equal(again.results, res)
+
+
+def test_laten_on_a_fetched_pair_layout(pair_root, tmp_path, monkeypatch):
+    """LaTen on a paper task in the pair's chat template, GQA models, the Qwen module set, scored from disk;
+    every located example attributed up front, once per model."""
+    from pktlib import attribution
+    from pktlib.data import load_task, prompt_answer_pairs
+    from pktlib.experiments import laten_sweep as ls
+    from pktlib.laten import read_settings
+    from pktlib.laten.attributions import _example_key
+    from pktlib.models import weights_hash
+    from pktlib.pairs import TRANSFER_SETS
+
+    teacher, t_tok = load_model(pair_root / "teacher-chat")
+    student, s_tok = load_model(pair_root / "student-chat")
+    scorer = _scorer(pair_root, tmp_path, {"teacher": teacher, "student": student}, s_tok)
+    calls = []
+    real_attribute = attribution.attribute
+    monkeypatch.setattr("pktlib.laten.attributions.attribute",
+                        lambda m, tok, pairs, **k: calls.append(len(pairs)) or real_attribute(m, tok, pairs, **k))
+    kw = dict(tasks=["gsm8k"], configs={"paper lr": 3e-5, "script lr": 3e-4}, seeds=[0, 1], transfer_rates=[0.1],
+              main_rate=0.1, limit=None, run_root=tmp_path / "runs", align_batch=3, max_length=128, eval_kwargs={},
+              final_step_only=True,
+              sweep_kwargs=dict(scorer=scorer, template="auto", modules=TRANSFER_SETS["qwen"], micro_batch=2,
+                                diagnostics=False, cache_dir=tmp_path / "attributions", progress=False))
+    runs, rows = ls.run_sweeps((teacher, t_tok), (student, s_tok), **kw)
+    assert calls == [6, 6]  # 4 extract + 2 apply examples, one call per model, shared by both configurations
+    assert [(r["config"], r["model"], r["seed"], r["step"]) for r in rows] == [
+        ("paper lr", "student", None, None), ("paper lr", "teacher", None, None),
+        ("paper lr", "laten", 0, 4), ("paper lr", "laten", 1, 4),
+        ("script lr", "laten", 0, 4), ("script lr", "laten", 1, 4)]
+    assert all(r["n"] == 2 for r in rows)
+    # the attributed texts are the chat-template prompts, and the run stores the template for apply()
+    ex = load_task("gsm8k", "extract")[0]
+    key = _example_key(prompt_answer_pairs([ex], tokenizer=t_tok, template="auto")[0], "rms")
+    assert (tmp_path / "attributions" / f"{weights_hash(teacher)}-{key}.safetensors").is_file()
+    run_dir = rows[2]["run_dir"]
+    assert read_settings(f"{run_dir}/checkpoint_4")["template"] == "auto"
+    assert json.loads(open(f"{run_dir}/laten_config.json").read())["config"]["modules"] == ["up_proj", "down_proj",
+                                                                                            "o_proj"]
+    # a rerun trains, attributes and scores nothing
+    monkeypatch.setattr(rp.ScoreSettings, "generator", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr("pktlib.laten.attributions.attribute", lambda *a, **k: pytest.fail("attributed again"))
+    again, _ = ls.run_sweeps((teacher, t_tok), (student, s_tok), **kw)
+    pd.testing.assert_frame_equal(again, runs)
+    # diagnostics off: the log keeps the step's own losses, not the two extra forward passes' ones
+    log = [json.loads(x) for x in open(f"{run_dir}/log.jsonl").read().splitlines()]
+    assert len(log) == 4 and all("lm_loss" in r and "mse" in r and "lm_loss_after" not in r for r in log)
+    assert ls.train_logs(runs, 0.1).lm_gain_vs_student.isna().all()

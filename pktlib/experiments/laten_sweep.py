@@ -28,7 +28,7 @@ from pktlib.records import cpu_seconds
 __all__ = ["lr_configs", "run_sweeps", "comparisons", "config_comparisons", "comparison_lines", "mean_std", "memory_tables", "baselines", "student_scores", "final_runs", "main_curve",
            "table1", "scorecard_rows", "score_vs_step", "score_vs_rate", "train_logs", "train_log_summary",
            "injected_delta_rms", "instability_lines", "weight_rms", "regime_lines", "run_lr_sweep", "lr_sweep_table",
-           "lr_sweep_summary", "lr_sweep_lines", "lr_sweep_claim", "READINGS"]
+           "lr_sweep_summary", "lr_sweep_lines", "lr_sweep_claim", "READINGS", "task_label", "delta_size_table", "seed_bars"]
 
 
 def lr_configs(lr: float, d_teacher: int, *, scale_matched: bool = True) -> dict[str, float]:
@@ -42,7 +42,8 @@ def lr_configs(lr: float, d_teacher: int, *, scale_matched: bool = True) -> dict
 def run_sweeps(teacher: Any, student: Any, *, tasks: Sequence[str], configs: Mapping[str, float],
                seeds: Sequence[int], transfer_rates: Sequence[float], main_rate: float, limit: int,
                run_root: str | Path, align_batch: int, max_length: int, eval_kwargs: Mapping[str, Any],
-               budgets: Mapping[str, int] | None = None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+               budgets: Mapping[str, int] | None = None, sweep_kwargs: Mapping[str, Any] | None = None,
+               final_step_only: bool = False) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """One :func:`pktlib.laten.sweep` per (configuration, task): (table, its rows as logged).
 
     Each row is a :class:`pktlib.laten.SweepRow` with its configuration's ``config`` name and ``lr``.
@@ -51,6 +52,9 @@ def run_sweeps(teacher: Any, student: Any, *, tasks: Sequence[str], configs: Map
 
     The paper lr runs every transfer rate and scores the baselines; other configurations run
     ``main_rate`` only. Each configuration's runs live in ``run_root/lr<lr>`` and resume.
+    ``sweep_kwargs`` go to every sweep (a real pair's ``scorer``, ``template``, ``modules``,
+    ``cache_dir`` shared by the configurations, ...). ``final_step_only``: score each translator at
+    its task's Table 5 step only (every step otherwise), where scoring dominates the cost.
     """
     rows = []
     for name, lr_value in configs.items():
@@ -59,7 +63,8 @@ def run_sweeps(teacher: Any, student: Any, *, tasks: Sequence[str], configs: Map
             out = sweep(teacher, student, task, seeds=seeds, transfer_rates=rates, main_rate=main_rate, limit=limit,
                         run_root=Path(run_root) / f"lr{lr_value:g}", lr=lr_value, align_batch=align_batch,
                         max_length=max_length, eval_kwargs=_eval_kwargs(eval_kwargs, budgets, task),
-                        baselines=(name == "paper lr"))
+                        baselines=(name == "paper lr"),
+                        eval_steps=[default_steps(task)] if final_step_only else None, **(sweep_kwargs or {}))
             rows += [{**asdict(r), "config": name, "lr": lr_value} for r in out]
     return pd.DataFrame(rows), rows
 
@@ -147,7 +152,7 @@ def table1(runs: pd.DataFrame, *, tasks: Sequence[str], configs: Sequence[str], 
     final = final[final.transfer_rate == main_rate]
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
-        fam = task.split("-")[1]
+        fam = task_label(task)
         b = _base_scores(runs, task)
         out[fam] = {"student": b["student"], "teacher": b["teacher"]}
         for name in configs:
@@ -159,20 +164,29 @@ def table1(runs: pd.DataFrame, *, tasks: Sequence[str], configs: Sequence[str], 
 
 
 def scorecard_rows(table: Mapping[str, Mapping[str, Any]], compared: pd.DataFrame, *, tasks: Sequence[str],
-                   pair: str, main_rate: float) -> list[dict[str, Any]]:
+                   pair: str, main_rate: float, protocol: str | None = None) -> list[dict[str, Any]]:
     """Scorecard rows of the student, the teacher and LaTen (paper lr, ``main_rate``) per task; the
     LaTen row carries its comparison with the student from ``compared`` (:func:`comparisons`):
-    ``effect``, ``ci`` (over seeds, or over questions with one seed), ``p``, ``seeds``."""
+    ``effect``, ``ci`` (over seeds, or over questions with one seed), ``p``, ``seeds``.
+    ``protocol``: the scores' evaluation protocol when not the project's own (a real pair's)."""
     c = compared[(compared.config == "paper lr") & (compared.transfer_rate == main_rate)].set_index("task")
+    extra = {"protocol": protocol} if protocol else {}
     rows = []
     for task in tasks:
-        t, fam = c.loc[task], task.split("-")[1]
+        t, fam = c.loc[task], task_label(task)
         n = int(t.n)
-        rows += [{"method": "student", "task": task, "score": float(table[fam]["student"]), "n": n, "pair": pair},
-                 {"method": "teacher", "task": task, "score": float(table[fam]["teacher"]), "n": n, "pair": pair},
+        rows += [{"method": "student", "task": task, "score": float(table[fam]["student"]), "n": n, "pair": pair,
+                  **extra},
+                 {"method": "teacher", "task": task, "score": float(table[fam]["teacher"]), "n": n, "pair": pair,
+                  **extra},
                  {"method": "laten", "task": task, "score": float(table[fam]["_laten_paper lr_mean"]), "pair": pair,
-                  **scorecard_fields(t)}]
+                  **scorecard_fields(t), **extra}]
     return rows
+
+
+def task_label(task: str) -> str:
+    """A table column for ``task``: a pocket task's family ("pocket-math" -> "math"), else the task name."""
+    return task.split("-", 1)[1] if task.startswith("pocket-") else task
 
 
 def score_vs_step(curve: pd.DataFrame) -> pd.DataFrame:
@@ -196,7 +210,8 @@ def train_logs(runs: pd.DataFrame, main_rate: float) -> pd.DataFrame:
     logs = []
     for _, run in main_curve(runs, main_rate).drop_duplicates("run_dir").iterrows():
         for r in read_log(run.run_dir):
-            logs.append({"config": run.config, "task": run.task, "seed": run.seed, **{k: r[k] for k in _LOG_FIELDS}})
+            logs.append({"config": run.config, "task": run.task, "seed": run.seed,
+                         **{k: r.get(k, float("nan")) for k in _LOG_FIELDS}})  # diagnostics may be off
     logs = pd.DataFrame(logs, columns=["config", "task", "seed", *_LOG_FIELDS])
     logs["lm_gain_vs_student"] = logs.student_lm_loss - logs.lm_loss_after
     return logs
@@ -211,6 +226,33 @@ def train_log_summary(logs: pd.DataFrame) -> list[dict[str, Any]]:
 def injected_delta_rms(runs: pd.DataFrame) -> pd.DataFrame:
     """min and max RMS of the injected deltas per configuration and task."""
     return runs[runs.model == "laten"].groupby(["config", "task"]).translated_rms.agg(["min", "max"])
+
+
+def seed_bars(runs: pd.DataFrame, *, tasks: Sequence[str], main_rate: float) -> dict[str, Any]:
+    """Arguments of :func:`pktlib.plots.grouped_bars`: per task a panel, per configuration a group,
+    per seed a bar (LaTen's score at ``main_rate`` and the Table 5 step); the student's and the
+    teacher's scores as reference lines."""
+    final = final_runs(runs)
+    final = final[final.transfer_rate == main_rate]
+    values = {t: {c: {f"seed {int(r.seed)}": float(r.score) for r in g.sort_values("seed").itertuples()}
+                  for c, g in final[final.task == t].groupby("config", sort=False)} for t in tasks}
+    references = {t: {m: float(v) for m, v in _base_scores(runs, t).items()} for t in tasks}
+    return {"values": values, "references": references}
+
+
+def delta_size_table(runs: pd.DataFrame, *, weight_rms: float) -> pd.DataFrame:
+    """Per configuration and task: the injected deltas' RMS (mean, min, max over the injected
+    students) and its ratio to the student's weights' RMS (:func:`weight_rms`), with the number of
+    rows/columns that received a delta (paper Tables 1, 3, 8 set the transferred parameters beside
+    the model's; here the size of what LaTen adds)."""
+    laten = runs[runs.model == "laten"]
+    out = laten.groupby(["config", "task"]).agg(delta_rms=("translated_rms", "mean"),
+                                                delta_rms_min=("translated_rms", "min"),
+                                                delta_rms_max=("translated_rms", "max"),
+                                                changed_vectors=("changed_entries", "mean"), runs=("score", "size"))
+    out["ratio_to_weights"] = out.delta_rms / weight_rms
+    out["weight_rms"] = weight_rms
+    return out
 
 
 def instability_lines(runs: pd.DataFrame, *, configs: Sequence[str], tasks: Sequence[str],

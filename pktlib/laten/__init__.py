@@ -9,16 +9,17 @@ Tan et al. 2025, "Neural Incompatibility", Section 4. The package:
 * :mod:`pktlib.laten.sweeps`: :func:`sweep` over seeds x transfer rates, beside the plain
   student and teacher (the chapter's tables).
 """
+from pktlib.laten.attributions import attribute_examples, cached_attribution
 from pktlib.laten.memory import MemoryEstimate, memory_estimate
 from pktlib.laten.method import (CONFIG_NAME, FAMILY_STEPS, SETTINGS_NAME, TABLE5_STEPS, LatenConfig, Located,
-                                 TrainResult, cached_attribution, check_pair, default_steps, default_train_on_inputs,
+                                 TrainResult, check_pair, default_steps, default_train_on_inputs,
                                  find_checkpoint, laten_loss, locate, read_log, read_settings, train)
 from pktlib.laten.sweeps import SweepRow, scale_matched_lr, sweep
 from pktlib.laten.transfer import ApplyResult, apply
 
 __all__ = [
     "TABLE5_STEPS", "FAMILY_STEPS", "CONFIG_NAME", "default_steps", "LatenConfig", "check_pair", "Located", "locate",
-    "laten_loss", "cached_attribution", "TrainResult", "train", "ApplyResult", "apply", "find_checkpoint", "read_log",
+    "laten_loss", "cached_attribution", "attribute_examples", "TrainResult", "train", "ApplyResult", "apply", "find_checkpoint", "read_log",
     "read_settings", "default_train_on_inputs", "SETTINGS_NAME", "MemoryEstimate", "memory_estimate", "SweepRow",
     "sweep", "scale_matched_lr",
 ]

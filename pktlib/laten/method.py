@@ -46,8 +46,6 @@ disagrees with them is an error rather than a silent mismatch.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import time
@@ -58,13 +56,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from pktlib.attribution import ATTN_COEFFICIENTS, NORMALISERS, attribute, load_attribution, save_attribution
+from pktlib.attribution import ATTN_COEFFICIENTS, NORMALISERS
 from pktlib.data import Example, collate, load_task, prompt_answer_pairs, task_info, tokenize_example
 from pktlib.errors import PktError
 from pktlib.extraction import NeuronSlice, slice_neurons
 from pktlib.hypernet import (WEIGHTS_NAME, Translator, TranslatorConfig, load_translator, save_translator,
                              translation_penalty)
 from pktlib.injection import GQA_RULES, forward_injected, pair_deltas
+from pktlib.laten.attributions import cached_attribution
 from pktlib.models import TRANSFERRED_MODULES, ModelSpec, resolve_model, weights_hash
 from pktlib.models import check_pair as check_models
 from pktlib.records import read_json, write_json
@@ -73,8 +72,8 @@ from pktlib.training import Checkpointed, RunDir, Schedule, read_log, saved_step
 
 __all__ = [
     "TABLE5_STEPS", "FAMILY_STEPS", "default_steps", "LatenConfig", "check_pair", "Located", "locate",
-    "laten_loss", "cached_attribution", "TrainResult", "train", "find_checkpoint", "read_log", "read_settings",
-    "default_train_on_inputs", "check_locate_settings", "SETTINGS_NAME", "APPLY_SETTINGS",
+    "laten_loss", "TrainResult", "train", "find_checkpoint", "read_log", "read_settings",
+    "default_train_on_inputs", "check_locate_settings", "check_template", "SETTINGS_NAME", "APPLY_SETTINGS", "TEMPLATES",
 ]
 
 # Paper Table 5: alignment steps (extract examples) per task.
@@ -85,7 +84,9 @@ FAMILY_STEPS: dict[str, int] = {"knowledge": 2, "math": 4, "code": 3}
 CONFIG_NAME = "laten_config.json"  # the run folder's settings file (pktlib.training.RunDir)
 SETTINGS_NAME = "laten_settings.json"  # beside each checkpoint's translator: what apply() must reuse
 # The settings apply() takes from a checkpoint (the others, like lr, only matter for training).
-APPLY_SETTINGS = ("transfer_rate", "normaliser", "attn_coefficient", "gqa_rule")
+APPLY_SETTINGS = ("transfer_rate", "normaliser", "attn_coefficient", "gqa_rule", "template")
+# Prompt formats (pktlib.data.format_prompt): the original code's, or a chat model's own template.
+TEMPLATES = ("default", "chat", "auto")
 
 
 def default_steps(task: str) -> int:
@@ -130,6 +131,9 @@ class LatenConfig:
     attn_coefficient: str = field(default="summed",
                                   metadata={"help": "attention-neuron coefficient (pktlib.attribution)"})
     modules: tuple[str, ...] = TRANSFERRED_MODULES
+    template: str = field(default="default", metadata={
+        "help": "prompt format of attribution and the LM loss (pktlib.data.format_prompt): 'default' (the "
+                "original code's), 'chat' or 'auto' (the tokenizer's chat template, as a chat model is evaluated)"})
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -149,6 +153,12 @@ class LatenConfig:
         if self.gqa_rule not in GQA_RULES:
             raise PktError(f"`gqa_rule` must be one of {GQA_RULES}, got {self.gqa_rule!r}")
         check_locate_settings(self.normaliser, self.attn_coefficient)
+        check_template(self.template)
+
+
+def check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise PktError(f"`template` must be one of {TEMPLATES}, got {template!r}")
 
 
 def check_locate_settings(normaliser: str, attn_coefficient: str) -> None:
@@ -185,40 +195,19 @@ class Located:
     seconds: float
 
 
-def _example_key(pair: tuple[str, str], normaliser: str, attn_coefficient: str = "summed") -> str:
-    # The definition's coefficient keeps the key it had before the variant existed.
-    parts = [*pair, normaliser] + ([attn_coefficient] if attn_coefficient != "summed" else [])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
-
-
-def cached_attribution(model: nn.Module, tokenizer, pair: tuple[str, str], *, model_id: str,
-                       cache_dir: str | os.PathLike | None, normaliser: str = "rms",
-                       attn_coefficient: str = "summed"):
-    """Attribution of one (prompt, answer) pair, read from / written to ``cache_dir`` if given.
-
-    Scores do not depend on the transfer rate, the seed or the step, so sweeps reuse them; the
-    file name holds the model's weights hash and a hash of the text.
-    """
-    key = _example_key(pair, normaliser, attn_coefficient)
-    path = Path(cache_dir) / f"{model_id}-{key}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        return load_attribution(path)
-    attr = attribute(model, tokenizer, [pair], normaliser=normaliser, attn_coefficient=attn_coefficient)
-    if path is not None:
-        save_attribution(attr, path)
-    return attr
-
-
 def locate(teacher: nn.Module, teacher_tok, student: nn.Module, student_tok, example: Example, *,
            transfer_rate: float, normaliser: str = "rms", attn_coefficient: str = "summed",
            cache_dir: str | os.PathLike | None = None, ids: tuple[str, str] | None = None,
-           modules: Sequence[str] = TRANSFERRED_MODULES) -> Located:
-    """Attribute ``example`` in both models, select neurons, slice the teacher's (DESIGN.md 4.3)."""
+           modules: Sequence[str] = TRANSFERRED_MODULES, template: str = "default") -> Located:
+    """Attribute ``example`` in both models, select neurons, slice the teacher's (DESIGN.md 4.3).
+
+    ``template``: the prompt format of the attributed text (:func:`pktlib.data.format_prompt`,
+    with the teacher's tokenizer; a pair shares one tokenizer)."""
     t0 = time.perf_counter()
     ts, ss = check_pair(teacher, student, modules=modules)
     n_layers, k_ffn, k_attn = layer_budget(ts, ss, transfer_rate)
     t_id, s_id = ids or (weights_hash(teacher), weights_hash(student))
-    pair_t = prompt_answer_pairs([example])[0]
+    pair_t = prompt_answer_pairs([example], tokenizer=teacher_tok, template=template)[0]
     how = {"cache_dir": cache_dir, "normaliser": normaliser, "attn_coefficient": attn_coefficient}
     t_attr = cached_attribution(teacher, teacher_tok, pair_t, model_id=t_id, **how)
     s_attr = cached_attribution(student, student_tok, pair_t, model_id=s_id, **how)
@@ -249,8 +238,8 @@ def laten_loss(translator: Translator, teacher_slice: NeuronSlice, student: nn.M
 
 
 def _batch(examples: list[Example], tok, cfg: LatenConfig, device) -> dict[str, torch.Tensor]:
-    items = [tokenize_example(tok, ex, max_length=cfg.max_length, train_on_inputs=cfg.train_on_inputs)
-             for ex in examples]
+    items = [tokenize_example(tok, pa, max_length=cfg.max_length, train_on_inputs=cfg.train_on_inputs)
+             for pa in prompt_answer_pairs(examples, tokenizer=tok, template=cfg.template)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return {k: v.to(device) for k, v in collate(items, pad).model_inputs().items()}
 
@@ -381,7 +370,7 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
           cache_dir: str | os.PathLike | None = None, device: str | None = None,
           extract: list[Example] | None = None, align: list[Example] | None = None,
           modules: Sequence[str] = TRANSFERRED_MODULES, attn_coefficient: str = "summed",
-          mse_weight: float = 1000.0) -> TrainResult:
+          mse_weight: float = 1000.0, template: str = "default", diagnostics: bool = True) -> TrainResult:
     """Train a LaTen translator from ``teacher`` to ``student`` on ``task`` (DESIGN.md 4.3).
 
     ``teacher``/``student``: model directories / hub ids (loaded by
@@ -397,7 +386,11 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
     the per-example attributions; ``extract``/``align`` override the task's splits.
     ``train_on_inputs=None`` takes the task family's default (:func:`default_train_on_inputs`).
     ``mse_weight``: the weight of the penalty sum_m mean(translated_m^2) in the loss (DESIGN.md 4.3
-    and the original code: 1000; 0 trains on the LM loss alone). Every checkpoint folder also holds ``laten_settings.json`` (module docstring). Works inside
+    and the original code: 1000; 0 trains on the LM loss alone). ``template``: the prompt format
+    of both attribution and the LM loss ("default", the original code's; "auto" for a chat pair,
+    whose evaluation prompts use its chat template). ``diagnostics=False`` leaves out of the log the
+    batch's losses after the step and the plain student's loss on it (two more forward passes of the
+    batch, about 40% of a step's time: worth saving at a real model's size on a CPU). Every checkpoint folder also holds ``laten_settings.json`` (module docstring). Works inside
     ``torch.no_grad()`` (the loop enables gradients).
     """
     out = Path(out_dir)
@@ -410,7 +403,8 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
                       transfer_rate=transfer_rate, align_batch=align_batch, micro_batch=micro_batch, lr=lr, seed=seed,
                       train_on_inputs=default_train_on_inputs(task) if train_on_inputs is None else train_on_inputs,
                       max_length=max_length, gqa_rule=gqa_rule, normaliser=normaliser,
-                      attn_coefficient=attn_coefficient, modules=tuple(modules), mse_weight=mse_weight)
+                      attn_coefficient=attn_coefficient, modules=tuple(modules), mse_weight=mse_weight,
+                      template=template)
     t_model, t_tok, t_src = resolve_model(teacher, device=device, need_tokenizer=True)
     s_model, s_tok, s_src = resolve_model(student, device=device or next(t_model.parameters()).device,
                                           need_tokenizer=True)
@@ -438,7 +432,7 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
         ex = extract[i]
         located = locate(t_model, t_tok, s_model, s_tok, ex, transfer_rate=cfg.transfer_rate,
                          normaliser=cfg.normaliser, attn_coefficient=cfg.attn_coefficient, cache_dir=cache,
-                         ids=ids, modules=cfg.modules)
+                         ids=ids, modules=cfg.modules, template=cfg.template)
         batch = _align_examples(ex, align, cfg, i + 1)
         current.update(t0=t0, located=located, batch=batch, t_step=time.perf_counter())
         return {"example": ex.id or i, **_step_losses(translator, located, s_model, s_tok, batch, cfg)}
@@ -446,7 +440,8 @@ def train(teacher: Any, student: Any, task: str, *, transfer_rate: float = 0.1, 
     def after(i: int, row: dict[str, Any]) -> None:
         located, batch = current["located"], current["batch"]
         row["step_s"] = round(time.perf_counter() - current["t_step"], 4)  # backward and optimiser step
-        row.update(_losses_after(translator, located, s_model, s_tok, batch, cfg))
+        if diagnostics:
+            row.update(_losses_after(translator, located, s_model, s_tok, batch, cfg))
         row.update({"batch_size": len(batch), "attribution_s": round(located.seconds, 3),
                     "teacher_ffn_layers": located.teacher_selection.ffn_layers,
                     "teacher_attn_layers": located.teacher_selection.attn_layers,

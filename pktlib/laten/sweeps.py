@@ -9,14 +9,15 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from pktlib.analysis.stats import correctness_string
-from pktlib.data import load_task
+from pktlib.data import load_task, prompt_answer_pairs
 from pktlib.errors import PktError
-from pktlib.evaluation import evaluate
+from pktlib.evaluation import EvalResult, evaluate
+from pktlib.laten.attributions import attribute_examples
 from pktlib.laten.method import default_steps, default_train_on_inputs, train
 from pktlib.laten.transfer import apply
 from pktlib.models import reference_spec, resolve_model, weights_hash
@@ -68,6 +69,20 @@ def _task_folder(task: str) -> str:
     return task.replace(":", "_")
 
 
+def _attribute_up_front(teacher: tuple, student: tuple, ids: tuple[str, str], task: str, n_steps: int,
+                        seeds: Sequence[int], apply_examples: list, cache: Path, train_kwargs: dict[str, Any],
+                        progress: bool) -> None:
+    """Attribute, in one call per model, every example :func:`train` and :func:`apply` will locate."""
+    extract = train_kwargs.get("extract")
+    extract = list(extract) if extract is not None else load_task(task, "extract")
+    examples = extract[:n_steps] + [apply_examples[s % len(apply_examples)] for s in seeds]
+    texts = prompt_answer_pairs(examples, tokenizer=teacher[1], template=train_kwargs.get("template", "default"))
+    how = {"normaliser": train_kwargs.get("normaliser", "rms"),
+           "attn_coefficient": train_kwargs.get("attn_coefficient", "summed")}
+    for (model, tok), model_id in zip((teacher, student), ids):
+        attribute_examples(model, tok, texts, model_id=model_id, cache_dir=cache, progress=progress, **how)
+
+
 def _key(row: dict[str, Any]) -> tuple:
     return (row["task"], row["model"], row.get("transfer_rate"), row.get("seed"), row.get("step"))
 
@@ -77,7 +92,7 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
           limit: int | None = 100, run_root: str | os.PathLike, split: str = "test", apply_split: str = "train",
           eval_kwargs: dict[str, Any] | None = None, baselines: bool = True, progress: bool = True,
           eval_steps: Sequence[int] | None = None, cache_dir: str | os.PathLike | None = None,
-          **train_kwargs) -> list[SweepRow]:
+          scorer: Callable[[Any, str], EvalResult] | None = None, **train_kwargs) -> list[SweepRow]:
     """Train and evaluate LaTen over seeds x transfer rates (every checkpoint step at ``main_rate``,
     the last step at the other rates), next to the plain student and teacher.
 
@@ -89,7 +104,14 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     ``steps``; a step beyond ``steps`` is an error). Every row keeps its per-question
     correctness (``correct``) for paired tests; a stored row without it is scored again.
     ``cache_dir`` overrides the attributions' folder (they depend on the models and the example
-    only, so sweeps with other training settings can share them). Rows are appended to ``run_root/<task>/results.jsonl`` as they come,
+    only, so sweeps with other training settings can share them). Every example the sweep will
+    attribute (the first ``steps`` extract examples and each seed's apply example) is attributed
+    up front in one call per model (:func:`pktlib.laten.attribute_examples`: the unembedded value
+    vectors are computed once for all of them). ``scorer(model, task) -> EvalResult`` replaces
+    :func:`pktlib.evaluation.evaluate` (then ``limit``, ``split`` and ``eval_kwargs`` are the
+    scorer's business: e.g. :class:`pktlib.experiments.real_pair.SavedScorer`, which caches by
+    weights). ``train_kwargs`` go to :func:`pktlib.laten.train` (``template``, ``modules``,
+    ``micro_batch``, ...). Rows are appended to ``run_root/<task>/results.jsonl`` as they come,
     and a rerun with the same settings skips rows already there (delete the folder to start over).
     """
     root = Path(run_root)
@@ -104,6 +126,8 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     settings = {"teacher": ids[0], "student": ids[1], "limit": limit, "split": split, "apply_split": apply_split,
                 "steps": steps, "train": train_settings,
                 "eval": {k: str(v) for k, v in (eval_kwargs or {}).items() if k not in ("progress", "batch_size")}}
+    if scorer is not None:  # named only when given, so the results of evaluate() runs stay valid
+        settings["scorer"] = str(getattr(scorer, "settings", type(scorer).__name__))
     # Runs of different model pairs never share a folder (a rebuilt pair gets new folders).
     root = root / f"pair-{ids[0][:8]}-{ids[1][:8]}"
     res_path = root / _task_folder(task) / "results.jsonl"
@@ -116,6 +140,9 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     attributions = Path(cache_dir) if cache_dir is not None else root / "attributions"
     rows: list[SweepRow] = []
     ev = {"limit": limit, "progress": False, **(eval_kwargs or {})}
+
+    def score(model: Any, tok: Any) -> EvalResult:
+        return scorer(model, task) if scorer is not None else evaluate((model, tok), task, split, **ev)
 
     def record(row: SweepRow) -> SweepRow:
         rows.append(row)
@@ -140,13 +167,17 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
         row = cached(model=name)
         if row is None:
             c0 = cpu_seconds()
-            r = evaluate((m, tok), task, split, **ev)
+            r = score(m, tok)
             row = SweepRow(task, name, r.score, r.n, correct=correctness_string(x.correct for x in r.records),
                            cpu_s=round(cpu_seconds() - c0, 2))
         record(row)
         if bar is not None:
             bar.update(1)
     apply_examples = load_task(task, apply_split)
+    if any(cached(model="laten", transfer_rate=rate, seed=seed, step=st) is None for rate, seed in plan
+           for st in (main_steps if math.isclose(rate, main_rate) else [n_steps])):
+        _attribute_up_front((t_model, t_tok), (s_model, s_tok), ids, task, n_steps, seeds, apply_examples,
+                            attributions, train_kwargs, progress)
     for rate, seed in plan:
         run_dir = root / _task_folder(task) / f"rate{rate:g}" / (f"seed{seed}" + ("-inputs" if inputs else ""))
         for_steps = main_steps if math.isclose(rate, main_rate) else [n_steps]
@@ -161,7 +192,7 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
                 ex = apply_examples[seed % len(apply_examples)]  # c0: since the training, or the last row
                 applied = apply((t_model, t_tok), (s_model, s_tok), run_dir, step=st, task=task, example=ex,
                                 out_dir=None, cache_dir=attributions, progress=False)
-                r = evaluate((applied.model, applied.tokenizer), task, split, **ev)
+                r = score(applied.model, applied.tokenizer)
                 ms = applied.record.meta["translated_rms"]
                 row = SweepRow(task, "laten", r.score, r.n, rate, seed, st, ex.id,
                                float(math.sqrt(sum(v ** 2 for v in ms.values()) / max(1, len(ms)))),

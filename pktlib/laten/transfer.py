@@ -22,8 +22,8 @@ from pktlib.errors import PktError
 from pktlib.data.examples import Example
 from pktlib.hypernet import load_translator
 from pktlib.injection import GQA_RULES, ChangeRecord, inject_, pair_deltas
-from pktlib.laten.method import (APPLY_SETTINGS, check_locate_settings, check_pair, find_checkpoint, locate,
-                                 read_settings)
+from pktlib.laten.method import (APPLY_SETTINGS, check_locate_settings, check_pair, check_template, find_checkpoint,
+                                 locate, read_settings)
 from pktlib.models import resolve_model
 from pktlib.records import atomic_dir, write_json
 from pktlib.selection import layer_budget
@@ -43,7 +43,8 @@ def _apply_settings(ck: Path, given: dict[str, Any]) -> dict[str, Any]:
     """The locate/inject settings for applying checkpoint ``ck``: the stored ones, with the given
     (non-None) ones checked against them; defaults only for a checkpoint that stored none."""
     stored = read_settings(ck) or {}
-    defaults = {"transfer_rate": 0.1, "normaliser": "rms", "attn_coefficient": "summed", "gqa_rule": "sum"}
+    defaults = {"transfer_rate": 0.1, "normaliser": "rms", "attn_coefficient": "summed", "gqa_rule": "sum",
+                "template": "default"}
 
     def same(a, b) -> bool:
         return a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b))
@@ -55,6 +56,7 @@ def _apply_settings(ck: Path, given: dict[str, Any]) -> dict[str, Any]:
     out = {k: (stored[k] if k in stored else given.get(k) if given.get(k) is not None else defaults[k])
            for k in APPLY_SETTINGS}
     check_locate_settings(out["normaliser"], out["attn_coefficient"])
+    check_template(out["template"])
     if out["gqa_rule"] not in GQA_RULES:
         raise PktError(f"`gqa_rule` must be one of {GQA_RULES}, got {out['gqa_rule']!r}")
     return {**out, **{k: stored[k] for k in ("n_layers", "k_ffn", "k_attn") if k in stored}}
@@ -65,7 +67,7 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
           step: int | None = None, gqa_rule: str | None = None, normaliser: str | None = None,
           attn_coefficient: str | None = None, cache_dir: str | os.PathLike | None = None,
           device: str | None = None, inplace: bool = False, example: Example | None = None,
-          progress: bool = True) -> ApplyResult:
+          template: str | None = None, progress: bool = True) -> ApplyResult:
     """Transfer with a trained translator: locate one unseen example, translate, inject for good.
 
     ``translator_dir`` is a checkpoint folder or a run folder (then ``step``, default the last
@@ -75,11 +77,12 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
     ``inplace``. ``transfer_rate``, ``gqa_rule``, ``normaliser`` and ``attn_coefficient`` come
     from the checkpoint's stored settings (:func:`read_settings`); passing one that differs
     from them raises :class:`PktError` (for an old checkpoint without settings, the given
-    values or the defaults 0.1 / "sum" / "rms" / "summed" are used).
+    values or the defaults 0.1 / "sum" / "rms" / "summed" are used); so does ``template``, the
+    prompt format of the attributed example (default "default").
     """
     ck = find_checkpoint(translator_dir, step)
     how = _apply_settings(ck, {"transfer_rate": transfer_rate, "normaliser": normaliser,
-                               "attn_coefficient": attn_coefficient, "gqa_rule": gqa_rule})
+                               "attn_coefficient": attn_coefficient, "gqa_rule": gqa_rule, "template": template})
     transfer_rate, gqa_rule = how["transfer_rate"], how["gqa_rule"]
     t_model, t_tok, t_src = resolve_model(teacher, device=device, need_tokenizer=True)
     s_model, s_tok, s_src = resolve_model(student, device=device or next(t_model.parameters()).device,
@@ -105,7 +108,7 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
                        f"{(how['n_layers'], how['k_ffn'], how['k_attn'])}, but this pair gives {budget}")
     located = locate(t_model, t_tok, s_model, s_tok, example, transfer_rate=transfer_rate,
                      normaliser=how["normaliser"], attn_coefficient=how["attn_coefficient"], cache_dir=cache_dir,
-                     modules=c.modules)
+                     modules=c.modules, template=how["template"])
     if bar is not None:
         bar.update(1)
     with torch.no_grad():
@@ -116,7 +119,7 @@ def apply(teacher: Any, student: Any, translator_dir: str | os.PathLike, *, task
     record.meta.update({
         "task": task, "split": split, "example_index": example_index, "example_id": example.id,
         "transfer_rate": transfer_rate, "gqa_rule": gqa_rule, "normaliser": how["normaliser"],
-        "attn_coefficient": how["attn_coefficient"], "translator": str(ck), "teacher": t_src, "student": s_src,
+        "attn_coefficient": how["attn_coefficient"], "template": how["template"], "translator": str(ck), "teacher": t_src, "student": s_src,
         "teacher_ffn_layers": located.teacher_selection.ffn_layers,
         "teacher_attn_layers": located.teacher_selection.attn_layers,
         "student_ffn_layers": located.student_selection.ffn_layers,
