@@ -396,7 +396,7 @@ def check_pair(teacher: nn.Module | ModelSpec, student: nn.Module | ModelSpec, *
 
     ``larger``: :class:`ModelSpec` sizes in which the teacher must be at least the student's
     (every method here maps a larger model into a smaller one). ``same``: sizes both must share
-    (LaTen pairs attention neurons inside heads: ``head_dim``; the unaligned baselines add rows
+    (the unaligned baselines add rows
     of the same tokens: ``vocab_size``, and then both ``tokenizers``, if given, must have the
     same vocabulary). ``modules``: modules both loaded models must have (in layer 0).
     """
