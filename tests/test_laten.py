@@ -454,8 +454,10 @@ def test_lr_sweep_delta_grows_with_learning_rate(llama_pair, tokenizer, tmp_path
         seeds=[0], transfer_rate=0.25, limit=2, run_root=tmp_path / "sw", align_batch=2, max_length=64,
         eval_kwargs={"max_new_tokens": 2})
     assert (runs.model == "student").sum() == 1 and (runs.model == "teacher").sum() == 1  # scored once per task
-    assert cost["cpu_s"] > 0 and cost["wall_s"] > 0
-    assert (runs.cpu_s > 0).all()  # every row computed here carries what it cost
+    # Costs are rounded (to 0.1 s, rows to 0.01 s): on a fast machine a tiny model's scoring rounds
+    # to 0.0, so only their presence and the total are asserted, not a lower bound per row.
+    assert cost["cpu_s"] >= 0 and cost["wall_s"] > 0
+    assert runs.cpu_s.notna().all() and (runs.cpu_s >= 0).all() and runs.cpu_s.sum() > 0  # each computed row's cost
     table = laten_sweep.lr_sweep_table(runs, weight_rms=laten_sweep.weight_rms(student))
     assert len(table) == len(lrs) * 2 * 2 and set(table.n) == {2}
     for (penalty, step), g in table.groupby(["penalty", "step"]):
