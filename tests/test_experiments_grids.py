@@ -437,6 +437,8 @@ def test_lr_sweep_summary_reads_each_setting():
     assert "5 settings: 1 inert, 1 helps, 1 hurts, 1 unstable, 1 no clear effect" in claim
     inert = laten_sweep.lr_sweep_claim(summary[summary.reading == "inert"])
     assert "LaTen leaves every answer unchanged" in inert
+    assert "**: the real pair cannot test it" in laten_sweep.lr_sweep_claim(summary[summary.reading == "inert"],
+                                                                           subject="the real pair")
     harmful = laten_sweep.lr_sweep_claim(summary[summary.reading.isin(["hurts", "no clear effect"])])
     assert "does not show an improvement: where LaTen changes the student beyond the noise" in harmful
 

@@ -345,3 +345,19 @@ def test_laten_on_a_fetched_pair_layout(pair_root, tmp_path, monkeypatch):
     log = [json.loads(x) for x in open(f"{run_dir}/log.jsonl").read().splitlines()]
     assert len(log) == 4 and all("lm_loss" in r and "mse" in r and "lm_loss_after" not in r for r in log)
     assert ls.train_logs(runs, 0.1).lm_gain_vs_student.isna().all()
+    # the lr x penalty x step sweep on the same pair reuses those attributions (attribute still fails here)
+    # and the cached baseline scores; only its own translators are trained and scored
+    monkeypatch.undo()
+    monkeypatch.setattr("pktlib.laten.attributions.attribute", lambda *a, **k: pytest.fail("attributed again"))
+    sweep_kwargs = {k: v for k, v in kw["sweep_kwargs"].items() if k != "progress"}
+    lr_runs, lr_rows, cost = ls.run_lr_sweep(
+        (teacher, t_tok), (student, s_tok), tasks=["gsm8k"], lrs=[3e-3], steps=[2, 4], penalties=[1000.0, 0.0],
+        seeds=[0, 1], transfer_rate=0.1, limit=None, run_root=tmp_path / "runs" / "lr-sweep", align_batch=3,
+        max_length=128, eval_kwargs={}, sweep_kwargs=sweep_kwargs)
+    assert not (tmp_path / "runs" / "lr-sweep" / "attributions").exists()
+    assert [(r["model"], r["penalty"], r["seed"], r["step"]) for r in lr_rows if r["model"] == "laten"] == [
+        ("laten", p, s, step) for p in (1000.0, 0.0) for s in (0, 1) for step in (2, 4)]
+    base = {r["model"]: r["correct"] for r in rows if r["model"] in ("student", "teacher")}
+    assert {r["model"]: r["correct"] for r in lr_rows if r["model"] != "laten"} == base
+    table = ls.lr_sweep_table(lr_runs, weight_rms=ls.weight_rms(student))
+    assert len(table) == 8 and set(table.n) == {2} and (table.delta_rms > 0).all()

@@ -307,8 +307,9 @@ def regime_lines(runs: pd.DataFrame, *, configs: Sequence[str], main_rate: float
 def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Sequence[float], steps: Sequence[int],
                  penalties: Sequence[float], seeds: Sequence[int], transfer_rate: float, limit: int | None,
                  run_root: str | Path, align_batch: int, max_length: int, eval_kwargs: Mapping[str, Any],
-                 budgets: Mapping[str, int] | None = None,
-                 progress: bool = False) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, float]]:
+                 budgets: Mapping[str, int] | None = None, progress: bool = False,
+                 sweep_kwargs: Mapping[str, Any] | None = None
+                 ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, float]]:
     """LaTen over learning rate x penalty weight x alignment step x seed (table, its rows, cost).
 
     One :func:`pktlib.laten.sweep` per (penalty, lr, task) at ``transfer_rate``: each seed trains
@@ -318,9 +319,12 @@ def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Seque
     paper's 1000; 0 leaves the LM loss alone). The student and the teacher are scored once per task.
     Rows carry ``lr`` and ``penalty``; runs live in ``run_root/lr<lr>-penalty<w>`` and resume; the
     attributions (the same for every setting) are computed once, in ``run_root/attributions``.
-    ``budgets``: as :func:`run_sweeps`. The cost is this call's wall and CPU seconds (:func:`pktlib.records.cpu_seconds`; a resumed
-    call only pays for what was missing).
+    ``budgets``: as :func:`run_sweeps`. ``sweep_kwargs`` go to every sweep, over this function's
+    ``progress`` and attribution folder (a real pair's ``scorer``, ``template``, ``modules``, or a
+    ``cache_dir`` shared with other runs of the same pair). The cost is this call's wall and CPU
+    seconds (:func:`pktlib.records.cpu_seconds`; a resumed call only pays for what was missing).
     """
+    kwargs = {"progress": progress, "cache_dir": Path(run_root) / "attributions", **(sweep_kwargs or {})}
     t0, c0 = time.perf_counter(), cpu_seconds()
     rows: list[dict[str, Any]] = []
     scored: set[str] = set()
@@ -331,8 +335,8 @@ def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Seque
                             main_rate=transfer_rate, steps=max(steps), eval_steps=steps, limit=limit,
                             run_root=Path(run_root) / f"lr{lr:g}-penalty{penalty:g}", lr=lr, mse_weight=penalty,
                             align_batch=align_batch, max_length=max_length,
-                            eval_kwargs=_eval_kwargs(eval_kwargs, budgets, task), baselines=task not in scored, progress=progress,
-                            cache_dir=Path(run_root) / "attributions")
+                            eval_kwargs=_eval_kwargs(eval_kwargs, budgets, task), baselines=task not in scored,
+                            **kwargs)
                 scored.add(task)
                 rows += [{**asdict(r), "lr": lr, "penalty": penalty} for r in out]
     cost = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
@@ -423,24 +427,24 @@ def lr_sweep_lines(summary: pd.DataFrame, *, band: tuple[float, float] = (0.01, 
     return lines
 
 
-def lr_sweep_claim(summary: pd.DataFrame) -> str:
+def lr_sweep_claim(summary: pd.DataFrame, *, subject: str = "the pocket pair") -> str:
     """The paper's claim "LaTen improves the student, unstably" checked against the readings of
     :func:`lr_sweep_summary` (a Markdown paragraph): it agrees when some setting helps and some
-    setting is unstable or hurts."""
+    setting is unstable or hurts. ``subject`` names the pair the paragraph speaks of."""
     counts = {r: int((summary.reading == r).sum()) for r in READINGS}
     helps, bad = counts["helps"], counts["unstable"] + counts["hurts"]
     if helps and bad:
-        verdict = "the pocket pair agrees: some settings improve the student, others are unstable or harm it"
+        verdict = f"{subject} agrees: some settings improve the student, others are unstable or harm it"
     elif helps:
-        verdict = ("the pocket pair agrees that LaTen can improve the student, but no setting is unstable or harmful "
+        verdict = (f"{subject} agrees that LaTen can improve the student, but no setting is unstable or harmful "
                    "by this test")
     elif bad:
-        verdict = ("the pocket pair does not show an improvement: where LaTen changes the student beyond the noise, "
+        verdict = (f"{subject} does not show an improvement: where LaTen changes the student beyond the noise, "
                    "it is unstable or harmful")
     elif counts["inert"] == len(summary):
-        verdict = "the pocket pair cannot test it: LaTen leaves every answer unchanged in every setting"
+        verdict = f"{subject} cannot test it: LaTen leaves every answer unchanged in every setting"
     else:
-        verdict = ("the pocket pair does not show an improvement: LaTen changes answers, but no setting moves the "
+        verdict = (f"{subject} does not show an improvement: LaTen changes answers, but no setting moves the "
                    "score beyond the noise")
     shown = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
     return (f"\n**The paper's claim, \"LaTen improves the student, unstably\"**: {verdict} ({len(summary)} settings: "
