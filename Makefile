@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PKT_PRESET ?= default
 
-.PHONY: setup test test-all test-fast book book-real pocket real-pair notebooks assets html check-book benchmarks clean help
+.PHONY: setup test test-all test-fast book book-real book-seed pocket real-pair notebooks assets html check-book benchmarks clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,21 @@ notebooks: pocket  ## execute every notebook of the book (resumes: up-to-date on
 # The part "A real pair" is optional: `make book` includes its chapters once they have been executed.
 book-real: real-pair  ## execute the real pair's chapters (resumable; scores cached), then `make book` includes them
 	$(BIN)/pkt book --execute --optional --no-html
+
+# The main comparisons again on another build of the pocket pair (same recipe, PAIR_SEED): the
+# chapters go to runs/pocket-seed-N/ (not book/: one chapter per build), and the scorecard sets
+# each comparison's verdict beside book/'s. Chapters resume; distillation reads this build's LaTen record.
+PAIR_SEED ?= 1
+SEED_DIR := runs/pocket-seed-$(PAIR_SEED)
+SEED_CHAPTERS := postalign prealign_unaligned laten distillation specialist_sources
+book-seed: setup  ## the comparison chapters on pocket-pair build PAIR_SEED (default 1), side by side in the scorecard
+	$(BIN)/pkt zoo build --preset $(PKT_PRESET) --seed $(PAIR_SEED)
+	for c in $(SEED_CHAPTERS); do \
+	  extra=""; [ $$c = distillation ] && extra="-p laten_record $(SEED_DIR)/laten.record.json"; \
+	  $(BIN)/pkt run notebooks/$$c.ipynb -o $(SEED_DIR)/$$c.ipynb -p preset $(PKT_PRESET) -p pair_seed $(PAIR_SEED) $$extra \
+	    || exit 1; \
+	done
+	$(BIN)/pkt run notebooks/scorecard.ipynb -o book/scorecard.ipynb
 
 # The book's offline assets: MathJax 4 and the Jupyter widget runtime, pinned npm packages whose
 # tarballs are checked against their SHA-512 before unpacking (pktlib/bookassets.py).

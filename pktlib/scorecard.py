@@ -23,15 +23,19 @@ the paper's numbers as the reference they mirror.
 """
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
 from pktlib.errors import PktError
+from pktlib.records import load_records
 
 __all__ = ["METHODS", "PAPER", "PAPER_PROTOCOL", "FAMILY_OF_TASK", "ScoreRow", "collect_scores", "scorecard_tables",
-           "to_markdown"]
+           "to_markdown", "build_label", "records_by_build", "across_builds"]
 
 # Methods in the paper's row order: id -> label. Aliases map common spellings to the ids.
 METHODS: dict[str, str] = {
@@ -100,6 +104,7 @@ class ScoreRow:
     ci: tuple[float, float] | None = None  # 95%, over seeds (over questions with one seed)
     p: float | None = None  # paired per-question test (exact McNemar with one seed; verdict.compare_runs)
     seeds: int | None = None
+    verdict: str | None = None  # "better" / "worse" / "n.s." / "same answers" (verdict.Comparison.verdict)
 
     @property
     def comparable(self) -> bool:
@@ -139,7 +144,8 @@ def _comparison_of(row: Mapping[str, Any]) -> dict[str, Any]:
         ci = row.get("ci")
         return {"effect": float(row["effect"]), "p": float(row["p"]),
                 "ci": (float(ci[0]), float(ci[1])) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
-                "seeds": int(row["seeds"]) if isinstance(row.get("seeds"), (int, float)) else None}
+                "seeds": int(row["seeds"]) if isinstance(row.get("seeds"), (int, float)) else None,
+                "verdict": str(row["verdict"]) if isinstance(row.get("verdict"), str) else None}
     except (KeyError, TypeError, ValueError):
         return {}
 
@@ -220,6 +226,84 @@ def _effect_text(r: ScoreRow) -> str | None:
     ci = f" [{r.ci[0]:+.1f}, {r.ci[1]:+.1f}]" if r.ci else ""
     seeds = f" ({r.seeds} seed{'s' if r.seeds != 1 else ''})" if r.seeds else ""
     return f"{r.effect:+.1f}{ci}, p = {r.p:.2g}{seeds}"
+
+
+def build_label(record: Mapping[str, Any]) -> str | None:
+    """The pocket-pair build a record's chapter ran on, from its own parameters: ``"<preset> seed <pair_seed>"``
+    (the preset defaults to "default"); None for a chapter without a ``pair_seed`` parameter."""
+    params = record.get("parameters") if isinstance(record, Mapping) else None
+    seed = params.get("pair_seed") if isinstance(params, Mapping) else None
+    if not isinstance(seed, int):
+        return None
+    return f"{params.get('preset', 'default')} seed {seed}"
+
+
+def records_by_build(folders: Sequence[str | os.PathLike]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The records under ``folders`` grouped by the pocket-pair build they ran on: build label
+    (:func:`build_label`, e.g. ``"default seed 1"``) -> {chapter stem: record}, read from each
+    record's own parameters, so a folder's name cannot mislabel it, and builds of different
+    presets stay apart.
+
+    A folder may be a glob pattern (``"runs/pocket-seed-*"``: every build ``make book-seed`` ran).
+    Records without a ``pair_seed`` parameter (chapters that do not run on the pocket pair) are
+    left out; missing folders are skipped. Raises :class:`PktError` when two records of one chapter
+    ran on the same build (which of them is meant is ambiguous), naming both files.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    where: dict[tuple[str, str], Path] = {}
+    expanded = [Path(f) for pattern in folders
+                for f in (sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [pattern])]
+    for folder in expanded:
+        if not folder.is_dir():
+            continue
+        for stem, rec in load_records(folder).items():
+            label = build_label(rec)
+            if label is None:
+                continue
+            path = folder / f"{stem}.record.json"
+            if (label, stem) in where:
+                raise PktError(f"two records of chapter {stem!r} on the pocket pair {label}: "
+                               f"{where[label, stem]} and {path}; keep one")
+            where[label, stem] = path
+            out.setdefault(label, {})[stem] = rec
+    return dict(sorted(out.items()))
+
+
+def across_builds(builds: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> pd.DataFrame:
+    """The scorecard's pocket-task comparisons on several pocket-pair builds, side by side.
+
+    ``builds``: build label -> records (:func:`records_by_build`). One row per (chapter, method,
+    task) on a pocket task that some build compared with the student; per build ``<label>: score``,
+    ``<label>: vs student`` (effect, interval, p, seeds) and ``<label>: verdict``; ``same verdict``
+    is True when every build reached the same verdict (better / worse / n.s. / same answers),
+    False when they differ, and missing (NA) when some build lacks the comparison. Raises
+    :class:`PktError` for fewer than two builds.
+    """
+    if len(builds) < 2:
+        raise PktError(f"side by side needs records of at least two pocket-pair builds; found {sorted(builds)}")
+    found: dict[tuple[str, str, str], dict[str, ScoreRow]] = {}
+    for label, recs in builds.items():
+        for r in collect_scores(recs):
+            if r.task.startswith("pocket-") and r.effect is not None:
+                found.setdefault((r.record, r.method, r.task), {})[label] = r
+    rows = []
+    for (stem, method, task), per in found.items():
+        row: dict[str, Any] = {"chapter": stem, "method": METHODS.get(method, method), "task": task}
+        for label in builds:
+            r = per.get(label)
+            row[f"{label}: score"] = round(r.score, 2) if r else None
+            row[f"{label}: vs student"] = _effect_text(r) if r else None
+            row[f"{label}: verdict"] = r.verdict if r else None
+        verdicts = [per[b].verdict if b in per else None for b in builds]
+        row["same verdict"] = pd.NA if None in verdicts else len(set(verdicts)) == 1
+        rows.append(row)
+    order = {m: i for i, m in enumerate(METHODS)}
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["same verdict"] = df["same verdict"].astype("boolean")
+        key = [(r[0], order.get(r[1], len(order)), r[2]) for r in found]
+        df = df.iloc[sorted(range(len(df)), key=lambda i: key[i])].reset_index(drop=True)
+    return df
 
 
 def to_markdown(df) -> str:

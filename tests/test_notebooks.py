@@ -69,7 +69,7 @@ TINY: dict[str, dict] = {
     "specialist_sources": {"preset": "tiny", "specialist_families": ["math"], "families": ["math"], "max_rounds": 1,
                            "round_epochs": 0.05, "seeds": [0, 1], "limit": 4, "n_train": 16, "pa_epochs": 1,
                            "extract_limit": 4, "laten_steps": 1, "align_batch": 4, "run_dir": "{tmp}/specialist-runs"},
-    "scorecard": {"records_dir": "{tmp}/book"},  # run last: it reads the other chapters' records
+    "scorecard": {"records_dir": "{tmp}/book", "other_builds": []},  # run last: it reads the other chapters' records
 }
 
 

@@ -59,3 +59,53 @@ def test_scorecard_names_protocols_and_sets_only_the_papers_protocol_beside_the_
     assert rows.loc[3.0, "protocol"] == "open-instruct" and rows.loc[3.0, paper] == 16.07  # like for like
     assert rows.loc[5.0, "protocol"] == "pkt" and rows.loc[5.0, paper] != rows.loc[5.0, paper]  # NaN: not comparable
     assert rows.loc[40.0, "protocol"] == "pkt" and rows.loc[40.0, paper] == 16.07  # the pocket analogue
+
+
+def _record(folder, stem, pair_seed, rows, preset="default"):
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {} if pair_seed is None else {"pair_seed": pair_seed, "preset": preset}
+    (folder / f"{stem}.record.json").write_text(json.dumps({"parameters": params, "metrics": {"scorecard": rows}}))
+
+
+def _row(method, task, score, effect, p, verdict, seeds=3):
+    return {"method": method, "task": task, "score": score, "n": 300, "effect": effect, "ci": [effect - 1, effect + 1],
+            "p": p, "seeds": seeds, "verdict": verdict}
+
+
+def test_comparisons_side_by_side_across_pocket_pair_builds(tmp_path):
+    import pandas as pd
+    import pytest
+
+    from pktlib.errors import PktError
+    from pktlib.scorecard import across_builds, records_by_build, to_markdown
+
+    book, other = tmp_path / "book", tmp_path / "runs" / "pocket-seed-1"
+    _record(book, "laten", 0, [_row("laten", "pocket-math", 31.0, 0.0, 1.0, "same answers"),
+                               {"method": "student", "task": "pocket-math", "score": 31.0, "n": 300}])
+    _record(book, "postalign", 0, [_row("postalign-seeking-n1000", "pocket-code", 40.0, 3.0, 0.01, "better"),
+                                   _row("postalign-random-n1000", "pocket-code", 38.0, 1.0, 0.2, "n.s.")])
+    _record(book, "real_pair_laten", None, [_row("laten", "gsm8k", 5.0, 0.0, 1.0, "same answers")])  # not pocket
+    _record(other, "laten", 1, [_row("laten", "pocket-math", 29.0, 0.0, 1.0, "same answers")])
+    _record(other, "postalign", 1, [_row("postalign-seeking-n1000", "pocket-code", 36.0, 1.5, 0.3, "n.s.")])
+    builds = records_by_build([book, tmp_path / "runs" / "pocket-seed-*", tmp_path / "missing"])
+    # by the records' own parameters
+    assert list(builds) == ["default seed 0", "default seed 1"] and sorted(builds["default seed 0"]) == ["laten", "postalign"]
+    t = across_builds(builds)
+    # METHODS order within a chapter; rows without a comparison (the student) are left out
+    assert list(zip(t.chapter, t.method, t["default seed 0: verdict"], t["default seed 1: verdict"].fillna("-"))) == [
+        ("laten", "LaTen (Pre-Align)", "same answers", "same answers"),
+        ("postalign", "Post-Align, random LoRA, N=1000", "n.s.", "-"),  # seed 1 lacks it
+        ("postalign", "Post-Align, Seeking, N=1000", "better", "n.s.")]
+    assert t["same verdict"].isna().tolist() == [False, True, False]
+    assert t["same verdict"].iloc[0] and not t["same verdict"].iloc[2]
+    assert t["default seed 1: vs student"].iloc[2] == "+1.5 [+0.5, +2.5], p = 0.3 (3 seeds)"
+    assert t["default seed 0: score"].iloc[2] == 40.0 and pd.isna(t["default seed 1: score"].iloc[1])
+    assert "| postalign | Post-Align, Seeking, N=1000 | pocket-code | 40.00 |" in to_markdown(t)
+    with pytest.raises(PktError, match=r"at least two pocket-pair builds; found \['default seed 0'\]"):
+        across_builds(records_by_build([book]))
+    _record(tmp_path / "copy", "laten", 1, [])
+    with pytest.raises(PktError, match="two records of chapter 'laten' on the pocket pair default seed 1"):
+        records_by_build([book, other, tmp_path / "copy"])
+    _record(tmp_path / "tiny", "laten", 1, [], preset="tiny")  # another preset is another build
+    assert list(records_by_build([book, other, tmp_path / "tiny"])) == ["default seed 0", "default seed 1", "tiny seed 1"]

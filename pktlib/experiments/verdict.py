@@ -171,9 +171,10 @@ def comparison_text(c: Any) -> str:
 def scorecard_fields(c: Any) -> dict[str, Any]:
     """A comparison with the student as the extra fields of a scorecard row (:mod:`pktlib.scorecard`):
     ``effect`` (points), ``ci`` (95% over seeds, or over questions with one seed), ``p`` (per-question test),
-    ``seeds`` and ``n`` (questions per run). ``c``: a :class:`Comparison` or a :func:`compare_table` row."""
+    ``seeds``, ``n`` (questions per run) and ``verdict`` (:attr:`Comparison.verdict`). ``c``: a
+    :class:`Comparison` or a :func:`compare_table` row."""
     get = (lambda f: getattr(c, f)) if isinstance(c, Comparison) else (lambda f: c[f])
     seeds = int(get("seeds"))
     ci = (get("lo"), get("hi")) if seeds > 1 else (get("q_lo"), get("q_hi"))
     return {"effect": float(get("gap")), "ci": [float(v) for v in ci], "p": float(get("p_value")), "seeds": seeds,
-            "n": int(get("n"))}
+            "n": int(get("n")), "verdict": str(get("verdict"))}
