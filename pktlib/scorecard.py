@@ -286,8 +286,10 @@ def across_builds(builds: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> pd.D
         for r in collect_scores(recs):
             if r.task.startswith("pocket-") and r.effect is not None:
                 found.setdefault((r.record, r.method, r.task), {})[label] = r
+    order = {m: i for i, m in enumerate(METHODS)}
     rows = []
-    for (stem, method, task), per in found.items():
+    for (stem, method, task), per in sorted(found.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)),
+                                                                           kv[0][2])):
         row: dict[str, Any] = {"chapter": stem, "method": METHODS.get(method, method), "task": task}
         for label in builds:
             r = per.get(label)
@@ -297,12 +299,9 @@ def across_builds(builds: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> pd.D
         verdicts = [per[b].verdict if b in per else None for b in builds]
         row["same verdict"] = pd.NA if None in verdicts else len(set(verdicts)) == 1
         rows.append(row)
-    order = {m: i for i, m in enumerate(METHODS)}
     df = pd.DataFrame(rows)
     if len(df):
         df["same verdict"] = df["same verdict"].astype("boolean")
-        key = [(r[0], order.get(r[1], len(order)), r[2]) for r in found]
-        df = df.iloc[sorted(range(len(df)), key=lambda i: key[i])].reset_index(drop=True)
     return df
 
 
