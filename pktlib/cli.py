@@ -190,8 +190,9 @@ def zoo_build(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the checkpoints exist."),
     preset: str = typer.Option("default", help="Preset: 'default' (the book's pair) or 'tiny'."),
     score: bool = typer.Option(True, help="Score every checkpoint on the test splits (needs pktlib.evaluation)."),
-    specialist: Optional[str] = typer.Option(None, help="Then train teacher-chat further on this family (knowledge, "
-                                             "math, code) until it clearly beats it there: teacher-chat-<family>."),
+    specialist: Optional[str] = typer.Option(None, help="Then train teacher-chat further on this family (math or "
+                                             "code: its train split and fresh problems) until it clearly beats it on "
+                                             "fresh questions: teacher-chat-<family>-<settings key>."),
 ) -> None:
     """Train the pocket pair's four checkpoints (progress bar with time left), then score them."""
     from pktlib import zoo

@@ -339,6 +339,20 @@ def test_evaluate_in_memory_knowledge(tiny):
     assert [r.correct for r in again] == [r.correct for r in res.records]
 
 
+def test_evaluate_given_examples_scores_them_like_a_split(tiny):
+    split = evaluate(tiny, "pocket-math", "align", limit=6, max_new_tokens=8, progress=False, batch_size=6)
+    given = evaluate(tiny, "pocket-math", examples=load_task("pocket-math", "align", limit=6), max_new_tokens=8,
+                     progress=False, batch_size=6)
+    assert given.split == "given" and given.n == 6
+    assert [(r.id, r.completion, r.correct) for r in given.records] == [(r.id, r.completion, r.correct)
+                                                                        for r in split.records]
+    capped = evaluate(tiny, "pocket-math", "mine", examples=load_task("pocket-math", "align", limit=6), limit=2,
+                      max_new_tokens=8, progress=False)
+    assert capped.split == "mine" and [r.id for r in capped.records] == [r.id for r in split.records[:2]]
+    with pytest.raises(PktError, match="either `examples` or `indices`"):
+        evaluate(tiny, "pocket-math", examples=load_task("pocket-math", "align", limit=2), indices=[0], progress=False)
+
+
 def test_open_instruct_mmlu_is_next_token_argmax(tiny):
     """No generation: the letter whose token is likeliest next, batched or not."""
     import torch

@@ -67,7 +67,7 @@ TINY: dict[str, dict] = {
     "distillation": {"preset": "tiny", "families": ["math"], "budgets": [8], "seeds": [0], "eval_limit": 4,
                      "torch_threads": 1, "run_dir": "{tmp}/distill-runs", "laten_record": "{tmp}/book/laten.record.json"},
     "specialist_sources": {"preset": "tiny", "specialist_families": ["math"], "families": ["math"], "max_rounds": 1,
-                           "round_epochs": 0.05, "seeds": [0, 1], "limit": 4, "n_train": 16, "pa_epochs": 1,
+                           "round_epochs": 0.05, "fresh_train": 40, "decision_questions": 8, "seeds": [0, 1], "limit": 4, "n_train": 16, "pa_epochs": 1,
                            "extract_limit": 4, "laten_steps": 1, "align_batch": 4, "run_dir": "{tmp}/specialist-runs"},
     "scorecard": {"records_dir": "{tmp}/book", "other_builds": []},  # run last: it reads the other chapters' records
 }

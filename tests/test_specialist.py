@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -17,10 +18,13 @@ from pktlib.errors import PktError
 from pktlib.experiments import specialist as sx
 from pktlib.models import load_model
 from pktlib.zoo.build import chat_batches
-from pktlib.zoo.specialist import SpecialistConfig, build_specialist, describe, min_discordant, read_decisions
+from pktlib.data.suite import fresh_examples
+from pktlib.zoo.specialist import (SpecialistConfig, build_specialist, describe, min_discordant, read_decisions,
+                                   specialist_data, specialist_name)
 from test_zoo import MICRO
 
-ROUND_EPOCHS = 0.024  # 6 optimiser steps over the 1000 math train examples at MICRO's batch size of 4
+ROUND_EPOCHS = 0.02  # 6 optimiser steps over the 1000 math train examples + 200 fresh at MICRO's batch size of 4
+SPEC = SpecialistConfig("math", max_rounds=2, epochs=ROUND_EPOCHS, lr_scale=2.0, fresh_train=200, decision_questions=20)
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -43,14 +47,13 @@ def built(cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("pair") / "p"
     pair = zoo.build_pair("micro", seed=0, config=MICRO, root=root, progress=False)
     before = {name: _files(path) for name, path in pair.checkpoints().items()}
-    cfg = SpecialistConfig("math", max_rounds=2, epochs=ROUND_EPOCHS, lr_scale=2.0)
-    spec = build_specialist("math", preset="micro", pair_config=MICRO, root=root, config=cfg, progress=False)
+    spec = build_specialist("math", preset="micro", pair_config=MICRO, root=root, config=SPEC, progress=False)
     return pair, before, spec
 
 
 def test_specialist_lowers_the_family_loss_and_updates_only_itself(built):
     pair, before, spec = built
-    assert spec == pair.root / "teacher-chat-math"
+    assert spec == pair.root / specialist_name(SPEC) and spec.name.startswith("teacher-chat-math-")
     # teacher-chat (and every other checkpoint) is byte-identical after the build
     assert {name: _files(path) for name, path in pair.checkpoints().items()} == before
     assert _family_loss(spec) < _family_loss(pair.teacher_chat) - 0.05
@@ -60,29 +63,46 @@ def test_specialist_lowers_the_family_loss_and_updates_only_itself(built):
     changed = [k for k in t if not torch.equal(t[k], s[k])]
     assert changed and all(k.endswith("weight") for k in changed)
     # no run folder is left behind, and the card tells the rounds and the decision
-    assert not (pair.root / ".runs" / "teacher-chat-math").exists()
+    assert not (pair.root / ".runs" / spec.name).exists()
     info = read_decisions(spec)
     assert info["family"] == "math" and info["source"] == "teacher-chat"
-    assert 1 <= len(info["rounds"]) <= 2 and info["decision_questions"] == 32 + 80
+    assert 1 <= len(info["rounds"]) <= 2 and info["decision_questions"] == 20
+    assert all(d["n"] == 20 for d in info["rounds"]) and info["config"]["fresh_train"] == 200
     assert info["verdict"] in ("clearly better", "not clearly better", "ceiling")
     card = zoo.read_card(spec)
-    assert card["name"] == "teacher-chat-math" and "math round 1" in card["training"]
+    assert card["name"] == spec.name and "math round 1" in card["training"]
     assert card["training"]["math round 1"]["steps"] == 6
-    assert "teacher-chat-math" in describe(spec) and "round 1:" in describe(spec)
+    assert spec.name in describe(spec) and "round 1:" in describe(spec)
 
 
 def test_a_finished_specialist_is_found_not_retrained(built):
     pair, _, spec = built
     stamp = os.stat(spec / "model.safetensors").st_mtime_ns
-    again = build_specialist("math", preset="micro", pair_config=MICRO, root=pair.root, progress=False)
+    again = build_specialist("math", preset="micro", pair_config=MICRO, root=pair.root, config=SPEC, progress=False)
     assert again == spec and os.stat(spec / "model.safetensors").st_mtime_ns == stamp
+    # other settings name another specialist: it is built, not mistaken for this one
+    assert specialist_name(replace(SPEC, lr_scale=1.0)) != spec.name
+
+
+def test_specialist_trains_on_fresh_problems_and_is_judged_on_others():
+    train, questions = specialist_data(SPEC)
+    split = load_task("pocket-math", "train")
+    fresh = fresh_examples("math", 220)
+    assert [ex.meta["id"] for ex in train] == [ex.meta["id"] for ex in split + fresh[20:]]
+    assert [ex.meta["id"] for ex in questions] == [ex.meta["id"] for ex in fresh[:20]]
+    test = {ex.messages[0]["content"] for ex in load_task("pocket-math", "test")}
+    trained = {ex.messages[0]["content"] for ex in train}
+    asked = {ex.messages[0]["content"] for ex in questions}
+    assert not trained & asked and not (trained | asked) & test
 
 
 def test_specialist_settings_and_missing_pair_are_clear_errors(tmp_path):
-    with pytest.raises(PktError, match="unknown family 'poetry'"):
+    with pytest.raises(PktError, match="no specialist for family 'poetry'"):
         SpecialistConfig("poetry")
-    with pytest.raises(PktError, match="must not use the test split"):
-        SpecialistConfig("math", decision_splits=("align", "test"))
+    with pytest.raises(PktError, match="no specialist for family 'knowledge'"):
+        SpecialistConfig("knowledge")
+    with pytest.raises(PktError, match="decision_questions >= 1"):
+        SpecialistConfig("math", decision_questions=0)
     with pytest.raises(PktError, match="max_rounds >= 1"):
         SpecialistConfig("math", max_rounds=0)
     with pytest.raises(PktError, match="teacher-chat is not built"):

@@ -127,6 +127,34 @@ def test_suite_is_deterministic():
         assert [e.messages for e in a_splits[fam]["test"]] != [e.messages for e in c_splits[fam]["test"]]
 
 
+def test_fresh_problems_are_new_deterministic_and_leave_the_suite_unchanged():
+    cfg = suite.SuiteConfig(seed=3)
+    splits, docs = suite.generate_suite(cfg)
+    prompts = {ex.messages[0]["content"] for by in splits.values() for rows in by.values() for ex in rows}
+    for fam in ("math", "code"):
+        fresh = suite.fresh_examples(fam, 60, suite=cfg)
+        assert len(fresh) == 60 and [ex.meta["id"] for ex in fresh[:2]] == [f"pocket-{fam}_fresh_0",
+                                                                            f"pocket-{fam}_fresh_1"]
+        texts = [ex.messages[0]["content"] for ex in fresh]
+        assert len(set(texts)) == 60 and not set(texts) & prompts
+        # not in the base corpus either (its documents start with the problem's prompt)
+        assert not any(doc.startswith(t) for doc in docs for t in texts)
+        # a longer call starts with the shorter one: a specialist's decision questions stay put
+        assert [ex.messages for ex in suite.fresh_examples(fam, 80, suite=cfg)[:60]] == [ex.messages for ex in fresh]
+        # the same kind of question as the split's: gold answers and tests in the same form
+        assert set(fresh[0].meta) == set(splits[fam]["test"][0].meta) - {"id"} | {"id"}
+    # drawing fresh problems changes nothing in the suite itself
+    again, again_docs = suite.generate_suite(cfg)
+    assert again_docs == docs and all([e.messages for e in again[f][s]] == [e.messages for e in splits[f][s]]
+                                      for f in splits for s in splits[f])
+    code = suite.fresh_examples("code", 200, suite=cfg)
+    assert len({ex.meta["kind"] for ex in code}) > 40  # every kind equally, like the test split
+    with pytest.raises(PktError, match="no fresh questions"):
+        suite.fresh_examples("knowledge", 1, suite=cfg)
+    with pytest.raises(PktError, match="n >= 0"):
+        suite.fresh_examples("math", -1, suite=cfg)
+
+
 def test_popularity_spans_its_range_and_sets_bio_counts(suite_splits):
     lo, hi = suite.SuiteConfig().bio_repeats
     pops = [ex.meta["popularity"] for ex in suite_splits["knowledge"]["test"]]

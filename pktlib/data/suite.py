@@ -45,6 +45,7 @@ __all__ = [
     "SUITE_VERSION",
     "SuiteConfig",
     "generate_suite",
+    "fresh_examples",
     "suite_dir",
     "suite_file",
     "base_corpus",
@@ -151,8 +152,11 @@ def _knowledge_question(rng: random.Random, e: str, attr: str, value: str) -> tu
     return mmlu_user_prompt(subject, question.format(e=e), choices), letter, answer, choices
 
 
-def _knowledge_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]:
+def _knowledge_splits(cfg: SuiteConfig, fresh_n: int = 0) -> tuple[dict[str, list[Example]], list[str]]:
     """Splits of questions over disjoint facts, and the base corpus's knowledge documents."""
+    if fresh_n:
+        raise PktError("pocket-knowledge has no fresh questions: its questions are about the suite's fixed fact "
+                       "base, and every fact is already in a split (math and code problems can be drawn afresh)")
     n_q = sum(SPLIT_SIZES.values())
     if cfg.n_entities * len(ATTRIBUTES) < n_q:
         raise PktError(f"`n_entities`={cfg.n_entities} gives {cfg.n_entities * len(ATTRIBUTES)} facts; "
@@ -235,7 +239,12 @@ def _math_problem(rng: random.Random, steps_range: tuple[int, int]) -> tuple[str
             return question, " ".join(work) + f" So the answer is {x}.", x
 
 
-def _math_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]:
+def _math_example(q: str, sol: str, ans: int, example_id: str) -> Example:
+    return Example([{"role": "user", "content": gsm_user_prompt(q)}, {"role": "assistant", "content": sol}],
+                   {"id": example_id, "task": "pocket-math", "answer": str(ans)})
+
+
+def _math_splits(cfg: SuiteConfig, fresh_n: int = 0) -> tuple[dict[str, list[Example]], list[str]]:
     rng = random.Random(f"math-{cfg.seed}")
     seen: set[str] = set()
 
@@ -250,15 +259,14 @@ def _math_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]
     for split in ("test", "extract", "align", "train"):
         rows = []
         for i in range(SPLIT_SIZES[split]):
-            q, sol, ans = fresh()
-            rows.append(Example([{"role": "user", "content": gsm_user_prompt(q)},
-                                 {"role": "assistant", "content": sol}],
-                                {"id": f"pocket-math_{split}_{i}", "task": "pocket-math", "answer": str(ans)}))
+            rows.append(_math_example(*fresh(), f"pocket-math_{split}_{i}"))
         splits[split] = rows
     docs = [f"{ex.messages[0]['content']}\nAnswer: {ex.answer}" for s in ("extract", "align", "train") for ex in splits[s]]
     for _ in range(cfg.math_corpus):
         q, sol, _ = fresh()
         docs.append(f"{gsm_user_prompt(q)}\nAnswer: {sol}")
+    # drawn after everything else, so the suite's own splits and corpus do not depend on fresh_n
+    splits["fresh"] = [_math_example(*fresh(), f"pocket-math_fresh_{i}") for i in range(fresh_n)]
     return splits, docs
 
 
@@ -335,7 +343,7 @@ def _code_problem(rng: random.Random, kinds: list[tuple[str, int, int, float]], 
     return signature, reference, tests, name, kind
 
 
-def _code_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]:
+def _code_splits(cfg: SuiteConfig, fresh_n: int = 0) -> tuple[dict[str, list[Example]], list[str]]:
     rng = random.Random(f"code-{cfg.seed}")
     kinds = _code_kinds(cfg)
     total = sum(k[3] for k in kinds)
@@ -349,23 +357,25 @@ def _code_splits(cfg: SuiteConfig) -> tuple[dict[str, list[Example]], list[str]]
                 seen.add(p[0])
                 return p
 
-    splits = {}
-    for split in ("test", "extract", "align", "train"):
-        rows = []
-        for i in range(SPLIT_SIZES[split]):
-            # The test asks about every kind equally (as the knowledge test asks about every
-            # person, famous or not); the other splits and the corpus follow the kinds' weights.
-            signature, ref, tests, name, kind = fresh(uniform=split == "test")
-            rows.append(Example([{"role": "user", "content": code_user_prompt(signature)},
-                                 {"role": "assistant", "content": f"```python\n{ref}```"}],
-                                {"id": f"pocket-code_{split}_{i}", "task": "pocket-code", "tests": tests,
-                                 "entry_point": name, "reference": ref, "kind": kind,
-                                 "kind_frequency": round(weight[kind], 5)}))
-        splits[split] = rows
+    def example(split: str, i: int) -> Example:
+        # The test asks about every kind equally (as the knowledge test asks about every person,
+        # famous or not), and so do fresh problems (they stand in for more test-like questions);
+        # the other splits and the corpus follow the kinds' weights.
+        signature, ref, tests, name, kind = fresh(uniform=split in ("test", "fresh"))
+        return Example([{"role": "user", "content": code_user_prompt(signature)},
+                        {"role": "assistant", "content": f"```python\n{ref}```"}],
+                       {"id": f"pocket-code_{split}_{i}", "task": "pocket-code", "tests": tests,
+                        "entry_point": name, "reference": ref, "kind": kind,
+                        "kind_frequency": round(weight[kind], 5)})
+
+    splits = {split: [example(split, i) for i in range(SPLIT_SIZES[split])]
+              for split in ("test", "extract", "align", "train")}
     docs = [f"{ex.messages[0]['content']}\n{ex.answer}" for s in ("extract", "align", "train") for ex in splits[s]]
     for _ in range(cfg.code_corpus):
         signature, ref, _, _, _ = fresh()
         docs.append(f"{code_user_prompt(signature)}\n```python\n{ref}```")
+    # drawn after everything else, so the suite's own splits and corpus do not depend on fresh_n
+    splits["fresh"] = [example("fresh", i) for i in range(fresh_n)]
     return splits, docs
 
 
@@ -380,8 +390,25 @@ def generate_suite(cfg: SuiteConfig = SuiteConfig()) -> tuple[dict[str, dict[str
     splits, docs = {}, []
     for fam, gen in _GENERATORS.items():
         splits[fam], d = gen(cfg)
+        splits[fam].pop("fresh", None)
         docs += d
     return splits, docs
+
+
+def fresh_examples(family: str, n: int, *, suite: SuiteConfig = SuiteConfig()) -> list[Example]:
+    """``n`` new problems of ``family`` ("math" or "code") that are in no split and not in the base corpus.
+
+    They continue the suite's own generator after its corpus (so they are deterministic in
+    ``suite``, and the first ``k`` of ``n`` are the ``k`` of a shorter call), drawn like the test
+    split (code: every kind equally). Ids are ``pocket-<family>_fresh_<i>``. A specialist teacher
+    trains and is judged on them (:mod:`pktlib.zoo.specialist`): more data of the test's kind,
+    never the test itself. Raises PktError for ``knowledge`` (a fixed fact base) or ``n`` < 0.
+    """
+    if family not in _GENERATORS:
+        raise PktError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if n < 0:
+        raise PktError(f"fresh_examples needs n >= 0, got {n}")
+    return _GENERATORS[family](suite, n)[0]["fresh"]
 
 
 def suite_dir(cfg: SuiteConfig = SuiteConfig()) -> Path:

@@ -89,7 +89,7 @@ from typing import Sequence
 import torch
 
 from pktlib.analysis.stats import PairedTest, paired_test, wilson_interval
-from pktlib.data import LETTERS, extract_choice, extract_number, load_task, numbers_equal, task_info
+from pktlib.data import Example, LETTERS, extract_choice, extract_number, load_task, numbers_equal, task_info
 from pktlib.errors import PktError
 from pktlib.evaluation.scoring import (DEFAULT_MAX_NEW_TOKENS, extract_code, build_program, truncate_at_stop,
                                        stop_strings, ExampleRecord, EvalResult, example_rows,
@@ -141,7 +141,8 @@ __all__ = [
 def evaluate(model, task: str, split: str | None = None, *, protocol: str = "pkt", backend: str = "hf",
              limit: int | None = None, batch_size: int = 16, seed: int = 0, max_new_tokens: int | None = None,
              progress: bool = True, generator: Generator | None = None, workers: int = 2, timeout: float = 10.0,
-             indices: Sequence[int] | None = None, **backend_kwargs) -> EvalResult:
+             indices: Sequence[int] | None = None, examples: Sequence[Example] | None = None,
+             **backend_kwargs) -> EvalResult:
     """Zero-shot greedy score of ``model`` on ``task``/``split`` under ``protocol`` (DESIGN.md 4.7).
 
     ``model``: a model directory or hub id, or an in-memory ``(model, tokenizer)`` (hf only).
@@ -152,7 +153,9 @@ def evaluate(model, task: str, split: str | None = None, *, protocol: str = "pkt
     ``generator`` reuses an already built backend. Code tasks run ``workers`` sandboxes at a
     time with a ``timeout`` (seconds) per program. ``indices`` scores only those positions of the
     split, in that order (a subset; ``limit`` then caps how many of them); an index outside the
-    split raises :class:`PktError`.
+    split raises :class:`PktError`. ``examples`` scores these instead of a stored split (questions
+    of ``task``'s kind made elsewhere, e.g. :func:`pktlib.data.suite.fresh_examples`; ``split``
+    then only labels the result, default ``"given"``); it cannot be combined with ``indices``.
     """
     t0 = time.perf_counter()
     proto = get_protocol(protocol)
@@ -164,10 +167,16 @@ def evaluate(model, task: str, split: str | None = None, *, protocol: str = "pkt
             raise PktError(f"{name} must be >= {lo}, got {value}")
     if timeout <= 0:
         raise PktError(f"timeout must be > 0 seconds, got {timeout}")
-    split = split or proto.test_split(info)
-    if indices is None:
+    if examples is not None:
+        if indices is not None:
+            raise PktError("evaluate takes either `examples` or `indices`, not both")
+        split = split or "given"
+        examples = list(examples)[:limit]
+    elif indices is None:
+        split = split or proto.test_split(info)
         examples = load_task(task, split, limit=limit)
     else:
+        split = split or proto.test_split(info)
         every = load_task(task, split)
         bad = [i for i in indices if not 0 <= i < len(every)]
         if bad:

@@ -144,26 +144,28 @@ def decision_table(specialists: Mapping[str, str | Path]) -> pd.DataFrame:
     for family, path in specialists.items():
         info = read_decisions(path)
         for d in info["rounds"]:
-            out.append({"family": family, "round": d["round"], "questions": d["n"], "plain teacher": d["teacher"],
+            out.append({"family": family, "specialist_name": Path(path).name, "round": d["round"], "questions": d["n"], "plain teacher": d["teacher"],
                         "specialist": d["specialist"], "specialist_only": d["specialist_only"],
                         "plain_only": d["teacher_only"], "p_value": d["p_value"], "ci_low": d["interval"][0],
                         "ci_high": d["interval"][1], "verdict": info["verdict"],
                         "epochs_per_round": info["config"]["epochs"],
+                        "fresh_train": info["config"].get("fresh_train", 0),
                         "max_rounds": info["config"]["max_rounds"], "build_seconds": info["seconds"]})
     return pd.DataFrame(out)
 
 
 def decision_lines(decisions: pd.DataFrame) -> str:
-    """Markdown: per specialist, its last round's held-out comparison and the build's verdict."""
+    """Markdown: per specialist, its last round's decision on fresh questions and the build's verdict."""
     lines = []
     for family, g in decisions.groupby("family", sort=False):
         d = g.iloc[-1]
         what = {"clearly better": "clearly better than the plain teacher",
-                "ceiling": "not testable: the plain teacher misses too few held-out questions for any specialist to "
-                           "clearly beat it",
+                "ceiling": "not testable: the plain teacher misses too few decision questions for any specialist "
+                           "to clearly beat it",
                 "not clearly better": f"not clearly better after the cap of {d.max_rounds} rounds"}[d.verdict]
-        lines.append(f"- **teacher-chat-{family}** after {d['round']} round(s) of {d.epochs_per_round:g} epochs: "
-                     f"{d.specialist:.1f} vs {d['plain teacher']:.1f} on {d.questions} held-out questions "
+        lines.append(f"- **{d.specialist_name}** after {d['round']} round(s) of {d.epochs_per_round:g} epoch(s) over "
+                     f"the {family} train split and {d.fresh_train} fresh problems: "
+                     f"{d.specialist:.1f} vs {d['plain teacher']:.1f} on {d.questions} fresh decision questions "
                      f"({d.specialist_only} only the specialist answers right, {d.plain_only} only the plain teacher; "
                      f"McNemar p = {d.p_value:.2g}, 95% CI {d.ci_low:+.1f} to {d.ci_high:+.1f} points): {what}.")
     return "\n".join(lines)
@@ -339,7 +341,7 @@ def cost_line(runs: SourceRuns | Sequence[SourceRuns], decisions: pd.DataFrame, 
     this run's comparisons (wall and CPU time; a resumed run pays only for what was missing)."""
     rs = _each(runs)
     builds = decisions.drop_duplicates("family")
-    built = ", ".join(f"teacher-chat-{r.family} {r.build_seconds / 60:.1f} min" for r in builds.itertuples())
+    built = ", ".join(f"{r.specialist_name} {r.build_seconds / 60:.1f} min" for r in builds.itertuples())
     n_models = sum(len(r.models) for r in rs)
     return (f"Cost on preset `{preset}`: the specialists are built once and kept beside the pair ({built}, wall "
             f"time of the call that built them); the comparisons scored {n_models} models on "

@@ -1,31 +1,41 @@
 """Specialist teachers: the pocket pair's teacher-chat trained further on one family (paper Tables 2, 3, 6).
 
 The paper asks whether a *stronger source* transfers better: WizardCoder / CodeLlama (code) and
-WizardMath (math) stand in for the Llama-2 teacher. The pocket analogue is the pair's
-``teacher-chat`` fine-tuned further on one family's chat training data (the ``train`` split of
-that family only), round after round, until it **clearly beats** the plain teacher on that family:
+WizardMath (math) stand in for the Llama-2 teacher. Those specialists were trained on much more
+task data than the general model. The pocket analogue is the pair's ``teacher-chat`` fine-tuned
+further on one family: its chat training data (the ``train`` split) plus ``fresh_train`` *fresh*
+problems of the family (:func:`pktlib.data.suite.fresh_examples`: in no split and not in the base
+corpus), round after round, until it **clearly beats** the plain teacher on that family:
 
-* *clearly*: on held-out questions of the family (the ``extract`` and ``align`` splits, 112
-  questions; the suite has no validation split, and the ``test`` split is kept for the
-  comparisons), the specialist answers more questions right than the plain teacher and an exact
-  McNemar test (:func:`pktlib.analysis.stats.paired_test`) gives p < ``alpha``;
+* *clearly*: on ``decision_questions`` further fresh problems (never trained on; the test split
+  is kept for the comparisons), the specialist answers more questions right than the plain
+  teacher and an exact McNemar test (:func:`pktlib.analysis.stats.paired_test`) gives
+  p < ``alpha``. The decision questions are unseen, like the test split's, so a specialist that
+  wins them should win the test too. An earlier version decided on the ``extract`` and ``align``
+  splits; their questions and answers are in the base corpus, and a math specialist won there
+  (57.1 vs 45.5, p = 0.007) but not on the test split (46.3 vs 47.0): further chat training had
+  recalled memorised answers rather than taught the arithmetic;
+* only ``math`` and ``code`` have fresh problems (knowledge questions are about the suite's fixed
+  fact base), so only they have specialists;
 * the rounds are capped (``SpecialistConfig.max_rounds``); a specialist that never clears the
   test is still saved, with the decision "not clearly better" in its card;
-* where the plain teacher misses fewer held-out questions than any significant McNemar result
+* where the plain teacher misses fewer decision questions than any significant McNemar result
   needs (at ``alpha`` = 0.05, six discordant questions all in the specialist's favour), no
   specialist can clearly beat it: one round is trained and the card says "ceiling".
 
 Each round is one :func:`pktlib.zoo.build.train_stage` (the pair's own training loop) over
-:func:`pktlib.zoo.build.chat_batches` of the family's examples (optionally
+:func:`pktlib.zoo.build.chat_batches` of the training examples (optionally
 :func:`pktlib.zoo.build.with_replay` of base-corpus batches), at ``lr_scale`` times the chat
 stage's learning rate, with the teacher's autocast. The checkpoint is
-``<pair folder>/teacher-chat-<family>`` with a card (:mod:`pktlib.zoo.cards`), written under a
-lock, atomically; a round's run and each finished round are kept in
-``<pair folder>/.runs/teacher-chat-<family>`` so an interrupted build resumes. ``teacher-chat``
-is only read. On the command line: ``pkt zoo build --specialist <family>``.
+``<pair folder>/teacher-chat-<family>-<settings key>`` (:func:`specialist_name`: other settings
+build another specialist instead of finding this one) with a card (:mod:`pktlib.zoo.cards`),
+written under a lock, atomically; a round's run and each finished round are kept in
+``<pair folder>/.runs/<name>`` so an interrupted build resumes. ``teacher-chat`` is only read.
+On the command line: ``pkt zoo build --specialist <family>``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -39,8 +49,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pktlib.analysis.stats import correctness_string, paired_difference_interval, paired_test
 from pktlib.cache import locked
-from pktlib.data import load_task
-from pktlib.data.suite import FAMILIES, base_corpus
+from pktlib.data import Example, load_examples
+from pktlib.data.suite import FAMILIES, SuiteConfig, base_corpus, fresh_examples, suite_file
 from pktlib.errors import PktError
 from pktlib.evaluation import evaluate
 from pktlib.models import spec, weights_hash
@@ -49,7 +59,8 @@ from pktlib.zoo.build import _stage_config, base_batches, chat_batches, train_st
 from pktlib.zoo.cards import MAX_NEW_TOKENS, read_card, save_checkpoint
 from pktlib.zoo.config import PairConfig, for_this_machine, get_preset, pair_dir
 
-__all__ = ["SpecialistConfig", "Decision", "specialist_name", "decision_questions", "min_discordant",
+__all__ = ["SPECIALIST_FAMILIES", "SpecialistConfig", "Decision", "specialist_name", "specialist_data",
+           "decision_correct", "min_discordant",
            "build_specialist", "read_decisions", "describe"]
 
 
@@ -59,21 +70,28 @@ class SpecialistConfig:
 
     family: str
     max_rounds: int = 3  # cap on the rounds of further training
-    epochs: float = 2.0  # passes over the family's train split per round
+    epochs: float = 1.0  # passes over the training examples per round
     lr_scale: float = 0.5  # times the chat stage's learning rate (cosine to 10% within each round)
     replay: float = 0.0  # base-corpus batches per chat batch (a specialist may forget the other families)
-    decision_splits: tuple[str, ...] = ("extract", "align")  # held-out questions of the decision
+    fresh_train: int = 3000  # fresh problems trained on beside the family's train split (more task data)
+    decision_questions: int = 300  # further fresh problems the decision scores (never trained on)
     alpha: float = 0.05  # McNemar level of "clearly better"
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise PktError(f"unknown family {self.family!r} for a specialist; expected one of {', '.join(FAMILIES)}")
-        if self.max_rounds < 1 or self.epochs <= 0 or self.lr_scale <= 0 or self.replay < 0:
-            raise PktError(f"SpecialistConfig needs max_rounds >= 1, epochs > 0, lr_scale > 0 and replay >= 0; got "
-                           f"max_rounds={self.max_rounds}, epochs={self.epochs}, lr_scale={self.lr_scale}, "
-                           f"replay={self.replay}")
-        if "test" in self.decision_splits:
-            raise PktError("the specialist's decision must not use the test split (the comparisons are scored on it)")
+        if self.family not in SPECIALIST_FAMILIES:
+            raise PktError(f"no specialist for family {self.family!r}: only {', '.join(SPECIALIST_FAMILIES)} have "
+                           f"fresh problems to train and decide on (of {', '.join(FAMILIES)})")
+        if (self.max_rounds < 1 or self.epochs <= 0 or self.lr_scale <= 0 or self.replay < 0 or self.fresh_train < 0
+                or self.decision_questions < 1):
+            raise PktError(f"SpecialistConfig needs max_rounds >= 1, epochs > 0, lr_scale > 0, replay >= 0, "
+                           f"fresh_train >= 0 and decision_questions >= 1; got max_rounds={self.max_rounds}, "
+                           f"epochs={self.epochs}, lr_scale={self.lr_scale}, replay={self.replay}, "
+                           f"fresh_train={self.fresh_train}, decision_questions={self.decision_questions}")
+
+    def key(self) -> str:
+        """Eight hex digits of the settings (family excluded): the checkpoint folder's suffix."""
+        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "family"}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -91,9 +109,20 @@ class Decision:
     clearly_better: bool
 
 
-def specialist_name(family: str) -> str:
-    """The checkpoint folder's name: ``teacher-chat-<family>``."""
-    return f"teacher-chat-{family}"
+SPECIALIST_FAMILIES = ("math", "code")  # the families with fresh problems (pktlib.data.suite.fresh_examples)
+
+
+def specialist_name(config: SpecialistConfig) -> str:
+    """The checkpoint folder's name: ``teacher-chat-<family>-<config.key()>``."""
+    return f"teacher-chat-{config.family}-{config.key()}"
+
+
+def specialist_data(config: SpecialistConfig, suite: SuiteConfig = SuiteConfig()) -> tuple[list[Example], list[Example]]:
+    """(training examples, decision questions) of ``config``: the family's train split plus the
+    fresh problems after the first ``decision_questions``, and those first ones (disjoint)."""
+    fresh = fresh_examples(config.family, config.decision_questions + config.fresh_train, suite=suite)
+    train = load_examples(suite_file(f"pocket-{config.family}", "train", suite=suite)) + fresh[config.decision_questions:]
+    return train, fresh[:config.decision_questions]
 
 
 def min_discordant(alpha: float) -> int:
@@ -104,15 +133,12 @@ def min_discordant(alpha: float) -> int:
     return n
 
 
-def decision_questions(model: Any, family: str, splits: Sequence[str]) -> list[bool]:
-    """Per-question correctness of ``model`` (a folder or ``(model, tokenizer)``) on the held-out
-    ``splits`` of ``pocket-<family>``, split after split (greedy, :data:`MAX_NEW_TOKENS`)."""
-    out: list[bool] = []
-    for split in splits:
-        ev = evaluate(model, f"pocket-{family}", split, max_new_tokens=MAX_NEW_TOKENS[family], batch_size=64,
-                      progress=False)
-        out += [r.correct for r in ev.records]
-    return out
+def decision_correct(model: Any, family: str, questions: Sequence[Example]) -> list[bool]:
+    """Per-question correctness of ``model`` (a folder or ``(model, tokenizer)``) on the decision
+    ``questions`` of ``pocket-<family>`` (greedy, :data:`MAX_NEW_TOKENS`)."""
+    ev = evaluate(model, f"pocket-{family}", "decision", examples=questions, max_new_tokens=MAX_NEW_TOKENS[family],
+                  batch_size=64, progress=False)
+    return [r.correct for r in ev.records]
 
 
 def _decide(round_: int, spec_ok: list[bool], teacher_ok: list[bool], alpha: float) -> Decision:
@@ -134,7 +160,7 @@ def read_decisions(checkpoint: str | Path) -> dict[str, Any]:
 def describe(checkpoint: str | Path) -> str:
     """The specialist's rounds and verdict as text lines (what ``pkt zoo build --specialist`` prints)."""
     info = read_decisions(checkpoint)
-    lines = [f"round {d['round']}: specialist {d['specialist']:.1f} vs teacher {d['teacher']:.1f} on {d['n']} held-out "
+    lines = [f"round {d['round']}: specialist {d['specialist']:.1f} vs teacher {d['teacher']:.1f} on {d['n']} fresh "
              f"questions (+{d['specialist_only']}/-{d['teacher_only']}, McNemar p = {d['p_value']:.2g})"
              for d in info["rounds"]]
     return "\n".join(lines + [f"{info['verdict']}: {checkpoint}"])
@@ -143,20 +169,21 @@ def describe(checkpoint: str | Path) -> str:
 def build_specialist(family: str, *, preset: str = "default", seed: int = 0, config: SpecialistConfig | None = None,
                      pair_config: PairConfig | None = None, root: Path | None = None,
                      progress: bool = True) -> Path:
-    """Train (or find) ``<pair folder>/teacher-chat-<family>``; returns its folder.
+    """Train (or find) ``<pair folder>/<specialist_name(config)>``; returns its folder.
 
     ``preset``/``seed`` name the pair (it must be built: :func:`pktlib.zoo.build_pair`);
     ``pair_config``/``root`` override them as in :func:`pktlib.zoo.build_pair`. ``config``
-    defaults to ``SpecialistConfig(family)``; a finished specialist is returned as it is whatever
-    ``config`` says (delete its folder to rebuild). Raises PktError if teacher-chat is missing or
-    a round's run folder holds other settings.
+    defaults to ``SpecialistConfig(family)``; the folder is named after its settings, so a
+    finished specialist with these settings is returned as it is. Raises PktError if teacher-chat
+    is missing, ``family`` has no specialist (:data:`SPECIALIST_FAMILIES`) or a round's run folder
+    holds other settings.
     """
     spec_cfg = config or SpecialistConfig(family)
     if spec_cfg.family != family:
         raise PktError(f"build_specialist({family!r}) got a SpecialistConfig for {spec_cfg.family!r}")
     cfg = for_this_machine(pair_config) if pair_config else get_preset(preset)
     root = Path(root or pair_dir(preset, seed))
-    name = specialist_name(family)
+    name = specialist_name(spec_cfg)
     out, source = root / name, root / "teacher-chat"
     if (out / "card.json").is_file():
         return out
@@ -183,8 +210,9 @@ def _build(sc: SpecialistConfig, cfg: PairConfig, root: Path, source: Path, out:
     if state is not None and state["settings"] != json.loads(json.dumps(settings)):
         raise PktError(f"{runs} holds a specialist build with other settings (saved {state['settings']}, now "
                        f"{settings}); delete it to start over")
+    examples, questions = specialist_data(sc, cfg.suite)
     if state is None:
-        plain = decision_questions((model, tokenizer), sc.family, sc.decision_splits)
+        plain = decision_correct((model, tokenizer), sc.family, questions)
         state = {"settings": settings, "teacher_correct": correctness_string(plain), "rounds": [], "logs": []}
         write_json(state_file, state)
     teacher_ok = [c == "1" for c in state["teacher_correct"]]
@@ -192,7 +220,6 @@ def _build(sc: SpecialistConfig, cfg: PairConfig, root: Path, source: Path, out:
     ceiling = teacher_ok.count(False) < need
     if state["rounds"]:  # resume after the last finished round
         model.load_state_dict(load_file(str(runs / f"round{len(state['rounds'])}" / "model.safetensors")))
-    examples = load_task(f"pocket-{sc.family}", "train")
     round_cfg = replace(cfg, chat=replace(cfg.chat, epochs=sc.epochs))
     chat_cfg = _stage_config(cfg, "teacher", "chat")  # the chat stage at the teacher's width
     train_cfg = replace(chat_cfg, lr=chat_cfg.lr * sc.lr_scale)
@@ -204,7 +231,7 @@ def _build(sc: SpecialistConfig, cfg: PairConfig, root: Path, source: Path, out:
             batches = with_replay(batches, base, sc.replay)
         log = train_stage(model, batches, train_cfg, seed=seed + 100 * k, autocast=cfg.teacher.autocast,
                           run_dir=runs / f"round{k}-run")
-        ok = decision_questions((model, tokenizer), sc.family, sc.decision_splits)
+        ok = decision_correct((model, tokenizer), sc.family, questions)
         decision = _decide(k, ok, teacher_ok, sc.alpha)
         with atomic_dir(runs / f"round{k}") as tmp:
             save_file(model.state_dict(), str(tmp / "model.safetensors"))
@@ -213,7 +240,7 @@ def _build(sc: SpecialistConfig, cfg: PairConfig, root: Path, source: Path, out:
         write_json(state_file, state)
         shutil.rmtree(runs / f"round{k}-run", ignore_errors=True)
         if progress:
-            print(f"{out.name} round {k}: {decision.specialist:.1f} vs {decision.teacher:.1f} on {decision.n} held-out "
+            print(f"{out.name} round {k}: {decision.specialist:.1f} vs {decision.teacher:.1f} on {decision.n} fresh "
                   f"questions (+{decision.specialist_only}/-{decision.teacher_only}, p = {decision.p_value:.2g})")
     last = state["rounds"][-1]
     verdict = ("clearly better" if last["clearly_better"] else "ceiling" if ceiling else "not clearly better")
