@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PKT_PRESET ?= default
+# Chapters executed at once by `make book` (most train on one CPU thread: 2 keeps 2 cores busy).
+BOOK_JOBS ?= 2
 
 .PHONY: setup test test-all test-fast book book-real book-seed pocket real-pair notebooks assets html check-book benchmarks clean help
 
@@ -41,27 +43,30 @@ pocket: setup  ## build (or reuse) the pocket pair
 real-pair: setup  ## fetch, verify and convert the real pair (Qwen2.5-Coder 1.5B -> 0.5B, ~1.6 GB download) into the cache (PKT_CACHE, default ~/.cache/pktlib)
 	$(BIN)/pkt zoo fetch qwen2.5-coder
 
-notebooks: pocket  ## execute every notebook of the book (resumes: up-to-date ones are kept)
-	$(BIN)/pkt book --execute --no-html
+notebooks: pocket  ## execute every notebook of the book, BOOK_JOBS (2) at a time (resumes: up-to-date ones are kept)
+	$(BIN)/pkt book --execute --no-html --jobs $(BOOK_JOBS)
 
 # The part "A real pair" is optional: `make book` includes its chapters once they have been executed.
 book-real: real-pair  ## execute the real pair's chapters (resumable; scores cached), then `make book` includes them
 	$(BIN)/pkt book --execute --optional --no-html
 
 # The main comparisons again on another build of the pocket pair (same recipe, PAIR_SEED): the
-# chapters go to runs/pocket-seed-N/ (not book/: one chapter per build), and the scorecard sets
-# each comparison's verdict beside book/'s. Chapters resume; distillation reads this build's LaTen record.
+# chapters go to runs/pocket-seed-N/ (not book/: one chapter per build), BOOK_JOBS at a time (make -j;
+# distillation waits for this build's LaTen record), and the scorecard sets each comparison's verdict
+# beside book/'s. A chapter whose executed copy is newer than its notebook is kept (resume).
 PAIR_SEED ?= 1
 SEED_DIR := runs/pocket-seed-$(PAIR_SEED)
 SEED_CHAPTERS := postalign prealign_unaligned laten distillation specialist_sources
+SEED_NOTEBOOKS := $(SEED_CHAPTERS:%=$(SEED_DIR)/%.ipynb)
 book-seed: setup  ## the comparison chapters on pocket-pair build PAIR_SEED (default 1), side by side in the scorecard
 	$(BIN)/pkt zoo build --preset $(PKT_PRESET) --seed $(PAIR_SEED)
-	for c in $(SEED_CHAPTERS); do \
-	  extra=""; [ $$c = distillation ] && extra="-p laten_record $(SEED_DIR)/laten.record.json"; \
-	  $(BIN)/pkt run notebooks/$$c.ipynb -o $(SEED_DIR)/$$c.ipynb -p preset $(PKT_PRESET) -p pair_seed $(PAIR_SEED) $$extra \
-	    || exit 1; \
-	done
+	$(MAKE) -j $(BOOK_JOBS) $(SEED_NOTEBOOKS)
 	$(BIN)/pkt run notebooks/scorecard.ipynb -o book/scorecard.ipynb
+
+$(SEED_DIR)/%.ipynb: notebooks/%.ipynb
+	$(BIN)/pkt run $< -o $@ -p preset $(PKT_PRESET) -p pair_seed $(PAIR_SEED) \
+	  $(if $(filter distillation,$*),-p laten_record $(SEED_DIR)/laten.record.json)
+$(SEED_DIR)/distillation.ipynb: $(SEED_DIR)/laten.ipynb
 
 # The book's offline assets: MathJax 4 and the Jupyter widget runtime, pinned npm packages whose
 # tarballs are checked against their SHA-512 before unpacking (pktlib/bookassets.py).

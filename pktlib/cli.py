@@ -169,12 +169,15 @@ def book(
                                   help="With --execute: execute the optional chapters (the real pair's, which need "
                                        "`make real-pair`) instead of the default ones. The HTML build includes an "
                                        "optional chapter once it has been executed."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="With --execute: chapters executed at once (each in its own "
+                             "process; a chapter waits for the chapters whose records it reads). Most chapters "
+                             "use one CPU thread, so 2 keeps a 2-core machine busy.", callback=POSITIVE),
 ) -> None:
     """Build the HTML book into _build/html (optionally executing the notebooks first)."""
     from pktlib.book.build import build_book, execute_all, non_default_chapters
 
     if execute:
-        execute_all(force=force, only=only, keep_params=keep_params, optional=optional)
+        execute_all(force=force, only=only, keep_params=keep_params, optional=optional, jobs=jobs)
     if html:
         odd = [] if keep_params else non_default_chapters()
         if odd:

@@ -233,19 +233,12 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
     sidecar = output.with_name(f".{output.stem}.sidecar.json")
     if sidecar.exists():
         sidecar.unlink()
-    old = os.environ.get(SIDECAR_ENV)
-    os.environ[SIDECAR_ENV] = str(sidecar.resolve())
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.perf_counter()
-    try:
-        tmp_out = output.with_name(f".{output.name}.partial.ipynb")
-        peak_mb = _execute_measured(notebook, tmp_out, parameters, cwd=cwd, progress=progress)
-        os.replace(tmp_out, output)
-    finally:
-        if old is None:
-            os.environ.pop(SIDECAR_ENV, None)
-        else:
-            os.environ[SIDECAR_ENV] = old
+    tmp_out = output.with_name(f".{output.name}.partial.ipynb")
+    peak_mb = _execute_measured(notebook, tmp_out, parameters, cwd=cwd, progress=progress,
+                                sidecar=sidecar.resolve())
+    os.replace(tmp_out, output)
     wall = time.perf_counter() - t0
     logged = read_json(sidecar) if sidecar.exists() else {}
     if sidecar.exists():
@@ -263,8 +256,12 @@ def run_notebook(notebook: str | os.PathLike, output: str | os.PathLike | None =
 
 
 def _execute_measured(notebook: Path, output: Path, parameters: dict[str, Any], *,
-                      cwd: str | os.PathLike | None, progress: bool) -> float:
+                      cwd: str | os.PathLike | None, progress: bool, sidecar: Path) -> float:
     """Execute ``notebook`` with papermill in a fresh child process; the run's peak memory in MiB.
+
+    The child sets ``$PKT_RECORD_SIDECAR`` to ``sidecar`` for the kernel (what the notebook logs
+    goes there), in its own environment, not this process's: several chapters may run at once
+    (:func:`pktlib.book.build.execute_all` with ``jobs`` > 1).
 
     The child runs papermill, which starts the kernel and reaps it (and the kernel reaps what it
     started: a vLLM engine, sandboxed programs); the child's ``RUSAGE_CHILDREN`` maximum resident
@@ -278,7 +275,8 @@ def _execute_measured(notebook: Path, output: Path, parameters: dict[str, Any], 
         spec_file, result_file = Path(tmp) / "run.json", Path(tmp) / "result.json"
         spec_file.write_text(json.dumps({
             "notebook": str(notebook), "output": str(output), "parameters": to_jsonable(parameters),
-            "cwd": str(cwd) if cwd else None, "progress": progress, "result": str(result_file)}), encoding="utf-8")
+            "cwd": str(cwd) if cwd else None, "progress": progress, "result": str(result_file),
+            "sidecar": str(sidecar)}), encoding="utf-8")
         proc = subprocess.Popen([sys.executable, "-c", "from pktlib.records import _execute_child; _execute_child()",
                                  str(spec_file)])
         try:
@@ -299,6 +297,7 @@ def _execute_child() -> None:
     """The child of :func:`_execute_measured`: papermill, then its children's peak or the error."""
     spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     out = Path(spec["result"])
+    os.environ[SIDECAR_ENV] = spec["sidecar"]  # the kernel papermill starts inherits it
     try:
         pm.execute_notebook(spec["notebook"], spec["output"], parameters=spec["parameters"],
                             progress_bar=spec["progress"], cwd=spec["cwd"], kernel_name="python3")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from pktlib import zoo
 from pktlib.book.build import stale_reason
@@ -98,7 +99,8 @@ def test_run_notebook_keeps_the_inputs_a_chapter_logged(tmp_path, monkeypatch):
     nbformat.write(nbformat.v4.new_notebook(), src)
     (tmp_path / "laten.record.json").write_text("{}")
 
-    def execute(notebook, output, parameters, *, cwd, progress):  # the kernel's side of a run, in process
+    def execute(notebook, output, parameters, *, cwd, progress, sidecar):  # the child's and kernel's side, in process
+        monkeypatch.setenv(records.SIDECAR_ENV, str(sidecar))
         records.log_input("laten", tmp_path / "laten.record.json")
         output.write_text(src.read_text())
         return 1.0
@@ -144,7 +146,7 @@ def test_optional_chapters_run_on_request_and_join_the_toc_once_executed(tmp_pat
         "- caption: A real pair\n  chapters:\n  - file: book/real\n")
     assert book.optional_need(src) == "the real pair (make real-pair)" and book.optional_need(tmp_path / "notebooks" / "a.ipynb") is None
     ran = []
-    monkeypatch.setattr(book, "run_notebook", lambda s, o, cwd=None: ran.append(s.stem))
+    monkeypatch.setattr(book, "run_notebook", lambda s, o, cwd=None, progress=True: ran.append(s.stem))
     book.execute_all(tmp_path, force=True)
     assert ran == ["a"] and "real: optional (needs the real pair (make real-pair))" in capsys.readouterr().out
     book.execute_all(tmp_path, force=True, optional=True)
@@ -158,3 +160,67 @@ def test_optional_chapters_run_on_request_and_join_the_toc_once_executed(tmp_pat
     assert left_out == ["book/real"] and toc_file == tmp_path / "_build" / "_toc.yml"
     toc = yaml.safe_load(toc_file.read_text())
     assert toc["parts"] == [{"caption": "Main", "chapters": [{"file": "book/a"}]}] and toc["root"] == "intro"
+
+
+def _toc(root: Path, names: list[str]) -> None:
+    (root / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n"
+                                   + "".join(f"- file: book/{n}\n" for n in names))
+
+
+def test_parallel_execution_overlaps_chapters_and_waits_for_what_each_reads(tmp_path, monkeypatch):
+    import threading
+
+    from pktlib.book import build as book
+    from pktlib.errors import PktError
+
+    # a and b are independent; c reads a's record; the summary reads everything
+    _chapter(tmp_path, "a", {})
+    _chapter(tmp_path, "b", {})
+    _chapter(tmp_path, "c", {}, reads=["a"], inputs={})
+    _chapter(tmp_path, "summary", {}, summary=True)
+    _toc(tmp_path, ["a", "b", "c", "summary"])
+    assert book.chapter_dependencies([tmp_path / "notebooks" / f"{n}.ipynb" for n in ("a", "b", "c", "summary")]) == {
+        "a": set(), "b": set(), "c": {"a"}, "summary": {"a", "b", "c"}}
+    b_started, events, reasons = threading.Event(), [], {}
+    stale = book.stale_reason
+
+    def record_reason(src, out, root, **kw):
+        reasons[src.stem] = stale(src, out, root, **kw)
+        return reasons[src.stem]
+
+    def run(src, out, cwd=None, progress=True):
+        events.append(("start", src.stem, progress))
+        if src.stem == "b":
+            b_started.set()
+        if src.stem == "a":  # a finishes only once b runs beside it: with one job at a time this times out
+            assert b_started.wait(timeout=30), "b did not start while a was running"
+            record_path(out).write_text(json.dumps({"models": {}, "new": True}))
+        events.append(("end", src.stem))
+
+    monkeypatch.setattr(book, "run_notebook", run)
+    book.execute_all(tmp_path, force=True, jobs=2)
+    order = [(e[0], e[1]) for e in events]
+    assert order.index(("start", "b")) < order.index(("end", "a"))  # overlapped
+    assert order.index(("end", "a")) < order.index(("start", "c"))  # c waited for the record it reads
+    assert order.index(("start", "summary")) > max(order.index(("end", n)) for n in "abc")
+    assert all(e[2] is False for e in events if e[0] == "start")  # no progress bars from two processes at once
+    # staleness is judged when a chapter starts: c's input changed while it waited
+    events.clear()
+    monkeypatch.setattr(book, "stale_reason", record_reason)
+    b_started.set()
+    book.execute_all(tmp_path, jobs=2)
+    assert reasons["c"] == "its input record a.record.json changed"
+
+    def fail_a(src, out, cwd=None, progress=True):
+        events.append(("start", src.stem))
+        if src.stem == "a":
+            raise PktError("a failed")
+
+    events.clear()
+    monkeypatch.setattr(book, "run_notebook", fail_a)
+    with pytest.raises(PktError, match="a failed"):
+        book.execute_all(tmp_path, force=True, jobs=2)
+    # b ran beside a; nothing that reads a (c, the summary) was started after it failed
+    assert {e[1] for e in events} == {"a", "b"}
+    with pytest.raises(PktError, match="jobs must be >= 1"):
+        book.execute_all(tmp_path, jobs=0)

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from pktlib.errors import PktError
 from pktlib.records import notebook_defaults, record_digest, record_path, run_notebook
 
 __all__ = ["toc_entries", "notebook_chapters", "optional_need", "reads_records", "changed_inputs", "stale_reason", "parameter_drift",
+           "chapter_dependencies",
            "non_default_chapters", "execute_all", "book_toc", "build_book"]
 
 
@@ -160,12 +162,33 @@ def stale_reason(src: Path, out: Path, root: Path, *, keep_params: bool = False)
     return f"its pocket pair changed (the {', '.join(old)} it logged)" if old else None
 
 
+def chapter_dependencies(chapters: list[Path]) -> dict[str, set[str]]:
+    """``{chapter: the chapters among these that must finish before it starts}``: the ones whose
+    records it declares it reads (``metadata.pktlib.reads``), and for a summary chapter every
+    other one (it reads all records)."""
+    names = [src.stem for src in chapters]
+    return {src.stem: (set(names) - {src.stem} if _is_summary(src) else set(reads_records(src)) & set(names))
+            for src in chapters}
+
+
 def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] | None = None,
-                keep_params: bool = False, optional: bool = False) -> None:
-    """Execute the book's notebooks in toc order (skipping up-to-date ones unless ``force``;
-    ``keep_params``: see :func:`stale_reason`). ``optional``: execute the optional chapters
-    instead of the default ones (module docstring); a chapter named in ``only`` runs either way."""
+                keep_params: bool = False, optional: bool = False, jobs: int = 1) -> None:
+    """Execute the book's notebooks (skipping up-to-date ones unless ``force``; ``keep_params``:
+    see :func:`stale_reason`). ``optional``: execute the optional chapters instead of the default
+    ones (module docstring); a chapter named in ``only`` runs either way.
+
+    ``jobs`` chapters run at once, each in its own papermill process, in toc order as far as
+    :func:`chapter_dependencies` allows: a chapter starts once the chapters it reads have finished,
+    and whether it is stale is decided then, against their new records. Most chapters train and
+    score the pocket pair on one CPU thread, so on a 2-core machine ``jobs=2`` keeps both cores
+    busy. With several jobs the chapters' progress bars are off (two would garble one terminal)
+    and a line says when each starts and ends. A failed chapter stops new starts; the running
+    ones finish, then its PktError is raised. Raises PktError for ``jobs`` < 1.
+    """
+    if jobs < 1:
+        raise PktError(f"jobs must be >= 1, got {jobs}")
     root = Path(root)
+    todo: list[tuple[Path, Path]] = []
     for src, out in notebook_chapters(root):
         if only and src.stem not in only:
             continue
@@ -175,15 +198,47 @@ def execute_all(root: str | Path = ".", *, force: bool = False, only: list[str] 
                 print(f"[book] {src.stem}: optional (needs {need}); `pkt book --execute --optional` runs it",
                       flush=True)
             continue
-        rec = record_path(out)
-        reason = "forced" if force else stale_reason(src, out, root, keep_params=keep_params)
-        if reason is None:
-            print(f"[book] {src.stem}: up to date (record {rec}); --force to rerun", flush=True)
-            continue
+        todo.append((src, out))
+    waits = chapter_dependencies([src for src, _ in todo])
+    done: set[str] = set()
+    errors: list[PktError] = []
+
+    def run(src: Path, out: Path, reason: str) -> None:
         t0 = time.perf_counter()
         print(f"[book] executing {src} -> {out} ({reason})", flush=True)
-        run_notebook(src, out, cwd=root)
+        run_notebook(src, out, cwd=root, progress=jobs == 1)
         print(f"[book] {src.stem}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running: dict[Future, str] = {}
+        while todo or running:
+            while not errors and len(running) < jobs:
+                ready = next((c for c in todo if waits[c[0].stem] <= done), None)
+                if ready is None:
+                    break
+                todo.remove(ready)
+                src, out = ready
+                reason = "forced" if force else stale_reason(src, out, root, keep_params=keep_params)
+                if reason is None:
+                    print(f"[book] {src.stem}: up to date (record {record_path(out)}); --force to rerun", flush=True)
+                    done.add(src.stem)
+                else:
+                    running[pool.submit(run, src, out, reason)] = src.stem
+            if not running:
+                if todo and not errors:
+                    raise PktError(f"chapters {', '.join(s.stem for s, _ in todo)} wait on each other "
+                                   "(their metadata.pktlib.reads form a cycle)")
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                name = running.pop(f)
+                try:
+                    f.result()
+                    done.add(name)
+                except PktError as e:
+                    errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def _drop_entries(node: Any, drop: set[str]) -> Any:
