@@ -169,9 +169,8 @@ def book(
                                   help="With --execute: execute the optional chapters (the real pair's, which need "
                                        "`make real-pair`) instead of the default ones. The HTML build includes an "
                                        "optional chapter once it has been executed."),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="With --execute: chapters executed at once (each in its own "
-                             "process; a chapter waits for the chapters whose records it reads). Most chapters "
-                             "use one CPU thread, so 2 keeps a 2-core machine busy.", callback=POSITIVE),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="With --execute: chapters run at once (a chapter waits for those "
+                             "whose records it reads); most use one CPU thread.", callback=POSITIVE),
 ) -> None:
     """Build the HTML book into _build/html (optionally executing the notebooks first)."""
     from pktlib.book.build import build_book, execute_all, non_default_chapters
@@ -193,9 +192,8 @@ def zoo_build(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the checkpoints exist."),
     preset: str = typer.Option("default", help="Preset: 'default' (the book's pair) or 'tiny'."),
     score: bool = typer.Option(True, help="Score every checkpoint on the test splits (needs pktlib.evaluation)."),
-    specialist: Optional[str] = typer.Option(None, help="Then train teacher-chat further on this family (math or "
-                                             "code: its train split and fresh problems) until it clearly beats it on "
-                                             "fresh questions: teacher-chat-<family>-<settings key>."),
+    specialist: Optional[str] = typer.Option(None, help="Then train teacher-chat further on this family (math, code) "
+                                             "until it clearly beats it on fresh questions (pktlib.zoo.specialist)."),
 ) -> None:
     """Train the pocket pair's four checkpoints (progress bar with time left), then score them."""
     from pktlib import zoo
