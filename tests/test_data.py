@@ -78,6 +78,14 @@ def test_real_task_sizes(task, split, n):
     assert len(data.load_task(task, split)) == n
 
 
+@pytest.mark.parametrize("task", ["gsm8k", "mmlu", "humaneval", "mbpp"])
+def test_every_example_of_the_extract_align_and_train_splits_has_its_own_id(task):
+    ids = [ex.id for split in ("extract", "align", "train") for ex in data.load_task(task, split)]
+    assert all(ids) and len(set(ids)) == len(ids)
+    if task in ("humaneval", "mbpp"):  # their files carry none: named after the file and line
+        assert data.load_task(task, "align")[3].id == f"{task}_align_3"
+
+
 def test_gold_answers_parsed():
     gsm = data.load_task("gsm8k", "test", limit=3)
     assert [e.meta["answer"] for e in gsm] == ["18", "3", "70000"]

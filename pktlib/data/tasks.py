@@ -44,8 +44,9 @@ def data_dir() -> Path:
 def _pkt_split(task: str, split: str) -> list[Example]:
     examples = load_examples(data_dir() / "pkt-splits" / task / f"{split}.jsonl")
     parse = {"gsm": gsm_meta, "mmlu": mmlu_meta}.get(task)
-    for ex in examples:
+    for i, ex in enumerate(examples):
         ex.meta.setdefault("task", task)
+        ex.meta.setdefault("id", f"{task}_{split}_{i}")  # the MBPP and HumanEval files carry no ids
         if parse:
             for k, v in parse(ex.answer).items():
                 ex.meta.setdefault(k, v)
