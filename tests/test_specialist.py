@@ -172,6 +172,14 @@ def test_verdict_needs_a_stronger_specialist_and_a_real_gain():
     # a real gain with a stronger specialist contradicts it
     v = sx.verdict(*_tables(5.0, 0.001, {"postalign": (3.0, True), "laten": (0.0, False)}))
     assert v.agrees is False and "Post-Align (Seeking init) on pocket-math" in v.conclusion
+    # a real gain that leaves the student where it was or lower (the plain source's deltas cost it points,
+    # the specialist's fewer) is less harm, not a stronger student: the claim holds, with the caveat
+    teachers, over = _tables(5.0, 0.001, {"postalign": (0.3, False), "laten": (3.0, True)})
+    over.loc[over.method == "laten", ["plain source", "specialist source"]] = [26.0, 29.0]  # student 30.0
+    v = sx.verdict(teachers, over)
+    assert v.agrees is True and "does not give a stronger student" in v.conclusion
+    assert "LaTen on pocket-math costs the student fewer points" in v.conclusion
+    assert "hurts less" in v.lines[2] and "29.0 against 26.0" in v.lines[2]
     # a specialist that is not stronger on the test questions cannot test it, whatever the methods do
     v = sx.verdict(*_tables(1.0, 0.4, {"postalign": (3.0, True)}))
     assert v.agrees is None and "cannot test" in v.conclusion

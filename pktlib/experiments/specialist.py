@@ -365,28 +365,39 @@ def verdict(teachers: pd.DataFrame, over_seeds: pd.DataFrame, *, alpha: float = 
     """Decide the claim from :func:`teacher_table` and :func:`over_seeds_table` rows (any families).
 
     A family tests the claim only if the specialist teacher beats the plain one on the test
-    questions (exact McNemar p < ``alpha``). There, a method's specialist source *helps* when
-    :func:`~pktlib.experiments.verdict.compare_runs` finds its gap real (beyond 2 s.e. over seeds
-    and per-question paired p < ``alpha``) and positive. The claim holds when no tested (family,
-    method) is helped.
+    questions (exact McNemar p < ``alpha``). There, each method's gap (specialist source minus
+    plain source) is *real* when :func:`~pktlib.experiments.verdict.compare_runs` finds it beyond
+    2 s.e. over seeds and per-question paired p < ``alpha``. A real positive gap:
+
+    * *helps* when the specialist source's mean score is also above the student's: the stronger
+      source gives a stronger student;
+    * *hurts less* when it is not: both sources leave the student at or below its own score (at
+      LaTen's acting learning rates the plain source's deltas cost the student points) and the
+      specialist's cost fewer. No knowledge reaches the student either way, but the source is
+      not irrelevant; the conclusion says so.
+
+    The claim ("a specialist source does not help") holds when no tested (family, method) is
+    helped; ``agrees`` is None when no family can test it.
     """
-    lines, tested, helped = [], 0, []
+    lines, tested, helped, less_harm = [], 0, [], []
     for _, t in teachers.iterrows():
         stronger = t.gap > 0 and t.p_value < alpha
         lines.append(f"- pocket-{t.family}: specialist teacher {t['specialist teacher']:.1f} vs plain "
                      f"{t['plain teacher']:.1f} on {t.n} test questions "
                      f"({t.gap:+.1f} points, 95% CI {t.ci_low:+.1f} to {t.ci_high:+.1f}, McNemar p = {t.p_value:.2g}): "
                      + ("stronger" if stronger else "not clearly stronger, so this family cannot test the claim"))
-        for r in over_seeds[over_seeds.family == t.family].itertuples():
-            reading = ("helps" if r.real and r.gap > 0 else "hurts" if r.real else "no difference beyond the noise")
-            lines.append(f"  - {METHODS[r.method]}: {r.gap:+.1f} points with the specialist source (mean of {r.seeds} "
-                         f"seeds, ± 2 s.e. {r.gap_low:+.1f} to {r.gap_high:+.1f}; paired p = "
-                         f"{r.p_value:.2g}): "
-                         f"{reading}")
+        for _, r in over_seeds[over_seeds.family == t.family].iterrows():
+            above = r["specialist source"] > r.student
+            reading = ("no difference beyond the noise" if not r.real else "hurts" if r.gap < 0 else
+                       "helps" if above else
+                       f"hurts less: both sources leave the student at or below its {r.student:.1f}")
+            lines.append(f"  - {METHODS[r.method]}: {r.gap:+.1f} points with the specialist source "
+                         f"({r['specialist source']:.1f} against {r['plain source']:.1f}, mean of {r.seeds} seeds, ± 2 s.e. "
+                         f"{r.gap_low:+.1f} to {r.gap_high:+.1f}; paired p = {r.p_value:.2g}): {reading}")
             if stronger:
                 tested += 1
                 if r.real and r.gap > 0:
-                    helped.append(f"{METHODS[r.method]} on pocket-{t.family}")
+                    (helped if above else less_harm).append(f"{METHODS[r.method]} on pocket-{t.family}")
     rule = ("decided by the two-test rule: the mean gap beyond twice its standard error over seeds and the seeds' "
             f"exact per-question paired test (each question once, correctness averaged over seeds) p < {alpha:g}")
     if not tested:
@@ -395,5 +406,8 @@ def verdict(teachers: pd.DataFrame, over_seeds: pd.DataFrame, *, alpha: float = 
     if helped:
         return SpecialistVerdict(lines, f"The pocket pair disagrees with the paper: a specialist source helps "
                                  f"{', '.join(helped)} ({rule}).", False)
-    return SpecialistVerdict(lines, f"The pocket pair agrees with the paper: a specialist source does not help "
-                             f"(0 of {tested} method/family comparisons with a stronger specialist; {rule}).", True)
+    but = (f" The source is not irrelevant, though: with the specialist source, {', '.join(less_harm)} costs the "
+           f"student fewer points than with the plain one (both at or below the student's score)." if less_harm else "")
+    return SpecialistVerdict(lines, f"The pocket pair agrees with the paper: a specialist source does not give a "
+                             f"stronger student (0 of {tested} method/family comparisons with a stronger specialist; "
+                             f"{rule}).{but}", True)
