@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -35,7 +36,8 @@ from pktlib.errors import PktError
 from pktlib.records import load_records
 
 __all__ = ["METHODS", "PAPER", "PAPER_PROTOCOL", "FAMILY_OF_TASK", "ScoreRow", "collect_scores", "scorecard_tables",
-           "to_markdown", "build_label", "records_by_build", "across_builds"]
+           "to_markdown", "build_label", "records_by_build", "across_builds", "PAPER_CLAIMS", "claims_by_build",
+           "claims_markdown"]
 
 # Methods in the paper's row order: id -> label. Aliases map common spellings to the ids.
 METHODS: dict[str, str] = {
@@ -303,6 +305,42 @@ def across_builds(builds: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> pd.D
     if len(df):
         df["same verdict"] = df["same verdict"].astype("boolean")
     return df
+
+
+# The paper's claims that a pocket chapter decides: (claim, chapter, the metric holding its conclusion).
+PAPER_CLAIMS: tuple[tuple[str, str, str], ...] = (
+    ("LaTen improves the student, unstably", "laten", "lr_sweep_claim"),
+    ("LaTen ≥ distillation at ≤ 100 examples", "distillation", "laten_claim"),
+    ("A specialist source does not help", "specialist_sources", "verdict"),
+)
+_CLAIM_PREFIX = re.compile(r"^\*\*The paper's claim, \"[^\"]*\"\*\*:\s*")
+
+
+def claims_by_build(builds: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Each of :data:`PAPER_CLAIMS` as each build's chapter concluded it, read from its record.
+
+    ``builds``: build label -> records (:func:`records_by_build`). One row per (claim, build):
+    ``claim``, ``chapter``, ``build`` and ``conclusion`` (the chapter's own sentence, without its
+    bold "The paper's claim" lead; None where that build's record lacks it).
+    """
+    rows = []
+    for claim, chapter, key in PAPER_CLAIMS:
+        for label, recs in builds.items():
+            text = ((recs.get(chapter) or {}).get("metrics") or {}).get(key)
+            rows.append({"claim": claim, "chapter": chapter, "build": label,
+                         "conclusion": _CLAIM_PREFIX.sub("", text.strip()) if isinstance(text, str) else None})
+    return rows
+
+
+def claims_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`claims_by_build` rows as a Markdown list: each claim, then each build's conclusion."""
+    out, last = [], None
+    for r in rows:
+        if r["claim"] != last:
+            out.append(f"- **{r['claim']}** (chapter `{r['chapter']}`)")
+            last = r["claim"]
+        out.append(f"  - *{r['build']}*: {r['conclusion'] or 'not run on this build'}")
+    return "\n".join(out) + "\n"
 
 
 def to_markdown(df) -> str:

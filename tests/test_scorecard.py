@@ -109,3 +109,30 @@ def test_comparisons_side_by_side_across_pocket_pair_builds(tmp_path):
         records_by_build([book, other, tmp_path / "copy"])
     _record(tmp_path / "tiny", "laten", 1, [], preset="tiny")  # another preset is another build
     assert list(records_by_build([book, other, tmp_path / "tiny"])) == ["default seed 0", "default seed 1", "tiny seed 1"]
+
+
+def test_the_papers_claims_side_by_side_across_builds(tmp_path):
+    import json
+
+    from pktlib.scorecard import PAPER_CLAIMS, claims_by_build, claims_markdown, records_by_build
+
+    def record(folder, stem, seed, metrics):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}.record.json").write_text(json.dumps({"parameters": {"pair_seed": seed, "preset": "default"},
+                                                                "metrics": metrics}))
+
+    book, other = tmp_path / "book", tmp_path / "runs" / "pocket-seed-1"
+    record(book, "laten", 0, {"lr_sweep_claim": '\n**The paper\'s claim, "LaTen improves the student, unstably"**: '
+                                                "the pocket pair does not show an improvement (sweep)."})
+    record(book, "specialist_sources", 0, {"verdict": "The pocket pair agrees with the paper: no help."})
+    record(other, "specialist_sources", 1, {"verdict": "The pocket pair disagrees with the paper: it helps."})
+    rows = claims_by_build(records_by_build([book, other]))
+    assert len(rows) == len(PAPER_CLAIMS) * 2
+    got = {(r["chapter"], r["build"]): r["conclusion"] for r in rows}
+    assert got["laten", "default seed 0"] == "the pocket pair does not show an improvement (sweep)."  # lead dropped
+    assert got["laten", "default seed 1"] is None and got["distillation", "default seed 0"] is None
+    assert got["specialist_sources", "default seed 1"] == "The pocket pair disagrees with the paper: it helps."
+    md = claims_markdown(rows)
+    assert "- **A specialist source does not help** (chapter `specialist_sources`)\n" in md
+    assert "  - *default seed 0*: The pocket pair agrees with the paper: no help.\n" in md
+    assert "  - *default seed 1*: not run on this build" in md
