@@ -307,3 +307,13 @@ def test_cost_from_nothing_and_its_sentence():
         "teacher 1.5), torch on 2 threads. This execution: 2.0 minutes, 0.5 CPU-minutes (3 of 6 trainings read "
         "back from finished runs).")
     assert refs.metrics()["reference_cpu_seconds"] == {"math|student": 30.0, "math|teacher": 60.0}
+
+
+def test_grid_runs_give_laten_budget_and_larger_budgets_their_own_seeds():
+    from pktlib.experiments.distillation import grid_runs
+
+    runs = grid_runs(["math"], ["laten", "1000"], ["seqkd"], seeds=[0, 1, 2], large_seeds=[0])
+    assert runs == [("math", "laten", "seqkd", 0), ("math", "laten", "seqkd", 1), ("math", "laten", "seqkd", 2),
+                    ("math", "1000", "seqkd", 0)]
+    assert grid_runs(["math"], ["laten", "8"], ["gkd"], seeds=[3, 4]) == [
+        ("math", "laten", "gkd", 3), ("math", "laten", "gkd", 4), ("math", "8", "gkd", 3), ("math", "8", "gkd", 4)]

@@ -28,7 +28,7 @@ from pktlib.experiments.laten_vs_distill import INSIDE_THE_NOISE, LATEN_VERDICTS
 from pktlib.experiments.verdict import compare_runs
 
 __all__ = ["NOTHING_TO_DISTIL", "budget_label", "budget_id", "run_root", "DistillSetup", "setup", "References",
-           "reference_scores", "DistillRuns", "run_grid", "score_table", "scorecard_rows", "bar_values",
+           "reference_scores", "DistillRuns", "grid_runs", "run_grid", "score_table", "scorecard_rows", "bar_values",
            "curve_panels", "paired_vs_student", "summary",
            "cost_from_nothing", "cost_text"]
 
@@ -143,11 +143,21 @@ class DistillRuns:
                                     for label, c in d.items()}}
 
 
+def grid_runs(families: Sequence[str], budgets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+              large_seeds: Sequence[int] | None = None) -> list[tuple[str, str, str, int]]:
+    """The grid's (family, budget, method, seed) runs: ``seeds`` at LaTen's budget (``"laten"``, the
+    claim's budget: <= 100 examples, cheap), ``large_seeds`` (default: ``seeds``) at a number of
+    train examples (N = 1000 costs ~15x as much CPU per seed)."""
+    return [(f, b, m, sd) for f in families for b in budgets for m in methods
+            for sd in (seeds if b == "laten" or large_seeds is None else large_seeds)]
+
+
 def run_grid(student: Pair, teacher: Pair, *, root: str | Path, families: Sequence[str], budgets: Sequence[str],
              methods: Sequence[str], seeds: Sequence[int], epochs: float, batch_size: int, lr: float | None,
              gen_tokens: Mapping[str, int], limit: int | None, eval_batch: int,
-             progress: bool = True) -> DistillRuns:
-    """Distil and score every (family, budget, method, seed); runs resume from their folders.
+             large_seeds: Sequence[int] | None = None, progress: bool = True) -> DistillRuns:
+    """Distil and score every (family, budget, method, seed) of :func:`grid_runs`; runs resume
+    from their folders.
 
     Run folders are ``root/<family>-<budget>-<method>-s<seed>-e<epochs>-b<batch_size>``; each
     distilled student is scored with the teacher's tokenizer and kept as
@@ -156,7 +166,7 @@ def run_grid(student: Pair, teacher: Pair, *, root: str | Path, families: Sequen
     final_loss, train_cpu_s, eval_cpu_s (CPU seconds when they ran), from_record, correct.
     """
     tok = teacher[1]
-    runs = [(f, b, m, sd) for f in families for b in budgets for m in methods for sd in seeds]
+    runs = grid_runs(families, budgets, methods, seeds, large_seeds)
     rows, curves = [], {}
     t0 = time.perf_counter()
     for fam, budget, method, sd in tqdm(runs, desc="distillation runs", disable=not progress):
