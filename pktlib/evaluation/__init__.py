@@ -167,16 +167,14 @@ def evaluate(model, task: str, split: str | None = None, *, protocol: str = "pkt
             raise PktError(f"{name} must be >= {lo}, got {value}")
     if timeout <= 0:
         raise PktError(f"timeout must be > 0 seconds, got {timeout}")
+    if examples is not None and indices is not None:
+        raise PktError("evaluate takes either `examples` or `indices`, not both")
+    split = split or ("given" if examples is not None else proto.test_split(info))
     if examples is not None:
-        if indices is not None:
-            raise PktError("evaluate takes either `examples` or `indices`, not both")
-        split = split or "given"
         examples = list(examples)[:limit]
     elif indices is None:
-        split = split or proto.test_split(info)
         examples = load_task(task, split, limit=limit)
     else:
-        split = split or proto.test_split(info)
         every = load_task(task, split)
         bad = [i for i in indices if not 0 <= i < len(every)]
         if bad:

@@ -144,7 +144,8 @@ def decision_table(specialists: Mapping[str, str | Path]) -> pd.DataFrame:
     for family, path in specialists.items():
         info = read_decisions(path)
         for d in info["rounds"]:
-            out.append({"family": family, "specialist_name": Path(path).name, "round": d["round"], "questions": d["n"], "plain teacher": d["teacher"],
+            out.append({"family": family, "specialist_name": Path(path).name, "round": d["round"],
+                        "questions": d["n"], "plain teacher": d["teacher"],
                         "specialist": d["specialist"], "specialist_only": d["specialist_only"],
                         "plain_only": d["teacher_only"], "p_value": d["p_value"], "ci_low": d["interval"][0],
                         "ci_high": d["interval"][1], "verdict": info["verdict"],
@@ -392,7 +393,8 @@ def verdict(teachers: pd.DataFrame, over_seeds: pd.DataFrame, *, alpha: float = 
                        "helps" if above else
                        f"hurts less: both sources leave the student at or below its {r.student:.1f}")
             lines.append(f"  - {METHODS[r.method]}: {r.gap:+.1f} points with the specialist source "
-                         f"({r['specialist source']:.1f} against {r['plain source']:.1f}, mean of {r.seeds} seeds, ± 2 s.e. "
+                         f"({r['specialist source']:.1f} against {r['plain source']:.1f}, mean of {r.seeds} seeds, "
+                         f"± 2 s.e. "
                          f"{r.gap_low:+.1f} to {r.gap_high:+.1f}; paired p = {r.p_value:.2g}): {reading}")
             if stronger:
                 tested += 1

@@ -117,11 +117,13 @@ def specialist_name(config: SpecialistConfig) -> str:
     return f"teacher-chat-{config.family}-{config.key()}"
 
 
-def specialist_data(config: SpecialistConfig, suite: SuiteConfig = SuiteConfig()) -> tuple[list[Example], list[Example]]:
+def specialist_data(config: SpecialistConfig,
+                    suite: SuiteConfig = SuiteConfig()) -> tuple[list[Example], list[Example]]:
     """(training examples, decision questions) of ``config``: the family's train split plus the
     fresh problems after the first ``decision_questions``, and those first ones (disjoint)."""
     fresh = fresh_examples(config.family, config.decision_questions + config.fresh_train, suite=suite)
-    train = load_examples(suite_file(f"pocket-{config.family}", "train", suite=suite)) + fresh[config.decision_questions:]
+    split = load_examples(suite_file(f"pocket-{config.family}", "train", suite=suite))
+    train = split + fresh[config.decision_questions:]
     return train, fresh[:config.decision_questions]
 
 
