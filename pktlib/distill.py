@@ -31,8 +31,9 @@ is given on the task (its ``default_steps`` extract examples plus the align spli
 its batches from: 82-88 on the pocket families, <= 100 on the paper's splits); an integer N,
 the first N examples of the train split (the paper's larger setting is N = 1000).
 
-Prompts, tokenisation and masking are the project's (:func:`pktlib.data.format_prompt`,
-:func:`pktlib.data.tokenize_example`: prompt labels -100, EOS after the answer); TRL never
+Prompts, tokenisation and masking are the project's (:func:`pktlib.data.format_prompt`, in the
+format ``template`` names: the original code's by default, a chat model's own template with
+"auto"; :func:`pktlib.data.tokenize_example`: prompt labels -100, EOS after the answer); TRL never
 applies a chat template of its own. Runs are resumable: the trainer's checkpoints are marked
 complete only after they are written, the distilled student is saved through
 :func:`pktlib.records.atomic_dir` and ``result.json`` last, and a finished run is returned from
@@ -124,6 +125,7 @@ class DistillConfig:
     temperature: float = field(default=0.9, metadata={"help": "GKD: sampling temperature of on-policy answers"})
     max_new_tokens: int = field(default=0, metadata={"help": "GKD/SeqKD: new tokens per generated answer"})
     max_length: int = 512
+    template: str = field(default="default", metadata={"help": "prompt format (pktlib.data.format_prompt)"})
     # Share of steps with linear warm-up (rounded down: a run shorter than 1/warmup steps has none,
     # since the scheduler's first warm-up step has learning rate 0), then linear decay to 0.
     warmup: float = 0.03
@@ -195,14 +197,16 @@ def budget_examples(task: str, budget: str | int) -> tuple[list[Example], str]:
 
 
 def teacher_answers(teacher: nn.Module, tokenizer, examples: Sequence[Example], *, max_new_tokens: int,
-                    batch_size: int = 32, progress: bool = False) -> list[Example]:
+                    batch_size: int = 32, template: str = "default", progress: bool = False) -> list[Example]:
     """The examples with their answers replaced by the teacher's greedy answers (SeqKD targets).
 
     Generation and the cut at the chat stop strings are :mod:`pktlib.evaluation`'s, so the
-    targets are what the teacher would be scored on; ``meta["gold_answer"]`` keeps the answer.
+    targets are what the teacher would be scored on; the prompts are in ``template``'s format
+    (:func:`pktlib.data.format_prompt`), as the training sequences. ``meta["gold_answer"]`` keeps
+    the answer.
     """
     gen = HFGenerator(teacher, tokenizer, batch_size=batch_size)
-    prompts = [format_prompt(ex.messages) for ex in examples]
+    prompts = [format_prompt(ex.messages, tokenizer=tokenizer, template=template) for ex in examples]
     answers = gen.generate(prompts, max_new_tokens, stop_strings(tokenizer), progress=progress)
     return [Example(ex.prompt_messages + [{"role": "assistant", "content": a.strip()}],
                     {**ex.meta, "gold_answer": ex.answer}) for ex, a in zip(examples, answers)]
@@ -226,10 +230,11 @@ class _Collator:
         return out
 
 
-def _dataset(tokenizer, examples: Sequence[Example], max_length: int):
+def _dataset(tokenizer, examples: Sequence[Example], max_length: int, template: str):
     rows = []
     for ex in examples:
-        it = tokenize_example(tokenizer, ex, max_length=max_length)
+        it = tokenize_example(tokenizer, (format_prompt(ex.messages, tokenizer=tokenizer, template=template), ex.answer),
+                              max_length=max_length)
         prompt_len = sum(1 for l in it["labels"] if l == -100)  # prompt labels are masked, answer ones not
         if prompt_len < len(it["labels"]):
             rows.append({"input_ids": it["input_ids"], "labels": it["labels"], "prompt_len": prompt_len})
@@ -306,7 +311,7 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
             examples: Sequence[Example] | None = None, out_dir: str | os.PathLike, lr: float | None = None,
             epochs: float = 1.0, batch_size: int = 16, micro_batch: int = 16, lora: bool = True, r: int = 16,
             alpha: int = 16, lmbda: float | None = None, beta: float | None = None, temperature: float = 0.9,
-            max_new_tokens: int | None = None, max_length: int = 512, seed: int = 0,
+            max_new_tokens: int | None = None, max_length: int = 512, template: str = "default", seed: int = 0,
             save_every: int | None = None, progress: bool = True) -> DistillResult:
     """Distil ``teacher`` into ``student`` on ``task`` with ``method`` (see the module docstring).
 
@@ -318,6 +323,9 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
     micro-batches of ``micro_batch``; AdamW, linear warm-up over 3% of the steps, then linear
     decay. ``lmbda``/``beta`` override the method's GKD values. ``max_new_tokens`` (GKD's
     on-policy answers, SeqKD's teacher answers) defaults to 1.5x the longest reference answer.
+    ``template``: the prompt format of the training sequences and of SeqKD's teacher prompts
+    (:func:`pktlib.data.format_prompt`; "auto" for a chat model's own template, as the real
+    pair's evaluator prompts).
 
     Writes into ``out_dir``: ``distill_config.json``, ``teacher_answers.jsonl`` (SeqKD),
     ``trainer/`` (TRL/Trainer checkpoints while running), ``student/`` (the distilled student,
@@ -346,13 +354,14 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
         micro_batch=micro_batch, lora=lora, r=r, alpha=alpha, lmbda=eff_lmbda, beta=m.beta if beta is None else beta,
         temperature=temperature,
         max_new_tokens=int(max_new_tokens or (answer_token_budget(tok, [ex.answer for ex in examples], 1.5) if generates else 0)),
-        max_length=max_length, seed=seed, teacher_sha256=weights_hash(t_model), student_sha256=weights_hash(s_model),
+        max_length=max_length, template=template, seed=seed, teacher_sha256=weights_hash(t_model), student_sha256=weights_hash(s_model),
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path, result_path = out / "distill_config.json", out / "result.json"
     if cfg_path.is_file():
-        old = read_json(cfg_path)
+        # settings added since a run was saved count at their defaults, so older runs still resume
+        old = {**json.loads(json.dumps(asdict(DistillConfig(method, task, label)))), **read_json(cfg_path)}
         new = json.loads(json.dumps(asdict(cfg)))
         diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
         if diff:
@@ -371,9 +380,9 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
             examples = load_examples(cached)
         else:
             examples = teacher_answers(t_model, t_tok or tok, examples, max_new_tokens=cfg.max_new_tokens,
-                                       progress=progress)
+                                       template=template, progress=progress)
             write_examples(cached, examples)
-    data = _dataset(tok, examples, cfg.max_length)
+    data = _dataset(tok, examples, cfg.max_length, template)
 
     # ---- the student to train: a copy, with a LoRA (or all parameters trainable)
     work = copy.deepcopy(s_model)

@@ -185,3 +185,43 @@ def test_full_finetuning_trains_every_student_parameter(models, tokenizer, tmp_p
     assert _same(_state(teacher), t0)
     with pytest.raises(PktError, match="tokenizer"):
         distill(student, (teacher, tokenizer), "pocket-math", examples=EXAMPLES, out_dir=tmp_path / "no-tok")
+
+
+def test_chat_template_shapes_training_sequences_and_teacher_prompts(models, tokenizer, tmp_path):
+    """``template="chat"``: SeqKD's teacher is prompted, and every method trains, in the tokenizer's
+    own chat format (as the real pair's evaluator prompts); the default format is not used."""
+    import copy
+
+    from pktlib.data import format_prompt, load_examples
+    from pktlib.distill import _dataset
+    from pktlib.evaluation import HFGenerator, stop_strings
+
+    student, (teacher, _) = models
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    rows = _dataset(chat, EXAMPLES, 512, "chat")
+    ex = EXAMPLES[0]
+    expected = tokenize_example(chat, ("[user] What is 1 + 2?\n[assistant] ", ex.answer))
+    assert rows[0]["input_ids"] == expected["input_ids"] and rows[0]["labels"] == expected["labels"]
+    assert rows[0]["input_ids"] != tokenize_example(chat, ex)["input_ids"]  # not the default format
+    res = _run(student, teacher, chat, "seqkd", tmp_path / "seq", epochs=1, template="chat")
+    assert res.config.template == "chat"
+    saved = load_examples(tmp_path / "seq" / "teacher_answers.jsonl")
+    greedy = HFGenerator(teacher, chat).generate([format_prompt(e.messages, tokenizer=chat, template="chat")
+                                                  for e in EXAMPLES], 12, stop_strings(chat))
+    assert [e.answer for e in saved] == [g.strip() for g in greedy]
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(models, tokenizer, tmp_path):
+    import json
+
+    student, (teacher, _) = models
+    first = _run(student, teacher, tokenizer, "supervised-kd", tmp_path / "old", epochs=1)
+    cfg_path = tmp_path / "old" / "distill_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["template"]  # as written before `template` existed
+    cfg_path.write_text(json.dumps(cfg))
+    again = _run(student, teacher, tokenizer, "supervised-kd", tmp_path / "old", epochs=1)
+    assert again.from_record and again.log == first.log
+    with pytest.raises(PktError, match="template"):
+        _run(student, teacher, tokenizer, "supervised-kd", tmp_path / "old", epochs=1, template="chat")

@@ -270,7 +270,7 @@ def test_laten_runs_read_per_question_from_a_record_of_the_same_pair(tmp_path, t
     _laten_record(rec, weights_hash(tiny_dir), "0" * 16)
     other = lvd.laten_runs(rec, teacher=tiny_dir, student=student, families=["math"])
     assert (other.found, other.same_pair, len(other.runs)) == (True, False, 0)
-    assert "another pocket pair" in other.note(rec)
+    assert "another pair" in other.note(rec)
     assert other.pair["student"] == ("0" * 16, weights_hash(student))
 
 
@@ -317,3 +317,50 @@ def test_grid_runs_give_laten_budget_and_larger_budgets_their_own_seeds():
                     ("math", "1000", "seqkd", 0)]
     assert grid_runs(["math"], ["laten", "8"], ["gkd"], seeds=[3, 4]) == [
         ("math", "laten", "gkd", 3), ("math", "laten", "gkd", 4), ("math", "8", "gkd", 3), ("math", "8", "gkd", 4)]
+
+
+# ------------------------------------------------------------------------------ a real pair's task
+def test_run_grid_on_a_paper_task_trains_in_the_chat_format_and_scores_through_the_pair_scorer(tmp_path, tokenizer):
+    """The real pair's chapter: family "gsm8k" is the paper task itself, the training prompts use
+    the pair's chat template, and each distilled student is scored by the pair's scorer from its
+    folder, on the same seeded questions as the student and the teacher."""
+    import copy
+
+    from pktlib.experiments import real_pair as rp
+    from pktlib.models import load_model
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    root = tmp_path / "pair"
+    for role, kw in (("teacher-chat", dict(hidden_size=96, n_heads=6, seed=1)), ("student-chat", dict(seed=2))):
+        make_model("qwen2", tokenizer=chat, **kw).save_pretrained(root / role)
+        chat.save_pretrained(root / role)
+    teacher, student = load_model(root / "teacher-chat"), load_model(root / "student-chat")
+    settings = rp.ScoreSettings(backend="hf", max_new_tokens=4, batch_size=4)
+    scorer = rp.SavedScorer.for_pair(str(root), {"gsm8k": 2}, {"teacher": teacher[0], "student": student[0]},
+                                     teacher[1], settings=settings, root=tmp_path / "scores", work=tmp_path / "work",
+                                     progress=False)
+    refs = dx.reference_scores(student, teacher, paths={}, root=tmp_path, families=["gsm8k"], scorer=scorer)
+    idx = rp.subset_indices("gsm8k", 2)
+    own = rp.score_model(root / "student-chat", "gsm8k", idx, settings=settings, root=tmp_path / "scores")
+    assert refs.student_correct["gsm8k"] == [r.correct for r in own.records]
+
+    runs = dx.run_grid(student, teacher, root=tmp_path / "runs", families=["gsm8k"], budgets=["4"],
+                       methods=["supervised-kd"], seeds=[0], epochs=1, batch_size=4, micro_batch=2, lr=1e-2,
+                       scorer=scorer, template="auto", max_length=256, progress=False)
+    row = runs.results.iloc[0]
+    run = tmp_path / "runs" / "gsm8k-4-supervised-kd-s0-e1-b4"
+    cfg = json.loads((run / "distill_config.json").read_text())
+    assert (cfg["task"], cfg["template"], cfg["budget"], cfg["micro_batch"]) == ("gsm8k", "auto", "train:4", 2)
+    assert (row.family, row.examples, row.n) == ("gsm8k", 4, 2)
+    direct = rp.score_model(run / "student", "gsm8k", idx, settings=settings, root=tmp_path / "fresh-scores")
+    assert row.correct == correctness_string(r.correct for r in direct.records) and row.score == direct.score
+    assert not (tmp_path / "work" / "transferred").exists()  # scored from its folder: nothing saved again
+    rows = dx.scorecard_rows(runs.results, pair="tiny", families=["gsm8k"], budgets=["4"], methods=["supervised-kd"],
+                             n_test={"gsm8k": 2})
+    assert rows[0]["task"] == "gsm8k"
+    bars = dx.bar_values(runs.results, refs.scores, families=["gsm8k"], budgets=["4"], methods=["supervised-kd"])
+    assert list(bars["values"]) == ["gsm8k"]
+    with pytest.raises(PktError, match="gen_tokens"):
+        dx.run_grid(student, teacher, root=tmp_path / "runs", families=["gsm8k"], budgets=["4"],
+                    methods=["supervised-kd"], seeds=[0], epochs=1, batch_size=4, lr=1e-2, progress=False)

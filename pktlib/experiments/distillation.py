@@ -8,13 +8,19 @@ questions (:func:`pktlib.experiments.scoring.cached_score`). :func:`run_grid` re
 a tidy table; the functions below it turn that table into the chapter's Table 7/8 analogue, its
 scorecard rows, the paired tests against the student, the summary and the cost. The paired tests
 against the LaTen chapter's injected students are :mod:`pktlib.experiments.laten_vs_distill`.
+
+The grid's ``families`` name pocket-pair families ("math": the task ``pocket-math``) or paper
+tasks ("gsm8k": itself, :func:`family_task`). By default a distilled student is scored with the
+project's evaluator on the task's first test questions; a ``scorer`` (the real pair's
+:class:`pktlib.experiments.real_pair.SavedScorer`: vLLM, the paper's protocol, a seeded subset)
+scores it instead, from its saved folder.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -22,12 +28,13 @@ from tqdm.auto import tqdm
 from pktlib.data import load_task
 from pktlib.distill import budget_examples, distill
 from pktlib.analysis.stats import correctness_string
-from pktlib.experiments.scoring import (cached_score, families_with_teacher_gap, generation_budget, run_root,
-                                        score_path)
+from pktlib.errors import PktError
+from pktlib.experiments.scoring import (CachedScore, cached_score, families_with_teacher_gap, family_task,
+                                        generation_budget, run_root, score_once, score_path)
 from pktlib.experiments.laten_vs_distill import INSIDE_THE_NOISE, LATEN_VERDICTS
 from pktlib.experiments.verdict import compare_runs
 
-__all__ = ["NOTHING_TO_DISTIL", "budget_label", "budget_id", "run_root", "DistillSetup", "setup", "References",
+__all__ = ["NOTHING_TO_DISTIL", "budget_label", "budget_id", "budget_sizes", "run_root", "DistillSetup", "setup", "References",
            "reference_scores", "DistillRuns", "grid_runs", "run_grid", "score_table", "scorecard_rows", "bar_values",
            "curve_panels", "paired_vs_student", "summary",
            "cost_from_nothing", "cost_text"]
@@ -37,6 +44,7 @@ NOTHING_TO_DISTIL = ("The teacher does not outscore the student on any family in
                      "question.")
 
 Pair = tuple[Any, Any]  # (model, tokenizer)
+Scorer = Callable[[Any, str], Any]  # scorer(model or checkpoint folder, task) -> EvalResult (real_pair.SavedScorer)
 
 
 def budget_label(budget: str) -> str:
@@ -47,6 +55,12 @@ def budget_label(budget: str) -> str:
 def budget_id(budget: str) -> str:
     """How scorecard methods name a budget: ``"matched"`` for ``"laten"``, else ``"n<budget>"``."""
     return "matched" if budget == "laten" else f"n{budget}"
+
+
+def budget_sizes(families: Sequence[str], budgets: Sequence[str]) -> dict[str, dict[str, int]]:
+    """family -> budget -> training examples (:func:`pktlib.distill.budget_examples` on
+    :func:`family_task`). Raises PktError for an unknown budget."""
+    return {f: {b: len(budget_examples(family_task(f), b)[0]) for b in budgets} for f in families}
 
 
 @dataclass
@@ -72,9 +86,9 @@ def setup(tokenizer: Any, *, families: Sequence[str], budgets: Sequence[str], li
     Raises PktError (from :func:`pktlib.distill.budget_examples`) for an unknown budget.
     """
     return DistillSetup(
-        sizes={f: {b: len(budget_examples(f"pocket-{f}", b)[0]) for b in budgets} for f in families},
-        n_test={f: len(load_task(f"pocket-{f}", "test", limit=limit)) for f in families},
-        gen_tokens={f: generation_budget(tokenizer, f"pocket-{f}", limit=limit, margin=margin) for f in families})
+        sizes=budget_sizes(families, budgets),
+        n_test={f: len(load_task(family_task(f), "test", limit=limit)) for f in families},
+        gen_tokens={f: generation_budget(tokenizer, family_task(f), limit=limit, margin=margin) for f in families})
 
 
 @dataclass
@@ -97,13 +111,16 @@ class References:
 
 
 def reference_scores(student: Pair, teacher: Pair, *, paths: Mapping[str, str | Path], root: str | Path,
-                     families: Sequence[str], gen_tokens: Mapping[str, int], limit: int | None,
-                     batch_size: int) -> References:
+                     families: Sequence[str], gen_tokens: Mapping[str, int] | None = None, limit: int | None = None,
+                     batch_size: int = 100, scorer: Scorer | None = None) -> References:
     """Score the student and the teacher on each family once, kept in ``root`` (:func:`cached_score`).
 
     ``student``/``teacher``: ``(model, tokenizer)``, both scored with the teacher's tokenizer (the
     pair shares it); ``paths``: ``{"student": folder, "teacher": folder}``, whose weights name the
-    cached files ``scores-<who>-<hash>-<family>-n<limit>-t<tokens>.json``.
+    cached files ``scores-<who>-<hash>-<family>-n<limit>-t<tokens>.json``. With a ``scorer``
+    (:func:`run_grid`), the models are scored by it instead (it keeps its own cache; ``paths``,
+    ``root``, ``gen_tokens``, ``limit`` and ``batch_size`` are then unused) and ``cpu`` holds its
+    generation's wall seconds.
     """
     t0 = time.perf_counter()
     tok = teacher[1]
@@ -112,9 +129,12 @@ def reference_scores(student: Pair, teacher: Pair, *, paths: Mapping[str, str | 
     correct, cpu = {}, {}
     for fam in families:
         for who in ("student", "teacher"):
-            path = score_path(root, paths[who], limit=limit, max_new_tokens=gen_tokens[fam], who=who, family=fam)
-            sc = cached_score(path, (models[who], tok), f"pocket-{fam}", limit=limit,
-                              max_new_tokens=gen_tokens[fam], batch_size=batch_size)
+            if scorer is not None:
+                sc = score_once(scorer, None, models[who], family_task(fam))
+            else:
+                path = score_path(root, paths[who], limit=limit, max_new_tokens=gen_tokens[fam], who=who, family=fam)
+                sc = cached_score(path, (models[who], tok), family_task(fam), limit=limit,
+                                  max_new_tokens=gen_tokens[fam], batch_size=batch_size)
             scores.setdefault(fam, {})[who] = sc.score
             cpu[(fam, who)] = sc.cpu_s
             if who == "student":
@@ -152,31 +172,50 @@ def grid_runs(families: Sequence[str], budgets: Sequence[str], methods: Sequence
             for sd in (seeds if b == "laten" or large_seeds is None else large_seeds)]
 
 
+def _score_distilled(res: Any, task: str, tok: Any, *, scorer: Scorer | None, gen_tokens: int | None,
+                     limit: int | None, eval_batch: int) -> CachedScore:
+    if scorer is not None:  # it caches by the saved student's weights itself
+        return score_once(scorer, None, res.student_dir, task)
+    path = score_path(res.out_dir, res.student_dir, limit=limit, max_new_tokens=gen_tokens)
+    return cached_score(path, lambda: (res.load_student()[0], tok), task, limit=limit, max_new_tokens=gen_tokens,
+                        batch_size=eval_batch)
+
+
 def run_grid(student: Pair, teacher: Pair, *, root: str | Path, families: Sequence[str], budgets: Sequence[str],
              methods: Sequence[str], seeds: Sequence[int], epochs: float, batch_size: int, lr: float | None,
-             gen_tokens: Mapping[str, int], limit: int | None, eval_batch: int,
-             large_seeds: Sequence[int] | None = None, progress: bool = True) -> DistillRuns:
+             gen_tokens: Mapping[str, int] | None = None, limit: int | None = None, eval_batch: int = 100,
+             large_seeds: Sequence[int] | None = None, scorer: Scorer | None = None, micro_batch: int | None = None,
+             template: str = "default", max_length: int = 512, progress: bool = True) -> DistillRuns:
     """Distil and score every (family, budget, method, seed) of :func:`grid_runs`; runs resume
     from their folders.
 
     Run folders are ``root/<family>-<budget>-<method>-s<seed>-e<epochs>-b<batch_size>``; each
     distilled student is scored with the teacher's tokenizer and kept as
     ``scores-<hash>-n<limit>-t<tokens>.json`` in its run folder, loaded only when not scored yet.
+    With a ``scorer`` (e.g. :class:`pktlib.experiments.real_pair.SavedScorer`), each distilled
+    student is scored by it from its folder instead (``gen_tokens``, ``limit`` and ``eval_batch``
+    unused; ``eval_cpu_s`` then holds the generation's wall seconds). ``micro_batch``: examples
+    per forward pass (default ``batch_size``); ``template`` and ``max_length``: the training
+    sequences' prompt format and length (:func:`pktlib.distill.distill`).
     Columns of ``results``: family, budget, method, seed, score (0-100), n, examples, steps, lr,
     final_loss, train_cpu_s, eval_cpu_s (CPU seconds when they ran), from_record, correct.
+    Raises PktError without ``gen_tokens`` for a family when no ``scorer`` is given.
     """
+    if scorer is None and (gen_tokens is None or set(families) - set(gen_tokens)):
+        raise PktError(f"run_grid without a scorer needs `gen_tokens` for every family; got {gen_tokens} "
+                       f"for {list(families)}")
     tok = teacher[1]
     runs = grid_runs(families, budgets, methods, seeds, large_seeds)
     rows, curves = [], {}
     t0 = time.perf_counter()
     for fam, budget, method, sd in tqdm(runs, desc="distillation runs", disable=not progress):
-        task = f"pocket-{fam}"
+        task = family_task(fam)
         res_dir = Path(root) / f"{fam}-{budget}-{method}-s{sd}-e{epochs:g}-b{batch_size}"
         res = distill(student, teacher, task, method=method, budget=budget, lr=lr, epochs=epochs,
-                      batch_size=batch_size, micro_batch=batch_size, seed=sd, progress=False, out_dir=res_dir)
-        path = score_path(res_dir, res.student_dir, limit=limit, max_new_tokens=gen_tokens[fam])
-        sc = cached_score(path, lambda res=res: (res.load_student()[0], tok), task, limit=limit,
-                          max_new_tokens=gen_tokens[fam], batch_size=eval_batch)
+                      batch_size=batch_size, micro_batch=micro_batch or batch_size, template=template,
+                      max_length=max_length, seed=sd, progress=False, out_dir=res_dir)
+        sc = _score_distilled(res, task, tok, scorer=scorer, gen_tokens=(gen_tokens or {}).get(fam), limit=limit,
+                              eval_batch=eval_batch)
         rows.append({"family": fam, "budget": budget, "method": method, "seed": sd, "score": sc.score, "n": sc.n,
                      "examples": res.config.n_examples, "steps": res.steps, "lr": res.config.lr,
                      "final_loss": res.final_loss, "train_cpu_s": res.cpu_s, "eval_cpu_s": sc.cpu_s,
@@ -212,28 +251,28 @@ def scorecard_rows(results: pd.DataFrame, *, pair: str, families: Sequence[str],
                    methods: Sequence[str], n_test: Mapping[str, int]) -> list[dict[str, Any]]:
     """Scorecard rows ``distill-<method>-<budget id>`` (:func:`budget_id`; mean over seeds) per family."""
     agg = _agg(results)
-    return [{"method": f"distill-{m}-{budget_id(b)}", "task": f"pocket-{f}", "pair": pair,
+    return [{"method": f"distill-{m}-{budget_id(b)}", "task": family_task(f), "pair": pair,
              "score": float(agg.loc[(m, b, f), "mean"]), "n": n_test[f]}
             for m in methods for b in budgets for f in families]
 
 
 def bar_values(results: pd.DataFrame, refs: Mapping[str, Mapping[str, float]], *, families: Sequence[str],
                budgets: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
-    """Keyword arguments of :func:`pktlib.plots.grouped_bars`: panels ``pocket-<family>``, groups
+    """Keyword arguments of :func:`pktlib.plots.grouped_bars`: panels :func:`family_task`, groups
     :func:`budget_label`, bars methods (mean over seeds, std as error), student and teacher as lines."""
     agg = _agg(results)
-    return {"values": {f"pocket-{f}": {budget_label(b): {m: agg.loc[(m, b, f), "mean"] for m in methods}
+    return {"values": {family_task(f): {budget_label(b): {m: agg.loc[(m, b, f), "mean"] for m in methods}
                                        for b in budgets} for f in families},
-            "errors": {f"pocket-{f}": {budget_label(b): {m: agg.loc[(m, b, f), "std"] for m in methods}
+            "errors": {family_task(f): {budget_label(b): {m: agg.loc[(m, b, f), "std"] for m in methods}
                                        for b in budgets} for f in families},
-            "references": {f"pocket-{f}": {"student": refs[f]["student"], "teacher": refs[f]["teacher"]}
+            "references": {family_task(f): {"student": refs[f]["student"], "teacher": refs[f]["teacher"]}
                            for f in families}}
 
 
 def curve_panels(runs: DistillRuns, *, families: Sequence[str],
                  budgets: Sequence[str]) -> dict[tuple[str, str], dict[str, list[tuple[int, float]]]]:
-    """Training curves keyed ``(budget label, "pocket-<family>")`` for :func:`pktlib.plots.curve_grid`."""
-    return {(budget_label(b), f"pocket-{f}"): runs.curves[(b, f)] for b in budgets for f in families}
+    """Training curves keyed ``(budget label, family_task(family))`` for :func:`pktlib.plots.curve_grid`."""
+    return {(budget_label(b), family_task(f)): runs.curves[(b, f)] for b in budgets for f in families}
 
 
 def paired_vs_student(results: pd.DataFrame, refs: Mapping[str, Mapping[str, float]],
@@ -275,7 +314,7 @@ def summary(tests: pd.DataFrame, versus_laten: pd.DataFrame | None, refs: Mappin
             t = tests[(tests.family == fam) & (tests.budget == budget)].set_index("method")
             name = "matched budget" if budget == "laten" else f"N = {budget}"
             parts = [f"{m} {t.loc[m, 'gap']:+.1f} (p = {t.loc[m, 'p']:.2g}, {t.loc[m, 'verdict']})" for m in methods]
-            lines.append(f"- **pocket-{fam}, {name}** (teacher {refs[fam]['teacher'] - refs[fam]['student']:+.1f} "
+            lines.append(f"- **{family_task(fam)}, {name}** (teacher {refs[fam]['teacher'] - refs[fam]['student']:+.1f} "
                          f"over the student): " + "; ".join(parts))
     helped, hurt = (tests.verdict == "better").sum(), (tests.verdict == "worse").sum()
     text = (f"Against the student, {helped} of {len(tests)} method/budget/family runs score higher and {hurt} "

@@ -18,6 +18,7 @@ import pandas as pd
 from pktlib.analysis.stats import correctness_string
 from pktlib.errors import PktError
 from pktlib.experiments.laten_sweep import final_runs
+from pktlib.experiments.scoring import family_task
 from pktlib.experiments.verdict import Comparison, compare_runs
 from pktlib.models import weights_hash
 from pktlib.records import read_json
@@ -53,7 +54,7 @@ class LatenRuns:
         if not self.found:
             return f"No LaTen record at `{record}`: execute the LaTen chapter first to fill this section."
         if not self.same_pair:
-            return (f"The LaTen record at `{record}` was run on another pocket pair; its runs are not set "
+            return (f"The LaTen record at `{record}` was run on another pair (other teacher or student weights); its runs are not set "
                     "beside these.")
         return None
 
@@ -130,15 +131,15 @@ def _same_questions(fam: str, laten: pd.DataFrame, distilled: pd.DataFrame, late
                     student: str | None) -> None:
     n_laten, n_distilled = sorted(set(laten.n.astype(int))), sorted(set(distilled.n.astype(int)))
     if n_laten != n_distilled or len(n_laten) != 1:
-        raise PktError(f"pocket-{fam}: the LaTen record scored {n_laten} test questions and the distillation runs "
+        raise PktError(f"{family_task(fam)}: the LaTen record scored {n_laten} test questions and the distillation runs "
                        f"{n_distilled}: they were not scored on the same questions (run both with the same limit)")
     missing = laten.correct.isna() | (laten.correct.astype(str).str.len() != n_laten[0])
     if missing.any():
-        raise PktError(f"pocket-{fam}: the LaTen record keeps no per-question correctness for "
+        raise PktError(f"{family_task(fam)}: the LaTen record keeps no per-question correctness for "
                        f"{sorted(set(laten.setting[missing]))}: execute the LaTen chapter again")
     if laten_student and student and laten_student != student:
         differ = sum(x != y for x, y in zip(laten_student, student))
-        raise PktError(f"pocket-{fam}: the plain student's answers differ on {differ} of {n_laten[0]} questions "
+        raise PktError(f"{family_task(fam)}: the plain student's answers differ on {differ} of {n_laten[0]} questions "
                        "between the LaTen record and this run: they were not scored on the same questions with the "
                        "same settings")
 
@@ -220,12 +221,12 @@ LATEN_TABLE_COLUMNS = ["family", "budget", "examples", "method", "role", "LaTen 
 CLAIM = "LaTen ≥ distillation at ≤ 100 examples"
 
 
-def laten_claim(table: pd.DataFrame, *, max_examples: int = 100) -> str:
+def laten_claim(table: pd.DataFrame, *, max_examples: int = 100, subject: str = "the pocket pair") -> str:
     """The paper's claim (:data:`CLAIM`, Section 5.3, Tables 7-8) checked on :func:`paired_vs_laten`
     (a Markdown paragraph).
 
     It is decided on LaTen's representative setting at every budget of at most ``max_examples``
-    training examples: the pocket pair agrees when no distillation method beats LaTen by the paired
+    training examples: ``subject`` (the pair) agrees when no distillation method beats LaTen by the paired
     test (a verdict ``"LaTen worse"``), and disagrees otherwise, naming where. The best setting's
     verdicts follow as a count.
     """
@@ -238,15 +239,15 @@ def laten_claim(table: pd.DataFrame, *, max_examples: int = 100) -> str:
     counts = {v: int((rep.verdict == v).sum()) for v in (*LATEN_VERDICTS.values(), INSIDE_THE_NOISE)}
     lost = rep[rep.verdict == LATEN_VERDICTS["worse"]]
     if lost.empty:
-        verdict = ("the pocket pair agrees: no distillation method trained on at most "
+        verdict = (f"{subject} agrees: no distillation method trained on at most "
                    f"{max_examples} examples beats LaTen by the paired test")
         if counts[INSIDE_THE_NOISE] == len(rep):
             verdict += " (every comparison is inside the noise: LaTen is not below distillation, nor above it)"
     else:
-        verdict = "the pocket pair does not agree: " + "; ".join(
-            f"{r.method} on pocket-{r.family} ({r.examples} examples) beats LaTen by {-r.effect:.1f} points "
+        verdict = f"{subject} does not agree: " + "; ".join(
+            f"{r.method} on {family_task(r.family)} ({r.examples} examples) beats LaTen by {-r.effect:.1f} points "
             f"(paired p = {r.p:.2g})" for r in lost.itertuples())
-    settings = "; ".join(f"pocket-{f}: {st}" for f, st in sorted(set(zip(rep.family, rep["LaTen setting"]))))
+    settings = "; ".join(f"{family_task(f)}: {st}" for f, st in sorted(set(zip(rep.family, rep["LaTen setting"]))))
     text = (f"{head}{verdict}. Decided by the paired test on the same test questions: each distilled student "
             f"against LaTen's representative setting ({settings}), exact McNemar test on the questions the two "
             f"answer differently (with several seeds a side, its exact sign-flip form on the per-question mean over "

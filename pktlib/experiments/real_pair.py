@@ -271,7 +271,8 @@ class SavedScorer:
     model costs its size on disk only while it is scored, and a rerun of a deterministic
     transfer finds its answers in the cache (the cache folder is named after the hash). The
     pair's own models (``references``: ``id(model) -> checkpoint folder``) are scored from
-    their checkpoints, where the real-pair scores chapter has already cached them.
+    their checkpoints, where the real-pair scores chapter has already cached them, and so is a
+    ``model`` given as a checkpoint folder (a distilled student saved by its run).
 
     Raises PktError for a task without a subset.
     """
@@ -300,7 +301,7 @@ class SavedScorer:
         if task not in self.indices:
             raise PktError(f"no question subset for task {task!r}; known: {', '.join(self.indices)}")
         idx = self.indices[task]
-        src = self.references.get(id(model))
+        src = model if isinstance(model, (str, os.PathLike)) else self.references.get(id(model))
         folder = Path(src) if src else Path(self.work or cache_dir()) / "transferred"
         if not src:
             save_model(model, self.tokenizer, folder)

@@ -25,17 +25,24 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pktlib.analysis.stats import correctness_from_string, correctness_string, wilson_interval
 from pktlib.data import answer_token_budget, load_task
+from pktlib.data.tasks import TASKS
 from pktlib.errors import PktError
 from pktlib.evaluation import EvalResult, evaluate
 from pktlib.models import weights_hash
 from pktlib.records import cpu_seconds, read_json, write_json
 
-__all__ = ["generation_budget", "BudgetedScorer", "families_with_teacher_gap", "NO_TEACHER_GAP", "CachedScore",
+__all__ = ["family_task", "generation_budget", "BudgetedScorer", "families_with_teacher_gap", "NO_TEACHER_GAP", "CachedScore",
            "run_root", "score_path", "cached_score", "score_once"]
 
 NO_TEACHER_GAP = ("The teacher does not outscore the student on any family in this run (as with the barely "
                   "trained `tiny` preset), so there is no teacher knowledge to transfer: this run tests the "
                   "code, not the question.")
+
+
+def family_task(family: str) -> str:
+    """The task a grid's family names: a paper task (``"gsm8k"``) is itself, a pocket family
+    (``"math"``) names ``pocket-<family>``."""
+    return family if family in TASKS else f"pocket-{family}"
 
 
 def generation_budget(tokenizer, task: str, *, limit: int | None, margin: float, split: str = "test") -> int:
