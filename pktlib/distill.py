@@ -58,7 +58,8 @@ from torch import nn
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from pktlib.data import Example, answer_token_budget, collate, format_prompt, load_examples, load_task, tokenize_example
+from pktlib.data import (Example, answer_token_budget, collate, format_prompt, load_examples, load_task,
+                         prompt_answer_pairs, tokenize_example)
 from pktlib.errors import PktError
 from pktlib.evaluation import HFGenerator, stop_strings
 from pktlib.data.examples import write_examples
@@ -232,9 +233,8 @@ class _Collator:
 
 def _dataset(tokenizer, examples: Sequence[Example], max_length: int, template: str):
     rows = []
-    for ex in examples:
-        it = tokenize_example(tokenizer, (format_prompt(ex.messages, tokenizer=tokenizer, template=template), ex.answer),
-                              max_length=max_length)
+    for pair in prompt_answer_pairs(examples, tokenizer=tokenizer, template=template):
+        it = tokenize_example(tokenizer, pair, max_length=max_length)
         prompt_len = sum(1 for l in it["labels"] if l == -100)  # prompt labels are masked, answer ones not
         if prompt_len < len(it["labels"]):
             rows.append({"input_ids": it["input_ids"], "labels": it["labels"], "prompt_len": prompt_len})
@@ -354,7 +354,8 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
         micro_batch=micro_batch, lora=lora, r=r, alpha=alpha, lmbda=eff_lmbda, beta=m.beta if beta is None else beta,
         temperature=temperature,
         max_new_tokens=int(max_new_tokens or (answer_token_budget(tok, [ex.answer for ex in examples], 1.5) if generates else 0)),
-        max_length=max_length, template=template, seed=seed, teacher_sha256=weights_hash(t_model), student_sha256=weights_hash(s_model),
+        max_length=max_length, template=template, seed=seed, teacher_sha256=weights_hash(t_model),
+        student_sha256=weights_hash(s_model),
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ from pktlib.experiments.scoring import (CachedScore, cached_score, families_with
 from pktlib.experiments.laten_vs_distill import INSIDE_THE_NOISE, LATEN_VERDICTS
 from pktlib.experiments.verdict import compare_runs
 
-__all__ = ["NOTHING_TO_DISTIL", "budget_label", "budget_id", "budget_sizes", "run_root", "DistillSetup", "setup", "References",
-           "reference_scores", "DistillRuns", "grid_runs", "run_grid", "score_table", "scorecard_rows", "bar_values",
+__all__ = ["NOTHING_TO_DISTIL", "budget_label", "budget_id", "budget_sizes", "run_root", "DistillSetup", "setup",
+           "References", "reference_scores", "DistillRuns", "grid_runs", "run_grid", "score_table", "scorecard_rows", "bar_values",
            "curve_panels", "paired_vs_student", "summary",
            "cost_from_nothing", "cost_text"]
 
@@ -314,7 +314,8 @@ def summary(tests: pd.DataFrame, versus_laten: pd.DataFrame | None, refs: Mappin
             t = tests[(tests.family == fam) & (tests.budget == budget)].set_index("method")
             name = "matched budget" if budget == "laten" else f"N = {budget}"
             parts = [f"{m} {t.loc[m, 'gap']:+.1f} (p = {t.loc[m, 'p']:.2g}, {t.loc[m, 'verdict']})" for m in methods]
-            lines.append(f"- **{family_task(fam)}, {name}** (teacher {refs[fam]['teacher'] - refs[fam]['student']:+.1f} "
+            gap = refs[fam]["teacher"] - refs[fam]["student"]
+            lines.append(f"- **{family_task(fam)}, {name}** (teacher {gap:+.1f} "
                          f"over the student): " + "; ".join(parts))
     helped, hurt = (tests.verdict == "better").sum(), (tests.verdict == "worse").sum()
     text = (f"Against the student, {helped} of {len(tests)} method/budget/family runs score higher and {hurt} "

@@ -54,8 +54,8 @@ class LatenRuns:
         if not self.found:
             return f"No LaTen record at `{record}`: execute the LaTen chapter first to fill this section."
         if not self.same_pair:
-            return (f"The LaTen record at `{record}` was run on another pair (other teacher or student weights); its runs are not set "
-                    "beside these.")
+            return (f"The LaTen record at `{record}` was run on another pair (other teacher or student weights); "
+                    "its runs are not set beside these.")
         return None
 
 
@@ -131,8 +131,8 @@ def _same_questions(fam: str, laten: pd.DataFrame, distilled: pd.DataFrame, late
                     student: str | None) -> None:
     n_laten, n_distilled = sorted(set(laten.n.astype(int))), sorted(set(distilled.n.astype(int)))
     if n_laten != n_distilled or len(n_laten) != 1:
-        raise PktError(f"{family_task(fam)}: the LaTen record scored {n_laten} test questions and the distillation runs "
-                       f"{n_distilled}: they were not scored on the same questions (run both with the same limit)")
+        raise PktError(f"{family_task(fam)}: the LaTen record scored {n_laten} test questions and the distillation "
+                       f"runs {n_distilled}: they were not scored on the same questions (run both with the same limit)")
     missing = laten.correct.isna() | (laten.correct.astype(str).str.len() != n_laten[0])
     if missing.any():
         raise PktError(f"{family_task(fam)}: the LaTen record keeps no per-question correctness for "

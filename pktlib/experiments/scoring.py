@@ -31,7 +31,8 @@ from pktlib.evaluation import EvalResult, evaluate
 from pktlib.models import weights_hash
 from pktlib.records import cpu_seconds, read_json, write_json
 
-__all__ = ["family_task", "generation_budget", "BudgetedScorer", "families_with_teacher_gap", "NO_TEACHER_GAP", "CachedScore",
+__all__ = ["family_task", "generation_budget", "BudgetedScorer", "families_with_teacher_gap", "NO_TEACHER_GAP",
+           "CachedScore",
            "run_root", "score_path", "cached_score", "score_once"]
 
 NO_TEACHER_GAP = ("The teacher does not outscore the student on any family in this run (as with the barely "
