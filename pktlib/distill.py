@@ -20,7 +20,8 @@ argument, ``method``, looked up in :data:`METHODS`:
   trainer divides the summed KL by the batch's *gold* answer tokens, counted before the samples
   replace them, so GKD's logged loss is not a per-sampled-token mean.)
 * ``"seqkd"``: sequence-level KD (Kim and Rush 2016): the teacher answers every prompt greedily
-  (:class:`pktlib.evaluation.HFGenerator`, cut at the chat stop strings, exactly as scored), and
+  (Hugging Face ``generate``, or a vLLM engine serving the same checkpoint; cut at the chat stop
+  strings, exactly as scored), and
   the student is fine-tuned on these answers with TRL's ``SFTTrainer`` (cross-entropy on the
   answer tokens). The authors' README instead describes TRL's ``seq_kd=True``, which samples
   the teacher anew at every step and keeps the KL loss; the fixed greedy targets here are Kim
@@ -48,9 +49,10 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from datasets import Dataset
@@ -61,7 +63,7 @@ from trl import SFTConfig, SFTTrainer
 from pktlib.data import (Example, answer_token_budget, collate, format_prompt, load_examples, load_task,
                          prompt_answer_pairs, tokenize_example)
 from pktlib.errors import PktError
-from pktlib.evaluation import HFGenerator, stop_strings
+from pktlib.evaluation import Generator, HFGenerator, stop_strings
 from pktlib.data.examples import write_examples
 from pktlib.hooks import with_grad
 from pktlib.laten import default_steps
@@ -198,19 +200,22 @@ def budget_examples(task: str, budget: str | int) -> tuple[list[Example], str]:
 
 
 def teacher_answers(teacher: nn.Module, tokenizer, examples: Sequence[Example], *, max_new_tokens: int,
-                    batch_size: int = 32, template: str = "default", progress: bool = False) -> list[Example]:
+                    batch_size: int = 32, template: str = "default", generator: Generator | None = None,
+                    progress: bool = False) -> list[Example]:
     """The examples with their answers replaced by the teacher's greedy answers (SeqKD targets).
 
     Generation and the cut at the chat stop strings are :mod:`pktlib.evaluation`'s, so the
     targets are what the teacher would be scored on; the prompts are in ``template``'s format
-    (:func:`pktlib.data.format_prompt`), as the training sequences. ``meta["gold_answer"]`` keeps
-    the answer.
+    (:func:`pktlib.data.format_prompt`), as the training sequences. ``generator``: another
+    backend serving the same teacher (a vLLM engine on its checkpoint; greedy either way),
+    else Hugging Face ``generate`` on ``teacher``. ``meta["gold_answer"]`` keeps the answer.
     """
-    gen = HFGenerator(teacher, tokenizer, batch_size=batch_size)
+    gen = generator or HFGenerator(teacher, tokenizer, batch_size=batch_size)
     prompts = [format_prompt(ex.messages, tokenizer=tokenizer, template=template) for ex in examples]
     answers = gen.generate(prompts, max_new_tokens, stop_strings(tokenizer), progress=progress)
     return [Example(ex.prompt_messages + [{"role": "assistant", "content": a.strip()}],
-                    {**ex.meta, "gold_answer": ex.answer}) for ex, a in zip(examples, answers)]
+                    {**ex.meta, "gold_answer": ex.answer, "teacher_backend": gen.name})
+            for ex, a in zip(examples, answers)]
 
 
 @dataclass
@@ -312,7 +317,8 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
             epochs: float = 1.0, batch_size: int = 16, micro_batch: int = 16, lora: bool = True, r: int = 16,
             alpha: int = 16, lmbda: float | None = None, beta: float | None = None, temperature: float = 0.9,
             max_new_tokens: int | None = None, max_length: int = 512, template: str = "default", seed: int = 0,
-            save_every: int | None = None, progress: bool = True) -> DistillResult:
+            teacher_generator: Callable[[], ContextManager[Generator]] | None = None, save_every: int | None = None,
+            progress: bool = True) -> DistillResult:
     """Distil ``teacher`` into ``student`` on ``task`` with ``method`` (see the module docstring).
 
     ``student``/``teacher``: model directories or ``(model, tokenizer)`` pairs sharing one
@@ -325,7 +331,12 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
     on-policy answers, SeqKD's teacher answers) defaults to 1.5x the longest reference answer.
     ``template``: the prompt format of the training sequences and of SeqKD's teacher prompts
     (:func:`pktlib.data.format_prompt`; "auto" for a chat model's own template, as the real
-    pair's evaluator prompts).
+    pair's evaluator prompts). ``teacher_generator``: opens the backend SeqKD's teacher answers
+    come from, as a context manager that frees it on exit (entered only when the answers are not
+    in ``out_dir`` yet; e.g. :meth:`pktlib.experiments.real_pair.SavedScorer.generator`, a vLLM engine on the
+    teacher's checkpoint, many times faster than ``generate`` on a CPU; default: Hugging Face
+    ``generate`` on ``teacher``). Greedy either way; each saved answer's ``meta["teacher_backend"]``
+    says which produced it. It is not a setting a resumed run must match: saved answers are reused.
 
     Writes into ``out_dir``: ``distill_config.json``, ``teacher_answers.jsonl`` (SeqKD),
     ``trainer/`` (TRL/Trainer checkpoints while running), ``student/`` (the distilled student,
@@ -380,8 +391,9 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
         if cached.is_file():
             examples = load_examples(cached)
         else:
-            examples = teacher_answers(t_model, t_tok or tok, examples, max_new_tokens=cfg.max_new_tokens,
-                                       template=template, progress=progress)
+            with teacher_generator() if teacher_generator else nullcontext() as gen:
+                examples = teacher_answers(t_model, t_tok or tok, examples, max_new_tokens=cfg.max_new_tokens,
+                                           template=template, progress=progress, generator=gen)
             write_examples(cached, examples)
     data = _dataset(tok, examples, cfg.max_length, template)
 

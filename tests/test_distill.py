@@ -102,6 +102,41 @@ def test_seqkd_trains_on_the_teachers_greedy_answers(models, tokenizer, tmp_path
     assert res.config.max_new_tokens == 12
 
 
+def test_seqkd_takes_its_teacher_answers_from_the_backend_it_is_given(models, tokenizer, tmp_path):
+    """A ``teacher_generator`` (a vLLM engine on the real pair) is opened once, only while the
+    answers are generated, closed after, and its answers are the training targets; a finished
+    run in the same folder opens nothing."""
+    from contextlib import contextmanager
+
+    from pktlib.data import format_prompt, load_examples
+    from pktlib.evaluation import HFGenerator, stop_strings
+
+    student, (teacher, other) = models
+    events = []
+
+    @contextmanager
+    def serve_other():
+        # another model's answers prove that the targets come from the backend, not from `teacher`
+        events.append("open")
+        try:
+            yield HFGenerator(other, tokenizer)
+        finally:
+            events.append("close")
+
+    res = _run(student, teacher, tokenizer, "seqkd", tmp_path / "seq", epochs=1, teacher_generator=serve_other)
+    assert events == ["open", "close"]
+    saved = load_examples(tmp_path / "seq" / "teacher_answers.jsonl")
+    greedy = HFGenerator(other, tokenizer).generate([format_prompt(e.messages) for e in EXAMPLES], 12,
+                                                    stop_strings(tokenizer))
+    assert [e.answer for e in saved] == [g.strip() for g in greedy]
+    assert {e.meta["teacher_backend"] for e in saved} == {"hf"}
+    again = _run(student, teacher, tokenizer, "seqkd", tmp_path / "seq", epochs=1, teacher_generator=serve_other)
+    assert again.from_record and events == ["open", "close"]
+    # methods trained on the gold answers never open it
+    _run(student, teacher, tokenizer, "supervised-kd", tmp_path / "kd", epochs=1, teacher_generator=serve_other)
+    assert events == ["open", "close"]
+
+
 def test_runs_resume_and_finished_runs_are_not_repeated(models, tokenizer, tmp_path, monkeypatch):
     from transformers import TrainerCallback
 

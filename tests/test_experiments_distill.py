@@ -333,7 +333,8 @@ def test_run_grid_on_a_paper_task_trains_in_the_chat_format_and_scores_through_t
     chat.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
     root = tmp_path / "pair"
     for role, kw in (("teacher-chat", dict(hidden_size=96, n_heads=6, seed=1)), ("student-chat", dict(seed=2))):
-        make_model("qwen2", tokenizer=chat, **kw).save_pretrained(root / role)
+        # room for SeqKD's teacher answers (1.5x the longest reference answer) after a GSM8K prompt
+        make_model("qwen2", tokenizer=chat, max_position_embeddings=2048, **kw).save_pretrained(root / role)
         chat.save_pretrained(root / role)
     teacher, student = load_model(root / "teacher-chat"), load_model(root / "student-chat")
     settings = rp.ScoreSettings(backend="hf", max_new_tokens=4, batch_size=4)
@@ -364,3 +365,25 @@ def test_run_grid_on_a_paper_task_trains_in_the_chat_format_and_scores_through_t
     with pytest.raises(PktError, match="gen_tokens"):
         dx.run_grid(student, teacher, root=tmp_path / "runs", families=["gsm8k"], budgets=["4"],
                     methods=["supervised-kd"], seeds=[0], epochs=1, batch_size=4, lr=1e-2, progress=False)
+
+    # SeqKD's teacher answers from the scorer's backend serving the teacher's checkpoint: the
+    # answers the teacher is scored with (chat template, stop strings), freed after
+    from functools import partial
+
+    from pktlib.data import format_prompt, load_examples
+    from pktlib.distill import budget_examples
+    from pktlib.evaluation import stop_strings
+
+    dx.run_grid(student, teacher, root=tmp_path / "runs", families=["gsm8k"], budgets=["4"], methods=["seqkd"],
+                seeds=[0], epochs=1, batch_size=4, micro_batch=2, lr=1e-2, scorer=scorer, template="auto",
+                max_length=256, teacher_generator=partial(scorer.generator, teacher[0]), progress=False)
+    saved = load_examples(tmp_path / "runs" / "gsm8k-4-seqkd-s0-e1-b4" / "teacher_answers.jsonl")
+    examples, _ = budget_examples("gsm8k", "4")
+    max_new = json.loads((tmp_path / "runs" / "gsm8k-4-seqkd-s0-e1-b4" / "distill_config.json").read_text())
+    with scorer.generator(root / "teacher-chat") as gen:
+        direct = gen.generate([format_prompt(e.messages, tokenizer=teacher[1], template="auto") for e in examples],
+                              max_new["max_new_tokens"], stop_strings(teacher[1]))
+    assert [e.answer for e in saved] == [d.strip() for d in direct]
+    with pytest.raises(PktError, match="neither one of the pair's models"):
+        with scorer.generator(copy.deepcopy(teacher[0])):
+            pass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -29,6 +29,7 @@ from pktlib.data import load_task
 from pktlib.distill import budget_examples, distill
 from pktlib.analysis.stats import correctness_string
 from pktlib.errors import PktError
+from pktlib.evaluation import Generator
 from pktlib.experiments.scoring import (CachedScore, cached_score, families_with_teacher_gap, family_task,
                                         generation_budget, run_root, score_once, score_path)
 from pktlib.experiments.laten_vs_distill import INSIDE_THE_NOISE, LATEN_VERDICTS
@@ -185,7 +186,9 @@ def run_grid(student: Pair, teacher: Pair, *, root: str | Path, families: Sequen
              methods: Sequence[str], seeds: Sequence[int], epochs: float, batch_size: int, lr: float | None,
              gen_tokens: Mapping[str, int] | None = None, limit: int | None = None, eval_batch: int = 100,
              large_seeds: Sequence[int] | None = None, scorer: Scorer | None = None, micro_batch: int | None = None,
-             template: str = "default", max_length: int = 512, progress: bool = True) -> DistillRuns:
+             template: str = "default", max_length: int = 512,
+             teacher_generator: Callable[[], ContextManager[Generator]] | None = None,
+             progress: bool = True) -> DistillRuns:
     """Distil and score every (family, budget, method, seed) of :func:`grid_runs`; runs resume
     from their folders.
 
@@ -196,7 +199,8 @@ def run_grid(student: Pair, teacher: Pair, *, root: str | Path, families: Sequen
     student is scored by it from its folder instead (``gen_tokens``, ``limit`` and ``eval_batch``
     unused; ``eval_cpu_s`` then holds the generation's wall seconds). ``micro_batch``: examples
     per forward pass (default ``batch_size``); ``template`` and ``max_length``: the training
-    sequences' prompt format and length (:func:`pktlib.distill.distill`).
+    sequences' prompt format and length, ``teacher_generator`` the backend of SeqKD's teacher
+    answers (:func:`pktlib.distill.distill`).
     Columns of ``results``: family, budget, method, seed, score (0-100), n, examples, steps, lr,
     final_loss, train_cpu_s, eval_cpu_s (CPU seconds when they ran), from_record, correct.
     Raises PktError without ``gen_tokens`` for a family when no ``scorer`` is given.
@@ -213,7 +217,8 @@ def run_grid(student: Pair, teacher: Pair, *, root: str | Path, families: Sequen
         res_dir = Path(root) / f"{fam}-{budget}-{method}-s{sd}-e{epochs:g}-b{batch_size}"
         res = distill(student, teacher, task, method=method, budget=budget, lr=lr, epochs=epochs,
                       batch_size=batch_size, micro_batch=micro_batch or batch_size, template=template,
-                      max_length=max_length, seed=sd, progress=False, out_dir=res_dir)
+                      max_length=max_length, seed=sd, teacher_generator=teacher_generator, progress=False,
+                      out_dir=res_dir)
         sc = _score_distilled(res, task, tok, scorer=scorer, gen_tokens=(gen_tokens or {}).get(fam), limit=limit,
                               eval_batch=eval_batch)
         rows.append({"family": fam, "budget": budget, "method": method, "seed": sd, "score": sc.score, "n": sc.n,

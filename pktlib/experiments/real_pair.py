@@ -297,11 +297,27 @@ class SavedScorer:
         indices = {t: subset_indices(t, n, seed=seed, protocol=settings.protocol) for t, n in limits.items()}
         return cls(tokenizer, indices, {id(m): getattr(p, role) for role, m in models.items()}, **kwargs)
 
+    def _source(self, model: Any) -> str | None:
+        return str(model) if isinstance(model, (str, os.PathLike)) else self.references.get(id(model))
+
+    @contextmanager
+    def generator(self, model: Any) -> Iterator[Generator]:
+        """The scoring backend (``settings``) serving one of the pair's own models or a checkpoint
+        folder, shut down on exit; e.g. SeqKD's teacher answers
+        (:func:`pktlib.distill.distill`'s ``teacher_generator``). Raises PktError for an in-memory
+        model that is not one of ``references``."""
+        src = self._source(model)
+        if not src:
+            raise PktError(f"{type(model).__name__} is neither one of the pair's models nor a checkpoint folder; "
+                           "save it first")
+        with _lazy_backend(self.settings, src, seed=self.seed) as backend:
+            yield backend()
+
     def __call__(self, model: Any, task: str) -> EvalResult:
         if task not in self.indices:
             raise PktError(f"no question subset for task {task!r}; known: {', '.join(self.indices)}")
         idx = self.indices[task]
-        src = model if isinstance(model, (str, os.PathLike)) else self.references.get(id(model))
+        src = self._source(model)
         folder = Path(src) if src else Path(self.work or cache_dir()) / "transferred"
         if not src:
             save_model(model, self.tokenizer, folder)
