@@ -43,6 +43,7 @@ its folder without training again.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -62,6 +63,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pktlib.data import (Example, answer_token_budget, collate, format_prompt, load_examples, load_task,
                          prompt_answer_pairs, tokenize_example)
+from pktlib.cache import cache_dir, locked
 from pktlib.errors import PktError
 from pktlib.evaluation import Generator, HFGenerator, stop_strings
 from pktlib.data.examples import write_examples
@@ -254,6 +256,28 @@ def _dataset(tokenizer, examples: Sequence[Example], max_length: int, template: 
 _COMPLETE = "pkt_complete.json"
 
 
+def _shared_teacher_answers(teacher: nn.Module, tokenizer, examples: Sequence[Example], cfg: DistillConfig, *,
+                            generator: Callable[[], ContextManager[Generator]] | None,
+                            root: str | os.PathLike | None, progress: bool) -> list[Example]:
+    """:func:`teacher_answers` through a cache shared by runs: seeds (and any other setting the
+    answers do not depend on) reuse one generation. Keyed by the teacher's weights, the prompts
+    as formatted, the stop strings and ``max_new_tokens``; ``root`` default
+    ``cache_dir()/"teacher-answers"``. A lock makes concurrent runs wait for one generation."""
+    prompts = [format_prompt(ex.messages, tokenizer=tokenizer, template=cfg.template) for ex in examples]
+    key = hashlib.sha256(json.dumps({"teacher": cfg.teacher_sha256, "prompts": prompts,
+                                     "stops": stop_strings(tokenizer), "max_new_tokens": cfg.max_new_tokens},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(root or cache_dir() / "teacher-answers") / f"{key}.jsonl"
+    with locked(path.with_suffix(".lock")):
+        if path.is_file():
+            return load_examples(path)
+        with generator() if generator else nullcontext() as gen:
+            answers = teacher_answers(teacher, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
+                                      template=cfg.template, progress=progress, generator=gen)
+        write_examples(path, answers)
+    return answers
+
+
 def _complete_checkpoints(folder: Path) -> list[Path]:
     """Trainer checkpoints whose writing finished (marked by :class:`_MarkComplete`), oldest first.
 
@@ -317,7 +341,8 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
             epochs: float = 1.0, batch_size: int = 16, micro_batch: int = 16, lora: bool = True, r: int = 16,
             alpha: int = 16, lmbda: float | None = None, beta: float | None = None, temperature: float = 0.9,
             max_new_tokens: int | None = None, max_length: int = 512, template: str = "default", seed: int = 0,
-            teacher_generator: Callable[[], ContextManager[Generator]] | None = None, save_every: int | None = None,
+            teacher_generator: Callable[[], ContextManager[Generator]] | None = None,
+            answers_dir: str | os.PathLike | None = None, save_every: int | None = None,
             progress: bool = True) -> DistillResult:
     """Distil ``teacher`` into ``student`` on ``task`` with ``method`` (see the module docstring).
 
@@ -337,6 +362,10 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
     teacher's checkpoint, many times faster than ``generate`` on a CPU; default: Hugging Face
     ``generate`` on ``teacher``). Greedy either way; each saved answer's ``meta["teacher_backend"]``
     says which produced it. It is not a setting a resumed run must match: saved answers are reused.
+    SeqKD's teacher answers are also kept in ``answers_dir`` (default ``$PKT_CACHE/teacher-answers``)
+    under a hash of the teacher's weights, the prompts, the stop strings and ``max_new_tokens``, so
+    that runs differing only in what the answers do not depend on (seed, learning rate, epochs)
+    generate them once.
 
     Writes into ``out_dir``: ``distill_config.json``, ``teacher_answers.jsonl`` (SeqKD),
     ``trainer/`` (TRL/Trainer checkpoints while running), ``student/`` (the distilled student,
@@ -391,9 +420,8 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
         if cached.is_file():
             examples = load_examples(cached)
         else:
-            with teacher_generator() if teacher_generator else nullcontext() as gen:
-                examples = teacher_answers(t_model, t_tok or tok, examples, max_new_tokens=cfg.max_new_tokens,
-                                           template=template, progress=progress, generator=gen)
+            examples = _shared_teacher_answers(t_model, t_tok or tok, examples, cfg, generator=teacher_generator,
+                                               root=answers_dir, progress=progress)
             write_examples(cached, examples)
     data = _dataset(tok, examples, cfg.max_length, template)
 

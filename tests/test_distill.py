@@ -105,7 +105,7 @@ def test_seqkd_trains_on_the_teachers_greedy_answers(models, tokenizer, tmp_path
 def test_seqkd_takes_its_teacher_answers_from_the_backend_it_is_given(models, tokenizer, tmp_path):
     """A ``teacher_generator`` (a vLLM engine on the real pair) is opened once, only while the
     answers are generated, closed after, and its answers are the training targets; a finished
-    run in the same folder opens nothing."""
+    run in the same folder opens nothing, nor does another seed (the answers are shared)."""
     from contextlib import contextmanager
 
     from pktlib.data import format_prompt, load_examples
@@ -123,7 +123,8 @@ def test_seqkd_takes_its_teacher_answers_from_the_backend_it_is_given(models, to
         finally:
             events.append("close")
 
-    res = _run(student, teacher, tokenizer, "seqkd", tmp_path / "seq", epochs=1, teacher_generator=serve_other)
+    res = _run(student, teacher, tokenizer, "seqkd", tmp_path / "seq", epochs=1, teacher_generator=serve_other,
+               answers_dir=tmp_path / "answers")
     assert events == ["open", "close"]
     saved = load_examples(tmp_path / "seq" / "teacher_answers.jsonl")
     greedy = HFGenerator(other, tokenizer).generate([format_prompt(e.messages) for e in EXAMPLES], 12,
@@ -135,6 +136,14 @@ def test_seqkd_takes_its_teacher_answers_from_the_backend_it_is_given(models, to
     # methods trained on the gold answers never open it
     _run(student, teacher, tokenizer, "supervised-kd", tmp_path / "kd", epochs=1, teacher_generator=serve_other)
     assert events == ["open", "close"]
+    # another seed in another folder reuses the shared answers; another answer budget generates anew
+    seed1 = _run(student, teacher, tokenizer, "seqkd", tmp_path / "seq-s1", epochs=1, seed=1,
+                 teacher_generator=serve_other, answers_dir=tmp_path / "answers")
+    assert events == ["open", "close"] and not seed1.from_record
+    assert load_examples(tmp_path / "seq-s1" / "teacher_answers.jsonl") == saved
+    _run(student, teacher, tokenizer, "seqkd", tmp_path / "seq-t8", epochs=1, max_new_tokens=8,
+         teacher_generator=serve_other, answers_dir=tmp_path / "answers")
+    assert events == ["open", "close"] * 2
 
 
 def test_runs_resume_and_finished_runs_are_not_repeated(models, tokenizer, tmp_path, monkeypatch):
