@@ -84,9 +84,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-    """A private ``PKT_CACHE`` per test module: tests never touch (or wait for) a user's suite and pairs."""
+    """A private ``PKT_CACHE`` per test module, for every module: tests never touch (or wait for) a
+    user's suite, pairs, score caches or shared teacher answers."""
     mp = pytest.MonkeyPatch()
     d = tmp_path_factory.mktemp("pkt-cache")
     mp.setenv("PKT_CACHE", str(d))
