@@ -20,6 +20,11 @@ Read in Trae1ounG/Neural_Incompatibility (commit bba32ea):
   2^-24 (5.96e-8), values of magnitude at most 2^-25 (2.98e-8) round to zero, and below the
   smallest normal 2^-14 (6.10e-5) the spacing stays 2^-24, so the relative precision falls
   from 2^-11 with the magnitude.
+
+An evaluator that runs the injected model in 16 bits (vLLM in bfloat16, as the paper's
+open-instruct evaluation of Qwen2.5 does) rounds ``theta_S + delta``, not the delta: a delta
+much smaller than the spacing of 16-bit numbers at the weights' size moves a weight only where
+it crosses a rounding boundary. :func:`cast_visibility` measures what such an evaluator sees.
 """
 from __future__ import annotations
 
@@ -31,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pktlib.errors import PktError
 from pktlib.hooks import hooked
 from pktlib.injection import NeuronDelta, add_delta
 from pktlib.models import spec
 
 __all__ = ["DELTA_ATTRIBUTE", "attach_delta_attributes", "attribute_deltas_active", "Fp16Rounding", "fp16_rounding",
+           "CastVisibility", "cast_visibility",
            "FP16_SMALLEST_SUBNORMAL", "FP16_SMALLEST_NORMAL"]
 
 DELTA_ATTRIBUTE = "delta"  # the attribute name the original code sets
@@ -122,3 +129,42 @@ def fp16_rounding(values: torch.Tensor) -> Fp16Rounding:
         median_rel_error=float(rel.median()) if rel.numel() else float("nan"),
         max_rel_error=float(rel.max()) if rel.numel() else float("nan"),
     )
+
+
+@dataclass
+class CastVisibility:
+    """What a model evaluated in ``dtype`` sees of ``weights + delta``: the change
+    ``cast(weights + delta) - cast(weights)`` set against ``delta`` (all entries)."""
+
+    dtype: str
+    weight_rms: float
+    delta_rms: float
+    share_changed: float  # fraction (0-1) of entries whose cast value changes
+    seen_rms: float  # RMS of the change the evaluator sees
+    error_rms: float  # RMS of (seen change - delta): the rounding noise
+    correlation: float  # Pearson correlation of the seen change with the delta (1: faithful)
+
+
+def cast_visibility(weights: torch.Tensor, delta: torch.Tensor, dtype: str = "bfloat16") -> CastVisibility:
+    """Cast ``weights`` and ``weights + delta`` (same shape, float32 sums as the injected model
+    holds them) to ``dtype`` and compare the difference with ``delta``.
+
+    Deltas far below the dtype's spacing at the weights' size (bfloat16 keeps 8 significant bits:
+    about 1.2e-4 at a weight of 0.02) change few entries, each by a whole spacing, so the change
+    the evaluator sees is mostly rounding noise (``correlation`` near 0, ``error_rms`` above
+    ``delta_rms``); large deltas survive (``correlation`` near 1). Raises PktError for shapes that
+    differ or an unknown dtype.
+    """
+    if weights.shape != delta.shape:
+        raise PktError(f"weights {tuple(weights.shape)} and delta {tuple(delta.shape)} differ in shape")
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype):
+        raise PktError(f"unknown dtype {dtype!r} (e.g. 'bfloat16', 'float16', 'float32')")
+    w = weights.detach().to(torch.float32)
+    d = delta.detach().to(torch.float32)
+    seen = ((w + d).to(target).to(torch.float64) - w.to(target).to(torch.float64)).flatten()
+    d64 = d.to(torch.float64).flatten()
+    corr = torch.corrcoef(torch.stack([seen, d64]))[0, 1] if seen.std() > 0 and d64.std() > 0 else torch.tensor(0.0)
+    return CastVisibility(dtype=dtype, weight_rms=float(w.pow(2).mean().sqrt()), delta_rms=float(d64.pow(2).mean().sqrt()),
+                          share_changed=float((seen != 0).double().mean()), seen_rms=float(seen.pow(2).mean().sqrt()),
+                          error_rms=float((seen - d64).pow(2).mean().sqrt()), correlation=float(corr))

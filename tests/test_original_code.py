@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import make_model
+from pktlib.errors import PktError
 from pktlib.injection import NeuronDelta, inject_
 from pktlib.models import spec
 from pktlib.original_code import (
@@ -24,6 +25,7 @@ from pktlib.original_code import (
     attach_delta_attributes,
     attribute_deltas_active,
     fp16_rounding,
+    cast_visibility,
 )
 
 
@@ -119,3 +121,45 @@ def test_fp16_rounding_ignores_zeros_and_handles_empty():
     r = fp16_rounding(torch.tensor([0.0, 0.0, 1.0, 1e-9]))
     assert r.n == 2 and r.share_zero == 0.5 and r.share_normal == 0.5
     assert fp16_rounding(torch.zeros(3)).n == 0
+
+
+def test_cast_visibility_a_bf16_evaluator_turns_a_tiny_delta_into_rounding_noise():
+    g = torch.Generator().manual_seed(0)
+    w = 0.02 * torch.randn(512, 512, generator=g)
+    tiny = cast_visibility(w, 1e-6 * torch.randn(512, 512, generator=g), "bfloat16")
+    # bfloat16's spacing near 0.02 is 2^-13 ~ 1.2e-4: a 1e-6 delta flips ~1% of entries by a spacing
+    assert 0.002 < tiny.share_changed < 0.05
+    assert tiny.error_rms > 3 * tiny.delta_rms and tiny.correlation < 0.3
+    big = cast_visibility(w, 1e-3 * torch.randn(512, 512, generator=g), "bfloat16")
+    assert big.share_changed > 0.95 and big.correlation > 0.99 and big.seen_rms == pytest.approx(1e-3, rel=0.05)
+    exact = cast_visibility(w, 1e-6 * torch.randn(512, 512, generator=g), "float32")
+    assert exact.share_changed > 0.99 and exact.correlation > 0.99
+
+
+def test_cast_visibility_rejects_bad_input():
+    with pytest.raises(PktError, match="differ in shape"):
+        cast_visibility(torch.zeros(2, 3), torch.zeros(3, 2))
+    with pytest.raises(PktError, match="unknown dtype 'bf17'"):
+        cast_visibility(torch.zeros(2), torch.zeros(2), "bf17")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_evaluator_visibility_per_configuration_dtype_and_module(arch):
+    import pandas as pd
+
+    from pktlib.experiments.laten_sweep import evaluator_visibility
+
+    model = make_model(arch)
+    with torch.no_grad():  # weights of the real pair's size (RMS ~0.02), where bf16's spacing is ~1.2e-4
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    sizes = pd.DataFrame({"config": ["paper lr", "big lr"], "task": ["gsm8k", "gsm8k"], "delta_rms": [1e-6, 1e-3]})
+    sizes = sizes.set_index(["config", "task"])
+    t = evaluator_visibility(model, sizes, modules=["up_proj", "o_proj"], dtypes=("bfloat16", "float32"))
+    assert len(t) == 2 * 2 * 2 and set(t.layer) == {1}
+    tiny = t[(t.config == "paper lr") & (t.dtype == "bfloat16")]
+    assert (tiny.correlation < 0.5).all() and (tiny.noise_over_delta > 2).all() and (tiny.share_changed < 0.1).all()
+    exact = t[(t.config == "paper lr") & (t.dtype == "float32")]
+    assert (exact.correlation > 0.99).all()
+    big = t[(t.config == "big lr") & (t.dtype == "bfloat16")]
+    assert (big.correlation > 0.99).all() and (big.share_changed > 0.9).all()

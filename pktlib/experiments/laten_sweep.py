@@ -17,18 +17,21 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
+import torch
 from torch import nn
 
 from pktlib.analysis.stats import correctness_from_string, paired_test
 from pktlib.experiments.verdict import compare_runs, compare_table, comparison_text, scorecard_fields
 from pktlib.laten import default_steps, memory_estimate, read_log, scale_matched_lr, sweep
-from pktlib.models import ModelSpec, reference_config
+from pktlib.models import ModelSpec, reference_config, spec
+from pktlib.original_code import cast_visibility
 from pktlib.records import cpu_seconds
 
 __all__ = ["lr_configs", "run_sweeps", "comparisons", "config_comparisons", "comparison_lines", "mean_std", "memory_tables", "baselines", "student_scores", "final_runs", "main_curve",
            "table1", "scorecard_rows", "score_vs_step", "score_vs_rate", "train_logs", "train_log_summary",
            "injected_delta_rms", "instability_lines", "weight_rms", "regime_lines", "run_lr_sweep", "lr_sweep_table",
-           "lr_sweep_summary", "lr_sweep_lines", "lr_sweep_claim", "READINGS", "task_label", "delta_size_table", "seed_bars"]
+           "lr_sweep_summary", "lr_sweep_lines", "lr_sweep_claim", "READINGS", "task_label", "delta_size_table", "seed_bars",
+           "evaluator_visibility"]
 
 
 def lr_configs(lr: float, d_teacher: int, *, scale_matched: bool = True) -> dict[str, float]:
@@ -281,6 +284,35 @@ def weight_rms(model: nn.Module) -> float:
     """Root mean square of a model's matrix (2-D) parameters."""
     mats = [p.detach() for p in model.parameters() if p.dim() == 2]
     return float(sum(p.pow(2).sum() for p in mats) / sum(p.numel() for p in mats)) ** 0.5
+
+
+def evaluator_visibility(model: nn.Module, sizes: pd.DataFrame, *, modules: Sequence[str],
+                         dtypes: Sequence[str] = ("bfloat16", "float16", "float32"), layer: int | None = None,
+                         seed: int = 0) -> pd.DataFrame:
+    """What an evaluator running the injected model in each of ``dtypes`` sees of deltas of the
+    sizes in ``sizes`` (:func:`delta_size_table`: one row per configuration and task, ``delta_rms``).
+
+    A model of the deltas, not the deltas themselves: Gaussian noise of each row's RMS added to the
+    weights of ``modules`` in one layer of ``model`` (``layer``, default the middle one), measured
+    with :func:`pktlib.original_code.cast_visibility`. One row per configuration, task, dtype and
+    module: the share of entries whose cast value changes, the correlation of the change with the
+    delta and the rounding noise's RMS over the delta's RMS.
+    """
+    ms = spec(model)
+    layer = ms.n_layers // 2 if layer is None else layer
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for (config, task), size in sizes.delta_rms.items():
+        for name in modules:
+            w = ms.weight(model, layer, name).detach()
+            delta = float(size) * torch.randn(w.shape, generator=g, dtype=torch.float32)
+            for dtype in dtypes:
+                v = cast_visibility(w, delta, dtype)
+                rows.append({"config": config, "task": task, "dtype": dtype, "module": name, "layer": layer,
+                             "delta_rms": v.delta_rms, "weight_rms": v.weight_rms,
+                             "share_changed": v.share_changed, "correlation": v.correlation,
+                             "noise_over_delta": v.error_rms / v.delta_rms if v.delta_rms else float("nan")})
+    return pd.DataFrame(rows)
 
 
 def regime_lines(runs: pd.DataFrame, *, configs: Sequence[str], main_rate: float, student_rms: float) -> list[str]:
