@@ -340,7 +340,10 @@ def test_laten_tables():
     assert "over 8 (seed, step) injections LaTen scored +0.0 to +4.0 points" in lines[0]
     assert "(4 above, 4 equal, 0 below)" in lines[0]
     reading = laten_sweep.regime_lines(runs, configs=["paper lr"], main_rate=0.1, student_rms=0.5)
-    assert reading[0].startswith("- **paper lr**: 100% of the injected students score exactly the student's score")
+    assert reading[0].startswith("- **paper lr**: 100% of the injected students score exactly the student's score; "
+                                 "none scores above it and none scores below it;")
+    reading = laten_sweep.regime_lines(runs, configs=["scale-matched lr"], main_rate=0.1, student_rms=0.5)
+    assert "the largest gain is +4.0 points and none scores below it;" in reading[0]
 
 
 def test_laten_train_logs_read_each_main_rate_run(tmp_path):

@@ -315,6 +315,13 @@ def evaluator_visibility(model: nn.Module, sizes: pd.DataFrame, *, modules: Sequ
     return pd.DataFrame(rows)
 
 
+def _range_words(gaps: pd.Series) -> str:
+    """The largest gain and loss of ``gaps`` (points) in words, without a 'loss' that is a gain."""
+    up = f"the largest gain is {gaps.max():+.1f} points" if gaps.max() > 0 else "none scores above it"
+    down = f"the largest loss {gaps.min():+.1f} points" if gaps.min() < 0 else "none scores below it"
+    return f"{up} and {down}"
+
+
 def regime_lines(runs: pd.DataFrame, *, configs: Sequence[str], main_rate: float, student_rms: float) -> list[str]:
     """Per configuration: the share of injected students scoring exactly the student's score, the
     largest gain and loss, and the injected deltas' RMS against the student's weights'."""
@@ -327,7 +334,7 @@ def regime_lines(runs: pd.DataFrame, *, configs: Sequence[str], main_rate: float
         same = (d.score == d.score_student).mean()
         gaps = d.score - d.score_student
         out.append(f"- **{name}**: {100 * same:.0f}% of the injected students score exactly the student's score; "
-                   f"the largest gain is {gaps.max():+.1f} and the largest loss {gaps.min():+.1f} points; "
+                   f"{_range_words(gaps)}; "
                    f"injected deltas have an RMS between {d.translated_rms.min():.1e} and {d.translated_rms.max():.1e} "
                    f"(the student's weights have an RMS of {student_rms:.1e}).")
     return out
