@@ -161,6 +161,7 @@ class Attribution:
     attn_layers_per_example: Tensor | None = None  # (E, L)
     normaliser: str = "rms"
     attn_coefficient: str = "summed"
+    u_dtype: str = "float32"  # the dtype U = E diag(g) W was multiplied in (pktlib.lens)
 
     @property
     def n_examples(self) -> int:
@@ -197,7 +198,7 @@ class Attribution:
                            ffn_layers=self.layer_scores("ffn", example=example),
                            attn_layers=self.layer_scores("attn", example=example),
                            targets=self.targets[example].reshape(1), normaliser=self.normaliser,
-                           attn_coefficient=self.attn_coefficient)
+                           attn_coefficient=self.attn_coefficient, u_dtype=self.u_dtype)
 
     def tensors(self) -> dict[str, Tensor]:
         """The non-empty tensors by field name (what :func:`save_attribution` writes)."""
@@ -277,7 +278,8 @@ def _score_group(model: nn.Module, s: ModelSpec, lens: LogitLens, rec: Recorded,
 @torch.no_grad()
 def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, normaliser: str = "rms",
               attn_coefficient: str = "summed", per_example: bool = False, batch_size: int = 8,
-              chunk_size: int = 4096, progress: bool = False, layers: Sequence[int] | None = None) -> Attribution:
+              chunk_size: int = 4096, progress: bool = False, layers: Sequence[int] | None = None,
+              u_dtype: str = "float32") -> Attribution:
     """Neuron and layer attribution scores of ``model`` for ``pairs``, summed over the pairs.
 
     ``pairs`` are ``(prompt_text, answer_text)`` (see :func:`pktlib.data.prompt_answer_pairs`).
@@ -288,10 +290,14 @@ def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, 
     (right padding; scores do not depend on it); ``chunk_size`` neurons share a (vocab x chunk)
     block of the unembedded value vectors. ``layers``: compute neuron scores only in these
     layers (the others are NaN; layer scores are always computed for every layer), see
-    :func:`locate_layers`. Returns float32 CPU tensors.
+    :func:`locate_layers`. ``u_dtype``: the dtype of the product ``U = E diag(g) W``
+    (:class:`pktlib.lens.LogitLens`): ``"float32"`` (exact up to float32 rounding) or
+    ``"bfloat16"`` (measurements only: it changes which
+    neurons are selected at a real vocabulary, see :class:`pktlib.lens.LogitLens`).
+    Log-sum-exps and layer scores are float32 either way. Returns float32 CPU tensors.
 
-    Raises :class:`PktError` for an unknown normaliser or coefficient, sizes below 1, no pairs,
-    or a layer index outside the model.
+    Raises :class:`PktError` for an unknown normaliser, coefficient or ``u_dtype``, sizes below 1,
+    no pairs, or a layer index outside the model.
     """
     rho_fn = _normaliser(normaliser)
     _check_attn_coefficient(attn_coefficient)
@@ -302,7 +308,7 @@ def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, 
     s = spec(model)
     scored = _check_layers(layers, s.n_layers)
     device = next(model.parameters()).device
-    lens = LogitLens.of(model, s, device)
+    lens = LogitLens.of(model, s, device, u_dtype=u_dtype)
     seqs = _encode(tokenizer, pairs)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Sort by length so batches carry little padding; results are put back in the given order.
@@ -335,14 +341,14 @@ def attribute(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, 
         sums = {k: torch.cat(v).sum(0) for k, v in per.items()}
         return Attribution(ffn=sums["ffn"], attn=sums["attn"], ffn_layers=sums["ffn_layers"],
                            attn_layers=sums["attn_layers"], targets=targets, normaliser=normaliser,
-                           attn_coefficient=attn_coefficient)
+                           attn_coefficient=attn_coefficient, u_dtype=u_dtype)
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(len(order))
     full = {k: torch.cat(v)[inv] for k, v in per.items()}  # back to the given order
     return Attribution(
         ffn=full["ffn"].sum(0), attn=full["attn"].sum(0),
         ffn_layers=full["ffn_layers"].sum(0), attn_layers=full["attn_layers"].sum(0),
-        targets=targets, normaliser=normaliser, attn_coefficient=attn_coefficient,
+        targets=targets, normaliser=normaliser, attn_coefficient=attn_coefficient, u_dtype=u_dtype,
         ffn_per_example=full["ffn"], attn_per_example=full["attn"],
         ffn_layers_per_example=full["ffn_layers"], attn_layers_per_example=full["attn_layers"],
     )
@@ -383,7 +389,7 @@ def save_attribution(attribution: Attribution, path: str | os.PathLike, metadata
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"normaliser": attribution.normaliser, "attn_coefficient": attribution.attn_coefficient,
-            **{k: str(v) for k, v in (metadata or {}).items()}}
+            "u_dtype": attribution.u_dtype, **{k: str(v) for k, v in (metadata or {}).items()}}
     with atomic_path(path) as tmp:
         save_file(attribution.tensors(), str(tmp), metadata=meta)
     return path
@@ -401,4 +407,4 @@ def load_attribution(path: str | os.PathLike) -> Attribution:
     if missing:
         raise PktError(f"{path} is not an attribution file: missing {sorted(missing)}")
     return Attribution(**tensors, normaliser=meta.get("normaliser", "rms"),
-                       attn_coefficient=meta.get("attn_coefficient", "summed"))
+                       attn_coefficient=meta.get("attn_coefficient", "summed"), u_dtype=meta.get("u_dtype", "float32"))
