@@ -427,6 +427,44 @@ def test_engine_key_follows_the_weights_not_the_directory(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
+def test_vllm_reloads_weights_into_a_running_engine(tmp_path):
+    """A model of a running engine's architecture is reloaded into it (no new processes); its
+    answers equal a fresh engine's on the same prompts (the prefix cache of the old weights is
+    dropped); a generator made earlier takes the engine back with its own weights, and refuses
+    once its directory holds other weights."""
+    pytest.importorskip("vllm")
+    from pktlib.evaluation import free_engines
+    from pktlib.evaluation.backends import _ENGINES
+
+    tok = make_tokenizer()
+    shape = dict(hidden_size=128, intermediate_size=256, n_layers=2, n_heads=2, num_key_value_heads=2,
+                 max_position_embeddings=512)
+    prompts = [format_prompt(ex.messages) for ex in load_task("pocket-math", limit=4)]
+    dirs = {seed: tmp_path / f"seed{seed}" for seed in (0, 1)}
+    for seed, d in dirs.items():
+        make_model("llama", tokenizer=tok, seed=seed, **shape).save_pretrained(d)
+        tok.save_pretrained(d)
+    free_engines()
+    try:
+        g0 = make_generator(str(dirs[0]), "vllm")
+        out0 = g0.generate(prompts, 12, [])
+        g1 = make_generator(str(dirs[1]), "vllm")
+        assert g1.llm is g0.llm and len(_ENGINES) == 1  # reloaded into the running engine
+        out1 = g1.generate(prompts, 12, [])
+        assert out1 != out0
+        assert g0.generate(prompts, 12, []) == out0  # taken back, with seed 0's weights
+        assert g1.generate(prompts, 12, []) == out1
+        free_engines()
+        assert make_generator(str(dirs[1]), "vllm").generate(prompts, 12, []) == out1  # a fresh engine agrees
+        make_model("llama", tokenizer=tok, seed=2, **shape).save_pretrained(dirs[1])  # g1's folder, new weights
+        make_generator(str(dirs[0]), "vllm")  # the engine leaves g1's weights
+        with pytest.raises(PktError, match="changed since this vLLM generator was made"):
+            g1.generate(prompts, 12, [])
+    finally:
+        free_engines()
+
+
+@pytest.mark.slow
 def test_vllm_engine_follows_new_weights_and_agrees_with_hf(tmp_path):
     """After other weights are saved into the same directory, vLLM serves the new model; its
     next-token log-probabilities match Hugging Face's, and scoring a task through either backend
