@@ -426,6 +426,36 @@ def test_engine_key_follows_the_weights_not_the_directory(tmp_path, tokenizer):
                                                                                 context=256, seed=0)
 
 
+def test_engine_shape_decides_which_models_reload_into_an_engine(tmp_path, tokenizer):
+    """Equal for other weights of one architecture; different for another architecture, a
+    checkpoint missing a tensor, another tokenizer or other engine settings."""
+    from safetensors.torch import load_file, save_file
+
+    from pktlib.evaluation.backends import _engine_shape
+
+    def saved(name, **kw):
+        d = tmp_path / name
+        make_model("llama", tokenizer=tokenizer, **kw).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        return d
+
+    settings = {"dtype": "float32", "max_model_len": 256}
+    a, b, wide = saved("a", seed=0), saved("b", seed=1), saved("wide", seed=0, intermediate_size=128)
+    assert _engine_shape(a, settings) == _engine_shape(b, settings)
+    assert _engine_shape(a, settings) != _engine_shape(wide, settings)
+    assert _engine_shape(a, settings) != _engine_shape(a, {**settings, "dtype": "bfloat16"})
+    (f,) = b.glob("*.safetensors")
+    weights = load_file(f)
+    weights.pop(sorted(weights)[-1])
+    save_file(weights, f, metadata={"format": "pt"})
+    assert _engine_shape(a, settings) != _engine_shape(b, settings)
+    c = saved("c", seed=2)
+    assert _engine_shape(a, settings) == _engine_shape(c, settings)
+    config = json.loads((c / "tokenizer_config.json").read_text())
+    (c / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    assert _engine_shape(a, settings) != _engine_shape(c, settings)
+
+
 @pytest.mark.slow
 def test_vllm_reloads_weights_into_a_running_engine(tmp_path):
     """A model of a running engine's architecture is reloaded into it (no new processes); its

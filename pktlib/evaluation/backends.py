@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList
 
@@ -193,8 +194,9 @@ def _shutdown(llm) -> None:
 
 def _engine_shape(model_dir: str | os.PathLike, settings: dict[str, Any]) -> tuple:
     """What an engine shares with every model whose weights can be reloaded into it: the
-    architecture (config.json without its labels), the tokenizer and generation files, and the
-    engine settings. Weights are not part of it."""
+    architecture (config.json without its labels), the checkpoint's tensor names and shapes
+    (vLLM's reload only warns about a weight it did not find, where a fresh start would fail),
+    the tokenizer and generation files, and the engine settings. Weight values are not part of it."""
     d = Path(model_dir)
     try:
         config = json.loads((d / "config.json").read_text())
@@ -205,6 +207,11 @@ def _engine_shape(model_dir: str | os.PathLike, settings: dict[str, Any]) -> tup
     for name in _ENGINE_FILES:
         if (d / name).is_file():
             h.update(name.encode() + (d / name).read_bytes())
+    tensors = []
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:  # the header only
+            tensors += [(k, tuple(fh.get_slice(k).get_shape())) for k in fh.keys()]
+    h.update(json.dumps(sorted(tensors)).encode())
     return (h.hexdigest(), json.dumps(settings, sort_keys=True, default=str))
 
 
