@@ -230,18 +230,19 @@ def _acquire(key: tuple, shape: tuple, model_dir: str, start: Callable[[], Any])
     weights are shut down first)."""
     if key in _ENGINES:
         return _ENGINES[key]
-    for old in [k for k, sh in _SHAPES.items() if sh == shape and k in _ENGINES]:
-        llm = _ENGINES.pop(old)
-        _SHAPES.pop(old)
+    same = next((k for k, sh in _SHAPES.items() if sh == shape and k in _ENGINES), None)
+    if same is not None:
+        llm = _ENGINES.pop(same)
+        _SHAPES.pop(same)
         try:
             _reload(llm, model_dir)
         except Exception as e:  # an older vLLM without the call, or a failed load: start afresh
             warnings.warn(f"vLLM could not reload weights into its engine ({type(e).__name__}: {e}); "
                           "starting a new engine")
             _shutdown(llm)
-            break
-        _ENGINES[key], _SHAPES[key] = llm, shape
-        return llm
+        else:
+            _ENGINES[key], _SHAPES[key] = llm, shape
+            return llm
     for old in [k for k in _ENGINES if k[0] == key[0]]:  # the same directory with other weights
         _shutdown(_ENGINES.pop(old))
         _SHAPES.pop(old, None)
