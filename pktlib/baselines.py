@@ -285,8 +285,8 @@ def _apply(student: nn.Module, ss: ModelSpec, deltas: dict[tuple[int, str], torc
 # ------------------------------------------------------------------------------- methods
 def unaligned_transfer(teacher: Any, student: Any, *, layers: str = "top", hidden: str = "pca",
                        neurons: str = "importance", extract: Any = None, seed: int = 0,
-                       modules: Sequence[str] = TRANSFERRED_MODULES, progress: bool = True
-                       ) -> tuple[nn.Module, TransferRecord]:
+                       modules: Sequence[str] = TRANSFERRED_MODULES, progress: bool = True,
+                       hidden_maps: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, TransferRecord]:
     """One cell of the unaligned Pre-Align grid: ``(student + delta, record)``, no training.
 
     ``teacher``/``student``: models, ``(model, tokenizer)`` pairs or model paths (the student
@@ -294,7 +294,11 @@ def unaligned_transfer(teacher: Any, student: Any, *, layers: str = "top", hidde
     "whitening" | "embedding"; ``neurons``: "random" | "importance" (see the module
     docstring). ``extract`` (examples, (prompt, answer) pairs, a task name, or a
     precomputed teacher :class:`~pktlib.seeking.Sensitivity` to reuse across cells) is
-    needed by ``layers="top"``. ``seed`` drives the random choices.
+    needed by ``layers="top"``. ``seed`` drives the random choices. ``hidden_maps``: a dict,
+    hidden-size reduction -> its (d_T, d_S) map, in which the map is looked up and stored, so that
+    the cells of a grid over one teacher/student pair compute each map once (it depends on the two
+    embeddings only; at a 152k vocabulary the SVD or pseudo-inverse behind one takes ~40 s on 2
+    cores, most of a cell's cost). Give the same dict only to cells of the same two models.
     """
     choose_layers_fn = _get(LAYER_CHOICES, "layer choice", layers)
     hidden_fn = _get(HIDDEN_REDUCTIONS, "hidden-size reduction", hidden)
@@ -312,7 +316,11 @@ def unaligned_transfer(teacher: Any, student: Any, *, layers: str = "top", hidde
     # Statistics on the token-embedding rows (the shared vocabulary).
     E_T = ts.embedding(t_model).weight.detach()  # (V, d_T)
     E_S = ss.embedding(s_model).weight.detach()  # (V, d_S)
-    P = hidden_fn(E_T, E_S)  # (d_T, d_S)
+    P = hidden_maps.get(hidden) if hidden_maps is not None else None
+    if P is None:
+        P = hidden_fn(E_T, E_S)  # (d_T, d_S)
+        if hidden_maps is not None:
+            hidden_maps[hidden] = P
     assert P.shape == (ts.hidden_size, ss.hidden_size), f"hidden map has shape {tuple(P.shape)}"
 
     deltas: dict[tuple[int, str], torch.Tensor] = {}

@@ -61,6 +61,24 @@ def test_every_grid_cell_changes_only_recorded_modules(pair, tokenizer):
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
+def test_hidden_maps_are_computed_once_per_reduction_and_change_nothing(pair, tokenizer, monkeypatch):
+    import pktlib.baselines as bl
+
+    teacher, student = pair
+    cells = [c for c in grid(layers=("bottom", "random")) if c["hidden"] in ("pca", "embedding")]
+    alone = [unaligned_transfer((teacher, tokenizer), (student, tokenizer), seed=3, progress=False, **c)[0]
+             for c in cells]
+    calls = []
+    for name, fn in list(bl.HIDDEN_REDUCTIONS.items()):
+        monkeypatch.setitem(bl.HIDDEN_REDUCTIONS, name, lambda E_T, E_S, fn=fn, name=name: calls.append(name) or fn(E_T, E_S))
+    maps = {}
+    shared = [unaligned_transfer((teacher, tokenizer), (student, tokenizer), seed=3, progress=False, hidden_maps=maps,
+                                 **c)[0] for c in cells]
+    assert sorted(calls) == ["embedding", "pca"] and len(cells) == 8 and set(maps) == {"embedding", "pca"}
+    for a, b in zip(alone, shared):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
 def test_layer_top_needs_extract_and_modules_subset(pair, tokenizer):
     teacher, student = pair
     with pytest.raises(PktError, match="extract"):

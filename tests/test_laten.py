@@ -379,6 +379,33 @@ def test_sweep_rows_and_rerun_reuses_results(llama_pair, tokenizer, tmp_path):
     assert [r.score for r in again] == [r.score for r in rows] and ck.stat().st_mtime_ns == stamp
 
 
+def test_sweep_attributes_a_later_tasks_examples_in_its_own_call(llama_pair, tokenizer, tmp_path, monkeypatch):
+    """``attribute_with``: one attribute() call per model covers both tasks; the later sweep computes none."""
+    from pktlib import attribution
+    from pktlib.data import load_task
+    from pktlib.laten import sweep
+
+    teacher, student = llama_pair
+    tasks = []
+    for name, exs in (("first", EXAMPLES), ("second", EXAMPLES[::-1])):
+        tasks.append(str(tmp_path / f"{name}.jsonl"))
+        write_examples(tasks[-1], [Example(e.messages, {**e.meta, "answer": e.answer}) for e in exs])
+    calls = []
+    real_attribute = attribution.attribute
+    monkeypatch.setattr("pktlib.laten.attributions.attribute",
+                        lambda m, tok, pairs, **k: calls.append(len(pairs)) or real_attribute(m, tok, pairs, **k))
+    kw = dict(seeds=[0, 1], transfer_rates=[0.25], main_rate=0.25, steps=1, limit=1, run_root=tmp_path / "sw",
+              progress=False, align_batch=2, max_length=64, eval_kwargs={"max_new_tokens": 2},
+              cache_dir=tmp_path / "attributions")
+    sweep((teacher, tokenizer), (student, tokenizer), tasks[0], attribute_with={tasks[1]: 1}, **kw)
+    located = [{json.dumps(e.messages) for e in load_task(t, "extract")[:1] + load_task(t, "train")[:2]} for t in tasks]
+    alone, both = len(located[0]), len(located[0] | located[1])  # distinct texts: each is attributed once
+    assert calls == [both, both] and both > alone  # teacher, student: each one call over both tasks' examples
+    monkeypatch.setattr("pktlib.laten.attributions.attribute", lambda *a, **k: pytest.fail("attributed again"))
+    rows = sweep((teacher, tokenizer), (student, tokenizer), tasks[1], **kw)
+    assert sum(r.model == "laten" for r in rows) == 2
+
+
 # ----------------------------------------------------------------------------------- settings travel with the translator
 def test_checkpoint_stores_settings_and_apply_uses_them(llama_pair, tokenizer, tmp_path):
     from pktlib.laten import SETTINGS_NAME, read_settings

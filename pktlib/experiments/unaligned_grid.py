@@ -137,6 +137,7 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *,
     n_models = len(families) * (3 + sum(len(seeds) if random_cell(c) else 1 for c in cells))
     t0 = time.perf_counter()
     rows, refs, ref_correct, ref_costs, layer_totals = [], {}, {}, {}, {}
+    hidden_maps: dict[str, Any] = {}  # one teacher/student pair: each hidden-size map computed once
     with tqdm(total=n_models, desc="unaligned Pre-Align: models", unit="model", disable=not progress,
               file=sys.stderr, mininterval=10, ncols=100) as bar:
         for fam, task in tasks.items():
@@ -158,7 +159,8 @@ def run_grid(teacher: tuple[Any, Any], student: tuple[Any, Any], *,
             for cell in cells:
                 for sd in (seeds if random_cell(cell) else [None]):
                     model, rec = unaligned_transfer(teacher, student, extract=sens, modules=modules,
-                                                    seed=seeds[0] if sd is None else sd, progress=False, **cell)
+                                                    seed=seeds[0] if sd is None else sd, progress=False,
+                                                    hidden_maps=hidden_maps, **cell)
                     sc = score(model, task)
                     del model
                     rows.append({"family": fam, **cell, "seed": sd, "score": sc.pop("score"), "ci95": sc.pop("ci95"),

@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -69,13 +69,18 @@ def _task_folder(task: str) -> str:
     return task.replace(":", "_")
 
 
-def _attribute_up_front(teacher: tuple, student: tuple, ids: tuple[str, str], task: str, n_steps: int,
-                        seeds: Sequence[int], apply_examples: list, cache: Path, train_kwargs: dict[str, Any],
+def _attribute_up_front(teacher: tuple, student: tuple, ids: tuple[str, str], steps: Mapping[str, int],
+                        seeds: Sequence[int], apply_split: str, cache: Path, train_kwargs: dict[str, Any],
                         progress: bool) -> None:
-    """Attribute, in one call per model, every example :func:`train` and :func:`apply` will locate."""
-    extract = train_kwargs.get("extract")
-    extract = list(extract) if extract is not None else load_task(task, "extract")
-    examples = extract[:n_steps] + [apply_examples[s % len(apply_examples)] for s in seeds]
+    """Attribute, in one call per model, every example :func:`train` and :func:`apply` will locate
+    in the runs of each task of ``steps`` (task -> its step count; the first is the sweep's own
+    task, the only one ``train_kwargs["extract"]`` replaces the extract split of)."""
+    examples = []
+    for i, (task, n_steps) in enumerate(steps.items()):
+        extract = train_kwargs.get("extract") if i == 0 else None
+        extract = list(extract) if extract is not None else load_task(task, "extract")
+        apply_examples = load_task(task, apply_split)
+        examples += extract[:n_steps] + [apply_examples[s % len(apply_examples)] for s in seeds]
     texts = prompt_answer_pairs(examples, tokenizer=teacher[1], template=train_kwargs.get("template", "default"))
     how = {"normaliser": train_kwargs.get("normaliser", "rms"),
            "attn_coefficient": train_kwargs.get("attn_coefficient", "summed")}
@@ -92,7 +97,8 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
           limit: int | None = 100, run_root: str | os.PathLike, split: str = "test", apply_split: str = "train",
           eval_kwargs: dict[str, Any] | None = None, baselines: bool = True, progress: bool = True,
           eval_steps: Sequence[int] | None = None, cache_dir: str | os.PathLike | None = None,
-          scorer: Callable[[Any, str], EvalResult] | None = None, **train_kwargs) -> list[SweepRow]:
+          scorer: Callable[[Any, str], EvalResult] | None = None, attribute_with: Mapping[str, int] | None = None,
+          **train_kwargs) -> list[SweepRow]:
     """Train and evaluate LaTen over seeds x transfer rates (every checkpoint step at ``main_rate``,
     the last step at the other rates), next to the plain student and teacher.
 
@@ -107,7 +113,11 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     only, so sweeps with other training settings can share them). Every example the sweep will
     attribute (the first ``steps`` extract examples and each seed's apply example) is attributed
     up front in one call per model (:func:`pktlib.laten.attribute_examples`: the unembedded value
-    vectors are computed once for all of them). ``scorer(model, task) -> EvalResult`` replaces
+    vectors are computed once for all of them). ``attribute_with`` (task -> step count) adds other
+    tasks' examples to that call, for sweeps of those tasks that follow with the same ``seeds``,
+    ``apply_split`` and ``cache_dir``: at a real vocabulary the value vectors' pass costs minutes
+    per model, so attributing two tasks at once saves one pass (they then find theirs cached).
+    ``scorer(model, task) -> EvalResult`` replaces
     :func:`pktlib.evaluation.evaluate` (then ``limit``, ``split`` and ``eval_kwargs`` are the
     scorer's business: e.g. :class:`pktlib.experiments.real_pair.SavedScorer`, which caches by
     weights). ``train_kwargs`` go to :func:`pktlib.laten.train` (``template``, ``modules``,
@@ -176,8 +186,8 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     apply_examples = load_task(task, apply_split)
     if any(cached(model="laten", transfer_rate=rate, seed=seed, step=st) is None for rate, seed in plan
            for st in (main_steps if math.isclose(rate, main_rate) else [n_steps])):
-        _attribute_up_front((t_model, t_tok), (s_model, s_tok), ids, task, n_steps, seeds, apply_examples,
-                            attributions, train_kwargs, progress)
+        _attribute_up_front((t_model, t_tok), (s_model, s_tok), ids, {task: n_steps, **(attribute_with or {})},
+                            seeds, apply_split, attributions, train_kwargs, progress)
     for rate, seed in plan:
         run_dir = root / _task_folder(task) / f"rate{rate:g}" / (f"seed{seed}" + ("-inputs" if inputs else ""))
         for_steps = main_steps if math.isclose(rate, main_rate) else [n_steps]
