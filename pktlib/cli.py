@@ -17,12 +17,14 @@ import typer
 
 from pktlib.errors import PktError
 
-app = typer.Typer(help="Cross-scale parametric knowledge transfer (pktlib).", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-zoo_app = typer.Typer(help="Model pairs: the pocket pair (built here) and the real pair (fetched).",
-                      no_args_is_help=True)
-laten_app = typer.Typer(help="LaTen: Locate-Then-Align pre-align transfer.", no_args_is_help=True)
-baseline_app = typer.Typer(help="Unaligned Pre-Align baselines.", no_args_is_help=True)
+# Help texts are plain text: Rich markup would read "[a, b]" (a list value, a default) as a style tag
+# and drop it from `--help`.
+_PLAIN = dict(no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(help="Cross-scale parametric knowledge transfer (pktlib).", pretty_exceptions_enable=False,
+                  add_completion=False, **_PLAIN)
+zoo_app = typer.Typer(help="Model pairs: the pocket pair (built here) and the real pair (fetched).", **_PLAIN)
+laten_app = typer.Typer(help="LaTen: Locate-Then-Align pre-align transfer.", **_PLAIN)
+baseline_app = typer.Typer(help="Unaligned Pre-Align baselines.", **_PLAIN)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(laten_app, name="laten")
 app.add_typer(baseline_app, name="baseline")

@@ -30,6 +30,33 @@ def test_every_command_has_help(pkt):
         assert r.code == 0 and "Usage" in r.out, (cmd, r.err)
 
 
+def test_help_keeps_every_bracketed_text(pkt):
+    """A help text's "[a, b]" (a list value, a default) is printed, not read as a markup tag and dropped."""
+    import re
+
+    import typer
+
+    from pktlib import cli
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, path + [name])
+
+    checked = 0
+    for path, cmd in walk(typer.main.get_command(cli.app), []):
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        wanted = [b for t in texts for b in re.findall(r"\[[^\[\]]*\]", " ".join(t.split()))]
+        if not wanted:
+            continue
+        r = pkt(*path, "--help")
+        shown = " ".join(r.out.split())
+        missing = [b for b in wanted if b not in shown]
+        assert r.code == 0 and not missing, (path, missing)
+        checked += len(wanted)
+    assert checked >= 1  # `pkt run`'s "[a, b] is a list" at least
+
+
 def test_info_prints_spec(pkt, tiny_dir):
     r = pkt("info", tiny_dir)
     assert r.code == 0, r.err
