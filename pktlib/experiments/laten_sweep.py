@@ -57,7 +57,9 @@ def run_sweeps(teacher: Any, student: Any, *, tasks: Sequence[str], configs: Map
     ``main_rate`` only. Each configuration's runs live in ``run_root/lr<lr>`` and resume.
     ``sweep_kwargs`` go to every sweep (a real pair's ``scorer``, ``template``, ``modules``,
     ``cache_dir`` shared by the configurations, ...). ``final_step_only``: score each translator at
-    its task's Table 5 step only (every step otherwise), where scoring dominates the cost.
+    its task's Table 5 step only (every step otherwise), where scoring dominates the cost. The
+    first sweep that attributes also attributes the later tasks' examples (``attribute_with`` of
+    :func:`pktlib.laten.sweep`): one pass of the value vectors per model for every task.
     """
     rows = []
     for i, (name, lr_value) in enumerate(configs.items()):
@@ -360,7 +362,8 @@ def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Seque
     set either way, :func:`pktlib.laten.train`). ``penalties`` are values of ``mse_weight`` (the
     paper's 1000; 0 leaves the LM loss alone). The student and the teacher are scored once per task.
     Rows carry ``lr`` and ``penalty``; runs live in ``run_root/lr<lr>-penalty<w>`` and resume; the
-    attributions (the same for every setting) are computed once, in ``run_root/attributions``.
+    attributions (the same for every setting) are computed once, in ``run_root/attributions``,
+    for every task in the first sweep that attributes.
     ``budgets``: as :func:`run_sweeps`. ``sweep_kwargs`` go to every sweep, over this function's
     ``progress`` and attribution folder (a real pair's ``scorer``, ``template``, ``modules``, or a
     ``cache_dir`` shared with other runs of the same pair). The cost is this call's wall and CPU
