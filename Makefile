@@ -8,7 +8,7 @@ PKT_PRESET ?= default
 # Chapters executed at once by `make book` (most train on one CPU thread: 2 keeps 2 cores busy).
 BOOK_JOBS ?= 2
 
-.PHONY: setup test test-all test-fast book book-real book-seed pocket real-pair notebooks assets html check-book benchmarks clean help
+.PHONY: setup test test-all test-fast book book-real book-seed pocket real-pair real-pair-larger notebooks assets html check-book benchmarks clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,6 +49,14 @@ notebooks: pocket  ## execute every notebook of the book, BOOK_JOBS (2) at a tim
 # The part "A real pair" is optional: `make book` includes its chapters once they have been executed.
 book-real: real-pair  ## execute the real pair's chapters (resumable; scores cached), then `make book` includes them
 	$(BIN)/pkt book --execute --optional --no-html
+
+# Beyond book-real's budget: the real-pair LaTen chapter on GSM8K and MBPP, with its learning-rate
+# sweep on GSM8K, into runs/ (it shares the score cache, translators and attributions with
+# book-real's chapter, so it resumes from what that chapter computed).
+REAL_LARGER := runs/real-pair-larger
+real-pair-larger: real-pair  ## LaTen on the real pair's GSM8K and MBPP plus the GSM8K lr sweep, into runs/real-pair-larger (resumable)
+	$(BIN)/pkt run notebooks/real_pair_laten.ipynb -o $(REAL_LARGER)/real_pair_laten.ipynb \
+	  -p tasks '[gsm8k, mbpp]' -p sweep_tasks '[gsm8k]'
 
 # The main comparisons again on another build of the pocket pair (same recipe, PAIR_SEED): the
 # chapters go to runs/pocket-seed-N/ (not book/: one chapter per build), BOOK_JOBS at a time (make -j;

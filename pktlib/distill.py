@@ -256,17 +256,29 @@ def _dataset(tokenizer, examples: Sequence[Example], max_length: int, template: 
 _COMPLETE = "pkt_complete.json"
 
 
+def _answer_source(generator: Any) -> str:
+    """What produced SeqKD's teacher answers: "hf" (``generate`` on the teacher), a generator's
+    ``label`` (e.g. "vllm-bfloat16": greedy answers differ between dtypes), else "custom"."""
+    if generator is None:
+        return "hf"
+    return str(getattr(generator, "label", None) or "custom")
+
+
 def _shared_teacher_answers(teacher: nn.Module, tokenizer, examples: Sequence[Example], cfg: DistillConfig, *,
                             generator: Callable[[], ContextManager[Generator]] | None,
                             root: str | os.PathLike | None, progress: bool) -> list[Example]:
     """:func:`teacher_answers` through a cache shared by runs: seeds (and any other setting the
     answers do not depend on) reuse one generation. Keyed by the teacher's weights, the prompts
-    as formatted, the stop strings and ``max_new_tokens``; ``root`` default
+    as formatted, the stop strings, ``max_new_tokens`` and the generator's label
+    (:func:`_answer_source`); ``root`` default
     ``cache_dir()/"teacher-answers"``. A lock makes concurrent runs wait for one generation."""
     prompts = [format_prompt(ex.messages, tokenizer=tokenizer, template=cfg.template) for ex in examples]
-    key = hashlib.sha256(json.dumps({"teacher": cfg.teacher_sha256, "prompts": prompts,
-                                     "stops": stop_strings(tokenizer), "max_new_tokens": cfg.max_new_tokens},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    ident = {"teacher": cfg.teacher_sha256, "prompts": prompts, "stops": stop_strings(tokenizer),
+             "max_new_tokens": cfg.max_new_tokens}
+    source = _answer_source(generator)
+    if source != "hf":  # named only for other backends, so Hugging Face generate's answers keep their files
+        ident["source"] = source
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(root or cache_dir() / "teacher-answers") / f"{key}.jsonl"
     with locked(path.with_suffix(".lock")):
         if path.is_file():
@@ -274,6 +286,8 @@ def _shared_teacher_answers(teacher: nn.Module, tokenizer, examples: Sequence[Ex
         with generator() if generator else nullcontext() as gen:
             answers = teacher_answers(teacher, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
                                       template=cfg.template, progress=progress, generator=gen)
+        if getattr(generator, "label", None):  # the settings' name, not only the backend's
+            answers = [Example(a.messages, {**a.meta, "teacher_backend": source}) for a in answers]
         write_examples(path, answers)
     return answers
 
@@ -358,12 +372,14 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
     (:func:`pktlib.data.format_prompt`; "auto" for a chat model's own template, as the real
     pair's evaluator prompts). ``teacher_generator``: opens the backend SeqKD's teacher answers
     come from, as a context manager that frees it on exit (entered only when the answers are not
-    in ``out_dir`` yet; e.g. :meth:`pktlib.experiments.real_pair.SavedScorer.generator`, a vLLM engine on the
+    in ``out_dir`` yet; e.g. :meth:`pktlib.experiments.real_pair.SavedScorer.opener`, a vLLM engine on the
     teacher's checkpoint, many times faster than ``generate`` on a CPU; default: Hugging Face
     ``generate`` on ``teacher``). Greedy either way; each saved answer's ``meta["teacher_backend"]``
-    says which produced it. It is not a setting a resumed run must match: saved answers are reused.
+    says which produced it (a generator's ``label``, e.g. "vllm-bfloat16", when it has one:
+    :meth:`pktlib.experiments.real_pair.SavedScorer.opener`). It is not a setting a resumed run must match: saved answers are reused.
     SeqKD's teacher answers are also kept in ``answers_dir`` (default ``$PKT_CACHE/teacher-answers``)
-    under a hash of the teacher's weights, the prompts, the stop strings and ``max_new_tokens``, so
+    under a hash of the teacher's weights, the prompts, the stop strings, ``max_new_tokens`` and that
+    label (greedy answers differ between float32 and bfloat16), so
     that runs differing only in what the answers do not depend on (seed, learning rate, epochs)
     generate them once.
 

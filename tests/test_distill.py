@@ -102,6 +102,16 @@ def test_seqkd_trains_on_the_teachers_greedy_answers(models, tokenizer, tmp_path
     assert res.config.max_new_tokens == 12
 
 
+class _Labelled:
+    """A generator opener with a ``label``, as :meth:`pktlib.experiments.real_pair.SavedScorer.opener` makes."""
+
+    def __init__(self, open_, label):
+        self.open_, self.label = open_, label
+
+    def __call__(self):
+        return self.open_()
+
+
 def test_seqkd_takes_its_teacher_answers_from_the_backend_it_is_given(models, tokenizer, tmp_path):
     """A ``teacher_generator`` (a vLLM engine on the real pair) is opened once, only while the
     answers are generated, closed after, and its answers are the training targets; a finished
@@ -144,6 +154,16 @@ def test_seqkd_takes_its_teacher_answers_from_the_backend_it_is_given(models, to
     _run(student, teacher, tokenizer, "seqkd", tmp_path / "seq-t8", epochs=1, max_new_tokens=8,
          teacher_generator=serve_other, answers_dir=tmp_path / "answers")
     assert events == ["open", "close"] * 2
+    # a labelled backend (its settings, e.g. "vllm-bfloat16") keeps its own answers: another dtype's
+    # greedy answers differ, so they are not shared with the unlabelled backend's or another label's
+    labelled = {}
+    for label in ("vllm-bfloat16", "vllm-float32", "vllm-bfloat16"):
+        labelled[label] = _Labelled(serve_other, label)
+        _run(student, teacher, tokenizer, "seqkd", tmp_path / f"seq-{label}-{len(events)}", epochs=1,
+             teacher_generator=labelled[label], answers_dir=tmp_path / "answers")
+    assert events == ["open", "close"] * 4  # one generation per label, the second bfloat16 run shares it
+    saved = load_examples(next(tmp_path.glob("seq-vllm-float32-*")) / "teacher_answers.jsonl")
+    assert {e.meta["teacher_backend"] for e in saved} == {"vllm-float32"}
 
 
 def test_runs_resume_and_finished_runs_are_not_repeated(models, tokenizer, tmp_path, monkeypatch):

@@ -231,7 +231,7 @@ def test_paired_vs_laten_refuses_other_questions_or_another_pair():
     assert lvd.paired_vs_laten(res.assign(family="code"), _laten((REP, True, [STUDENT])), {"code": STUDENT}).empty
 
 
-def _laten_record(path, teacher_sha, student_sha):
+def _laten_record(path, teacher_sha, student_sha, dtype=None):
     def row(model, seed=None, step=None, correct=STUDENT, **extra):
         return {"task": "pocket-math", "model": model, "score": 100 * sum(correct) / 20, "n": 20, "seed": seed,
                 "step": step, "transfer_rate": None if model != "laten" else 0.1, "config": "paper lr", "lr": 3e-5,
@@ -244,7 +244,7 @@ def _laten_record(path, teacher_sha, student_sha):
     sweep = [{**row("laten", 0, 2), "lr": 0.003, "penalty": 0.0}, {**row("student"), "lr": 0.003, "penalty": 0.0}]
     path.write_text(json.dumps({"models": {"teacher": {"weights_sha256": teacher_sha},
                                            "student": {"weights_sha256": student_sha}},
-                                "parameters": {"main_rate": 0.1},
+                                "parameters": {"main_rate": 0.1, **({"dtype": dtype} if dtype else {})},
                                 "metrics": {"laten_runs": grid, "lr_sweep_runs": sweep}}))
 
 
@@ -272,6 +272,24 @@ def test_laten_runs_read_per_question_from_a_record_of_the_same_pair(tmp_path, t
     assert (other.found, other.same_pair, len(other.runs)) == (True, False, 0)
     assert "another pair" in other.note(rec)
     assert other.pair["student"] == ("0" * 16, weights_hash(student))
+
+
+def test_laten_runs_scored_in_another_dtype_are_not_paired(tmp_path, tiny_dir):
+    """The real-pair LaTen chapter scores in float32: a distillation run scored in bfloat16 is told so up
+    front (a note, and paired_vs_laten refuses), not after its training by the plain students' answers."""
+    student = tmp_path / "student"
+    make_model("llama", seed=1).save_pretrained(student)
+    rec = tmp_path / "laten.record.json"
+    _laten_record(rec, weights_hash(tiny_dir), weights_hash(student), dtype="float32")
+    kw = dict(teacher=tiny_dir, student=student, families=["math"])
+    other = lvd.laten_runs(rec, dtype="bfloat16", **kw)
+    assert other.dtype == ("float32", "bfloat16") and not other.same_scoring and other.same_pair
+    assert "scored its students in float32, this run in bfloat16" in other.note(rec) and "dtype='float32'" in other.note(rec)
+    with pytest.raises(PktError, match="scored in float32 and these runs in bfloat16"):
+        lvd.paired_vs_laten(_results(), other, {"math": STUDENT})
+    for dtype in ("float32", None):  # the same dtype, or a backend without one (the pocket chapters)
+        same = lvd.laten_runs(rec, dtype=dtype, **kw)
+        assert same.same_scoring and same.note(rec) is None
 
 
 # ------------------------------------------------------------------------------ summary and cost
@@ -368,16 +386,16 @@ def test_run_grid_on_a_paper_task_trains_in_the_chat_format_and_scores_through_t
 
     # SeqKD's teacher answers from the scorer's backend serving the teacher's checkpoint: the
     # answers the teacher is scored with (chat template, stop strings), freed after
-    from functools import partial
-
     from pktlib.data import format_prompt, load_examples
     from pktlib.distill import budget_examples
     from pktlib.evaluation import stop_strings
 
     dx.run_grid(student, teacher, root=tmp_path / "runs", families=["gsm8k"], budgets=["4"], methods=["seqkd"],
                 seeds=[0], epochs=1, batch_size=4, micro_batch=2, lr=1e-2, scorer=scorer, template="auto",
-                max_length=256, teacher_generator=partial(scorer.generator, teacher[0]), progress=False)
+                max_length=256, teacher_generator=scorer.opener(teacher[0], dtype="float32"), progress=False)
     saved = load_examples(tmp_path / "runs" / "gsm8k-4-seqkd-s0-e1-b4" / "teacher_answers.jsonl")
+    assert {e.meta["teacher_backend"] for e in saved} == {"hf-float32"}  # the opener's settings, named
+    assert scorer.opener(teacher[0], dtype="bfloat16").label == "hf-bfloat16" and scorer.settings.dtype == "float32"
     examples, _ = budget_examples("gsm8k", "4")
     max_new = json.loads((tmp_path / "runs" / "gsm8k-4-seqkd-s0-e1-b4" / "distill_config.json").read_text())
     with scorer.generator(root / "teacher-chat") as gen:

@@ -48,6 +48,14 @@ class LatenRuns:
     runs: pd.DataFrame
     student_correct: dict[str, str] = field(default_factory=dict)  # family -> the plain student's, in that record
     pair: dict[str, tuple[Any, str]] = field(default_factory=dict)  # role -> (record's weights_sha256, this run's)
+    dtype: tuple[str | None, str | None] = (None, None)  # the scoring dtype: (the record's, this run's); None: unknown
+
+    @property
+    def same_scoring(self) -> bool:
+        """False when both scoring dtypes are known and differ: the same model answers some questions
+        differently in float32 and bfloat16, so the two runs' answers cannot be paired."""
+        theirs, ours = self.dtype
+        return theirs is None or ours is None or theirs == ours
 
     def note(self, record: str | Path) -> str | None:
         """Markdown saying why no LaTen comparison is shown, or None when it is."""
@@ -56,6 +64,10 @@ class LatenRuns:
         if not self.same_pair:
             return (f"The LaTen record at `{record}` was run on another pair (other teacher or student weights); "
                     "its runs are not set beside these.")
+        if not self.same_scoring:
+            return (f"The LaTen record at `{record}` scored its students in {self.dtype[0]}, this run in "
+                    f"{self.dtype[1]}: the same model answers some questions differently in the two, so its runs "
+                    f"are not set beside these (score this run with dtype={self.dtype[0]!r} to pair them).")
         return None
 
 
@@ -81,14 +93,17 @@ def _laten_setting_rows(metrics: Mapping[str, Any], main_rate: float | None) -> 
 
 
 def laten_runs(record: str | Path, *, teacher: str | Path, student: str | Path,
-               families: Sequence[str]) -> LatenRuns:
+               families: Sequence[str], dtype: str | None = None) -> LatenRuns:
     """Read the LaTen chapter's injected students of ``families`` from its ``record``, per question.
 
     The runs are the chapter's grid (``metrics.laten_runs``) at each task's Table 5 step and its
     learning-rate sweep (``metrics.lr_sweep_runs``); the plain student's correctness comes from the
     grid's student rows. They count only if the record's ``models.teacher``/``models.student``
     ``weights_sha256`` equal :func:`pktlib.models.weights_hash` of ``teacher``/``student`` (model
-    folders). A missing record gives ``found=False``; raises PktError if it holds malformed JSON.
+    folders). ``dtype``: this run's scoring dtype (vLLM's ``dtype``; None for a backend without
+    one), set beside the record's (its ``dtype`` parameter, else ``metrics.scored_dtype``) in
+    :attr:`LatenRuns.dtype`. A missing record gives ``found=False``; raises PktError if it holds
+    malformed JSON.
     """
     path = Path(record)
     laten = read_json(path) if path.is_file() else None
@@ -107,7 +122,10 @@ def laten_runs(record: str | Path, *, teacher: str | Path, student: str | Path,
             fam = row.get("task", "").removeprefix("pocket-")
             if row.get("model") == "student" and fam in families and row.get("correct"):
                 student_correct[fam] = row["correct"]
-    return LatenRuns(bool(laten), same, pd.DataFrame(runs, columns=LATEN_COLUMNS), student_correct, pair)
+    theirs = ((laten or {}).get("parameters") or {}).get("dtype") or ((laten or {}).get("metrics") or {}).get(
+        "scored_dtype")
+    return LatenRuns(bool(laten), same, pd.DataFrame(runs, columns=LATEN_COLUMNS), student_correct, pair,
+                     (theirs, dtype))
 
 
 def laten_choices(runs: pd.DataFrame) -> dict[str, str]:
@@ -182,7 +200,7 @@ def paired_vs_laten(results: pd.DataFrame, laten: LatenRuns, student_correct: Ma
     p < ``alpha``, else ``"inside the noise"``. Families without LaTen runs are left out.
 
     ``student_correct``: this run's plain student per family (:class:`pktlib.experiments.distillation.References`). Raises
-    PktError when the record was run on another pair, when LaTen and the distilled students were
+    PktError when the record was run on another pair or scored in another dtype, when LaTen and the distilled students were
     scored on different numbers of questions, when the record lacks per-question correctness, when
     the two records' plain students answer differently (other questions or scoring settings), or
     when the seeds cannot be paired.
@@ -190,6 +208,9 @@ def paired_vs_laten(results: pd.DataFrame, laten: LatenRuns, student_correct: Ma
     if not laten.same_pair:
         raise PktError("the LaTen record was run on another pair: " + ", ".join(
             f"{role} {theirs} there, {ours} here" for role, (theirs, ours) in laten.pair.items() if theirs != ours))
+    if not laten.same_scoring:
+        raise PktError(f"the LaTen record scored in {laten.dtype[0]} and these runs in {laten.dtype[1]}: "
+                       "their answers cannot be paired")
     rows = []
     for fam, fam_runs in laten.runs.groupby("family", sort=True):
         distilled = results[results.family == fam]

@@ -21,7 +21,7 @@ import random
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -319,6 +319,13 @@ class SavedScorer:
         with _lazy_backend(self.settings, src, seed=self.seed) as backend:
             yield backend()
 
+    def opener(self, model: Any, **changes: Any) -> "BackendOpener":
+        """:meth:`generator` for ``model`` as a callable with a ``label`` naming its settings, under
+        ``settings`` with ``changes`` (e.g. ``dtype="bfloat16"``): SeqKD's teacher answers
+        (:func:`pktlib.distill.distill`'s ``teacher_generator``), whose shared cache keeps the answers
+        of each backend and dtype apart, since greedy answers differ between float32 and bfloat16."""
+        return BackendOpener(replace(self, settings=replace(self.settings, **changes)), model)
+
     def __call__(self, model: Any, task: str) -> EvalResult:
         if task not in self.indices:
             raise PktError(f"no question subset for task {task!r}; known: {', '.join(self.indices)}")
@@ -338,6 +345,22 @@ class SavedScorer:
         finally:
             if not src:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class BackendOpener:
+    """``opener()`` opens ``scorer``'s backend on ``model`` (a context manager, shut down on exit);
+    ``label`` names the settings that change its greedy answers (backend and dtype)."""
+
+    scorer: SavedScorer
+    model: Any
+
+    @property
+    def label(self) -> str:
+        return f"{self.scorer.settings.backend}-{self.scorer.settings.dtype}"
+
+    def __call__(self):
+        return self.scorer.generator(self.model)
 
 
 def gap_table(scores: Mapping[str, Mapping[str, EvalResult]]) -> pd.DataFrame:
