@@ -376,7 +376,8 @@ def distill(student: Any, teacher: Any, task: str, *, method: str = "supervised-
     teacher's checkpoint, many times faster than ``generate`` on a CPU; default: Hugging Face
     ``generate`` on ``teacher``). Greedy either way; each saved answer's ``meta["teacher_backend"]``
     says which produced it (a generator's ``label``, e.g. "vllm-bfloat16", when it has one:
-    :meth:`pktlib.experiments.real_pair.SavedScorer.opener`). It is not a setting a resumed run must match: saved answers are reused.
+    :meth:`pktlib.experiments.real_pair.SavedScorer.opener`). It is not a setting a resumed run
+    must match: saved answers are reused.
     SeqKD's teacher answers are also kept in ``answers_dir`` (default ``$PKT_CACHE/teacher-answers``)
     under a hash of the teacher's weights, the prompts, the stop strings, ``max_new_tokens`` and that
     label (greedy answers differ between float32 and bfloat16), so

@@ -200,8 +200,8 @@ def paired_vs_laten(results: pd.DataFrame, laten: LatenRuns, student_correct: Ma
     p < ``alpha``, else ``"inside the noise"``. Families without LaTen runs are left out.
 
     ``student_correct``: this run's plain student per family (:class:`pktlib.experiments.distillation.References`). Raises
-    PktError when the record was run on another pair or scored in another dtype, when LaTen and the distilled students were
-    scored on different numbers of questions, when the record lacks per-question correctness, when
+    PktError when the record was run on another pair or scored in another dtype, when LaTen and
+    the distilled students were scored on different numbers of questions, when the record lacks per-question correctness, when
     the two records' plain students answer differently (other questions or scoring settings), or
     when the seeds cannot be paired.
     """

@@ -347,7 +347,7 @@ class SavedScorer:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BackendOpener:
     """``opener()`` opens ``scorer``'s backend on ``model`` (a context manager, shut down on exit);
     ``label`` names the settings that change its greedy answers (backend and dtype)."""
