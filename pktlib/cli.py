@@ -17,11 +17,9 @@ import typer
 
 from pktlib.errors import PktError
 
-# Help texts are plain text: Rich markup would read "[a, b]" (a list value, a default) as a style tag
-# and drop it from `--help`.
-_PLAIN = dict(no_args_is_help=True, rich_markup_mode=None)
-app = typer.Typer(help="Cross-scale parametric knowledge transfer (pktlib).", pretty_exceptions_enable=False,
-                  add_completion=False, **_PLAIN)
+# plain-text help: Rich markup would take "[a, b]" (a list value, a default) for a style tag and drop it
+_PLAIN = dict(no_args_is_help=True, rich_markup_mode=None, add_completion=False)
+app = typer.Typer(help="Cross-scale parametric knowledge transfer (pktlib).", pretty_exceptions_enable=False, **_PLAIN)
 zoo_app = typer.Typer(help="Model pairs: the pocket pair (built here) and the real pair (fetched).", **_PLAIN)
 laten_app = typer.Typer(help="LaTen: Locate-Then-Align pre-align transfer.", **_PLAIN)
 baseline_app = typer.Typer(help="Unaligned Pre-Align baselines.", **_PLAIN)
