@@ -62,16 +62,14 @@ def run_sweeps(teacher: Any, student: Any, *, tasks: Sequence[str], configs: Map
     :func:`pktlib.laten.sweep`): one pass of the value vectors per model for every task.
     """
     rows = []
-    for i, (name, lr_value) in enumerate(configs.items()):
+    for name, lr_value in configs.items():
         rates = transfer_rates if name == "paper lr" else [main_rate]
         for j, task in enumerate(tasks):
-            # the first sweep that attributes also attributes the later tasks' examples (one value-vector pass)
-            later = ({t: default_steps(t) for t in tasks[j + 1:]}
-                     if i == 0 and "extract" not in (sweep_kwargs or {}) else None)
             out = sweep(teacher, student, task, seeds=seeds, transfer_rates=rates, main_rate=main_rate, limit=limit,
                         run_root=Path(run_root) / f"lr{lr_value:g}", lr=lr_value, align_batch=align_batch,
                         max_length=max_length, eval_kwargs=_eval_kwargs(eval_kwargs, budgets, task),
-                        baselines=(name == "paper lr"), attribute_with=later,
+                        baselines=(name == "paper lr"),
+                        attribute_with={t: default_steps(t) for t in tasks[j + 1:]},  # one value-vector pass
                         eval_steps=[default_steps(task)] if final_step_only else None, **(sweep_kwargs or {}))
             rows += [{**asdict(r), "config": name, "lr": lr_value} for r in out]
     return pd.DataFrame(rows), rows
@@ -377,7 +375,7 @@ def run_lr_sweep(teacher: Any, student: Any, *, tasks: Sequence[str], lrs: Seque
         for lr in lrs:
             for j, task in enumerate(tasks):
                 out = sweep(teacher, student, task, seeds=seeds, transfer_rates=[transfer_rate],
-                            attribute_with=None if "extract" in kwargs else {t: max(steps) for t in tasks[j + 1:]},
+                            attribute_with={t: max(steps) for t in tasks[j + 1:]},
                             main_rate=transfer_rate, steps=max(steps), eval_steps=steps, limit=limit,
                             run_root=Path(run_root) / f"lr{lr:g}-penalty{penalty:g}", lr=lr, mse_weight=penalty,
                             align_batch=align_batch, max_length=max_length,

@@ -73,14 +73,17 @@ def _attribute_up_front(teacher: tuple, student: tuple, ids: tuple[str, str], st
                         seeds: Sequence[int], apply_split: str, cache: Path, train_kwargs: dict[str, Any],
                         progress: bool) -> None:
     """Attribute, in one call per model, every example :func:`train` and :func:`apply` will locate
-    in the runs of each task of ``steps`` (task -> its step count; the first is the sweep's own
-    task, the only one ``train_kwargs["extract"]`` replaces the extract split of)."""
+    in the runs of each task of ``steps`` (task -> its step count; the first is the sweep's own).
+    A ``train_kwargs["extract"]`` replaces the sweep's own extract split, and then only its task is
+    attributed: the other tasks' sweeps would be given their own examples."""
+    extract = train_kwargs.get("extract")
+    if extract is not None:
+        steps = dict(list(steps.items())[:1])
     examples = []
     for i, (task, n_steps) in enumerate(steps.items()):
-        extract = train_kwargs.get("extract") if i == 0 else None
-        extract = list(extract) if extract is not None else load_task(task, "extract")
+        ex = list(extract) if i == 0 and extract is not None else load_task(task, "extract")
         apply_examples = load_task(task, apply_split)
-        examples += extract[:n_steps] + [apply_examples[s % len(apply_examples)] for s in seeds]
+        examples += ex[:n_steps] + [apply_examples[s % len(apply_examples)] for s in seeds]
     texts = prompt_answer_pairs(examples, tokenizer=teacher[1], template=train_kwargs.get("template", "default"))
     how = {"normaliser": train_kwargs.get("normaliser", "rms"),
            "attn_coefficient": train_kwargs.get("attn_coefficient", "summed")}
@@ -115,8 +118,9 @@ def sweep(teacher: Any, student: Any, task: str, *, seeds: Sequence[int] = (0, 1
     up front in one call per model (:func:`pktlib.laten.attribute_examples`: the unembedded value
     vectors are computed once for all of them). ``attribute_with`` (task -> step count) adds other
     tasks' examples to that call, for sweeps of those tasks that follow with the same ``seeds``,
-    ``apply_split`` and ``cache_dir``: at a real vocabulary the value vectors' pass costs minutes
-    per model, so attributing two tasks at once saves one pass (they then find theirs cached).
+    ``apply_split`` and ``cache_dir`` (ignored when ``extract`` is given): at a real vocabulary the
+    value vectors' pass costs minutes per model, so attributing two tasks at once saves one pass
+    (they then find theirs cached).
     ``scorer(model, task) -> EvalResult`` replaces
     :func:`pktlib.evaluation.evaluate` (then ``limit``, ``split`` and ``eval_kwargs`` are the
     scorer's business: e.g. :class:`pktlib.experiments.real_pair.SavedScorer`, which caches by
